@@ -1,0 +1,3 @@
+from rayunlearn.cli import main
+
+raise SystemExit(main())

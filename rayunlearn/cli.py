@@ -1,0 +1,160 @@
+"""Command line: subcommands -> config -> API call; nothing else.
+
+    rayunlearn data synth [--config PRESET] [key=value ...]
+    rayunlearn finetune   [--config PRESET] [key=value ...]
+    rayunlearn unlearn    [--config PRESET] [key=value ...]
+    rayunlearn eval MODEL_OR_RUN [key=value ...]
+    rayunlearn effects RUN_DIR [key=value ...]
+    rayunlearn tofu-summary EVAL_DIR [--retain RETAIN_DIR] [--json]
+    rayunlearn sweep SPACE.yaml [--resume] [key=value ...]
+    rayunlearn report RESULTS_DIR
+    rayunlearn demo [--model tiny|smollm2-135m] [key=value ...]
+    rayunlearn bench {effects,eval,sweep,gpu,all}
+    rayunlearn methods        (objectives, method presets and their hyper-parameters)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rayunlearn import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="a preset name (rayunlearn/presets) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayunlearn", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="benchmark data: synthesize the embedded TOFU-format benchmark")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    synth = data_sub.add_parser("synth", help="write the synthetic fictitious-author benchmark as JSON files")
+    _config_args(synth)
+    check = data_sub.add_parser("check", help="load and validate a benchmark (synthetic, tofu, or a directory)")
+    _config_args(check)
+
+    _config_args(sub.add_parser("finetune", help="train the base, target or retain model"))
+    _config_args(sub.add_parser("unlearn", help="unlearn a forget split from a target model"))
+
+    ev = sub.add_parser("eval", help="TOFU evaluation of a model directory or an unlearning run")
+    ev.add_argument("model", metavar="MODEL_OR_RUN")
+    ev.add_argument("--out", default=None, help="where to write metrics.json (default: inside the run / model dir)")
+    _config_args(ev)
+
+    ef = sub.add_parser("effects", help="replay G-effects offline on a run's saved checkpoints")
+    ef.add_argument("run_dir", metavar="RUN_DIR")
+    _config_args(ef)
+
+    ts = sub.add_parser("tofu-summary", help="summarise an evaluation directory in the original TOFU log format")
+    ts.add_argument("eval_dir", metavar="EVAL_DIR")
+    ts.add_argument("--retain", default=None, metavar="RETAIN_DIR", help="retain model's logs (for forget quality)")
+    ts.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sw = sub.add_parser("sweep", help="Ray Tune + Optuna sweep over a search space (YAML)")
+    sw.add_argument("space", metavar="SPACE.yaml")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sw.add_argument("overrides", nargs="*", metavar="key=value")
+
+    rp = sub.add_parser("report", help="HTML/Markdown/PNG report from a results directory (no Ray, no model)")
+    rp.add_argument("results_dir", metavar="RESULTS_DIR")
+
+    dm = sub.add_parser("demo", help="the main job: synthesize, train, the paper's study, a sweep, the report")
+    dm.add_argument("--model", default="tiny", help="tiny (default) or smollm2-135m")
+    dm.add_argument("--out", default="results/demo")
+    dm.add_argument("--fresh", action="store_true", help="ignore finished stages and start over")
+    dm.add_argument("overrides", nargs="*", metavar="key=value")
+
+    bn = sub.add_parser("bench", help="performance measurements, printed as side-by-side ratios")
+    bn.add_argument("what", choices=["effects", "eval", "sweep", "gpu", "all"])
+    bn.add_argument("--model", default=None, help="tiny, smollm2-135m (default: both where installed)")
+    bn.add_argument("--quick", action="store_true", help="fewer repetitions")
+
+    sub.add_parser("methods", help="list objectives, method presets and their hyper-parameters")
+    return parser
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from rayunlearn import config as C
+
+    cmd = args.command
+    if cmd == "data":
+        if args.data_command == "synth":
+            from rayunlearn.data.synth import synthesize
+
+            cfg = C.load_config(C.SynthConfig, args.config, args.overrides)
+            out = synthesize(cfg)
+            print(f"wrote the synthetic benchmark to {out}")
+            return 0
+        if args.data_command == "check":
+            from rayunlearn.data import describe_benchmark, load_benchmark
+
+            cfg = C.load_config(C.DataConfig, args.config, args.overrides)
+            print(describe_benchmark(load_benchmark(cfg)))
+            return 0
+        raise UserError("usage: rayunlearn data {synth,check} [key=value ...]")
+    if cmd == "finetune":
+        from rayunlearn.train import finetune
+
+        finetune(C.load_config(C.FinetuneConfig, args.config, args.overrides))
+        return 0
+    if cmd == "unlearn":
+        from rayunlearn.train import unlearn
+
+        unlearn(C.load_config(C.UnlearnConfig, args.config, args.overrides))
+        return 0
+    if cmd == "eval":
+        from rayunlearn.eval.evaluate import eval_command
+
+        return eval_command(args.model, args.config, args.overrides, out=args.out)
+    if cmd == "effects":
+        from rayunlearn.effects.replay import replay_command
+
+        return replay_command(args.run_dir, args.config, args.overrides)
+    if cmd == "tofu-summary":
+        from rayunlearn.eval.tofu_logs import summary_command
+
+        return summary_command(args.eval_dir, retain_dir=args.retain, as_json=args.json)
+    if cmd == "sweep":
+        from rayunlearn.tune import sweep_command
+
+        return sweep_command(args.space, args.overrides, resume=args.resume)
+    if cmd == "report":
+        from rayunlearn.report import report_command
+
+        return report_command(args.results_dir)
+    if cmd == "demo":
+        from rayunlearn.demo import demo_command
+
+        return demo_command(model=args.model, out=args.out, overrides=args.overrides, fresh=args.fresh)
+    if cmd == "bench":
+        from rayunlearn.bench import bench_command
+
+        return bench_command(args.what, model=args.model, quick=args.quick)
+    if cmd == "methods":
+        from rayunlearn.objectives import describe
+
+        print(describe())
+        return 0
+    build_parser().print_help()
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

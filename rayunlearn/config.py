@@ -1,0 +1,418 @@
+"""Typed, validated configuration: dataclasses per stage, YAML presets, ``key=value`` overrides.
+
+Unknown keys, wrong types and impossible values fail at load time with a :class:`ConfigError`
+that names the key (dotted path).  The resolved config is saved with every run
+(``config.yaml`` in the run directory) and a run refuses to resume into a directory whose saved
+config differs in anything but bookkeeping fields.
+
+    cfg = load_config(UnlearnConfig, preset="unlearn_tiny", overrides=["method=npo+kl", "train.lr=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from rayunlearn import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(UserError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------
+# stage configs
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic TOFU-format benchmark (see spec/BENCHMARK_DATA.md)."""
+
+    out: str = "results/data/synthetic"
+    seed: int = 0
+    num_authors: int = 200
+    min_qa_per_author: int = 10
+    max_qa_per_author: int = 20
+    num_world_facts: int = 240   # world knowledge learned by the base model before finetuning
+    retain_perturbed_size: int = 400
+
+    def validate(self) -> None:
+        _check(self.num_authors >= 10, "num_authors", "must be >= 10 (forget01 needs >= 1 author)")
+        _check(1 <= self.min_qa_per_author <= self.max_qa_per_author, "min_qa_per_author",
+               "must be >= 1 and <= max_qa_per_author")
+        _check(self.num_world_facts >= 10, "num_world_facts", "must be >= 10")
+        _check(self.retain_perturbed_size >= 1, "retain_perturbed_size", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where the benchmark comes from and how QA pairs become token sequences."""
+
+    # "synthetic" (generated from `synth` on first use), "tofu" (hub `locuslab/TOFU`, or
+    # `tofu_dir` when set), or a path to a directory of TOFU-format JSON/JSONL files.
+    benchmark: str = "synthetic"
+    tofu_dir: Optional[str] = None
+    forget_split: Literal["forget01", "forget05", "forget10"] = "forget10"
+    template: Literal["plain", "llama2", "chat"] = "plain"
+    max_length: int = 256
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self) -> None:
+        _check(self.max_length >= 8, "max_length", "must be >= 8")
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM: a preset (`tiny`, `smollm2-135m`), a hub name or a local path."""
+
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    # tiny preset (Llama architecture from a config, trained from scratch)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    vocab_size: int = 1024
+    tie_embeddings: bool = False
+    # LoRA through peft (0 = full finetuning)
+    lora_r: int = 0
+    lora_alpha: int = 16
+
+    def validate(self) -> None:
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
+        _check(self.num_layers >= 1, "num_layers", "must be >= 1")
+        _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (byte-level BPE needs 256 bytes + specials)")
+        _check(self.lora_r >= 0, "lora_r", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW, linear warm-up then linear decay, gradient accumulation normalised
+    by the accumulated token count."""
+
+    epochs: float = 5.0
+    batch_size: int = 16          # effective batch (over micro-batches and workers)
+    micro_batch_size: int = 4
+    lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = None
+    bf16: bool = False
+    seed: int = 0
+    checkpoint_every: int = 0     # optimiser steps; 0 = only at the end
+    log_every: int = 1
+    num_workers: int = 1          # >1: Ray Train TorchTrainer with this many workers
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    progress: bool = True
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.batch_size % (self.micro_batch_size * self.num_workers) == 0, "batch_size",
+               f"must be a multiple of micro_batch_size*num_workers "
+               f"({self.micro_batch_size}*{self.num_workers})")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _check(self.num_workers >= 1, "num_workers", "must be >= 1")
+
+
+@dataclass
+class EffectsConfig:
+    """Live G-effect recording during unlearning (spec/GEFFECT.md)."""
+
+    every: int = 0                 # optimiser steps; 0 = off
+    probe: Literal["step", "fixed"] = "fixed"   # the step's own batches, or a fixed probe subset
+    probe_size: int = 16           # forget items in the fixed probe (retain probe: half)
+    per_instance: bool = True
+    estimator: Literal["exact", "ema"] = "exact"
+    optimizer_aware: bool = True   # Adam-preconditioned effect next to the SGD one
+    fidelity: bool = True          # measured risk change after the step next to -lr*e
+
+    def validate(self) -> None:
+        _check(self.every >= 0, "every", "must be >= 0")
+        _check(self.probe_size >= 1, "probe_size", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """TOFU evaluation (spec/TOFU_METRICS.md)."""
+
+    every: int = 0                 # evaluate every k optimiser steps during unlearning (0 = end only)
+    max_items: Optional[int] = None   # None = all items (the original code used 300)
+    batch_size: int = 32
+    max_new_tokens: int = 48
+    rouge: bool = True
+    mia: bool = True
+    retain_reference: Optional[str] = None   # a retain model's stored evaluation (JSON) for FQ/privleak
+
+    def validate(self) -> None:
+        _check(self.every >= 0, "every", "must be >= 0")
+        _check(self.max_items is None or self.max_items >= 1, "max_items", "must be >= 1 or null")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    """`rayunlearn finetune`: base (world knowledge), target (base + all authors) or retain
+    (base + retain authors) model."""
+
+    stage: Literal["base", "target", "retain"] = "target"
+    init: Optional[str] = None     # a model directory to start from (base for target/retain)
+    out: str = "results/models/target"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=3e-3, warmup_epochs=0.5,
+                                                                   batch_size=32, micro_batch_size=32))
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class UnlearnConfig:
+    """`rayunlearn unlearn`: unlearn `data.forget_split` from the target model with `method`."""
+
+    method: str = "npo+kl"
+    target: str = "results/models/target"
+    out: str = "results/runs/unlearn"
+    trial_id: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    effects: EffectsConfig = field(default_factory=EffectsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        _check(bool(self.method.strip()), "method", "must be a method string such as 'npo+kl'")
+
+
+# --------------------------------------------------------------------------------------------
+# machinery
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def load_config(cls: type, preset: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None):
+    """Build and validate `cls` from a preset (a name in rayunlearn/presets or a YAML path),
+    then a dict, then ``key=value`` overrides (dotted keys, YAML-typed values)."""
+    merged: dict = {}
+    if preset is not None:
+        merged = _deep_merge(merged, read_preset(preset))
+    if data:
+        merged = _deep_merge(merged, data)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(merged, key, value)
+    return from_dict(cls, merged)
+
+
+def read_preset(preset: str | Path) -> dict:
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"config preset {str(preset)!r} not found (looked for {path}). "
+                          f"Built-in presets: {', '.join(available) or 'none'}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of keys to values")
+    return loaded
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # method strings like "npo(beta=0.1)+kl" are not YAML scalars of another type
+    return key, value
+
+
+def _set_dotted(target: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = target
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(cls: type, values: dict, prefix: str = ""):
+    """Construct dataclass `cls` from a nested dict, checking keys, types and values."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(f"{prefix}{key}: unknown key{hint}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in values:
+            continue
+        kwargs[name] = _coerce(hints[name], values[name], f"{prefix}{name}")
+    # nested dataclasses that were not mentioned keep their defaults, but partial nested dicts
+    # must start from the field's default (not the nested class's), e.g. FinetuneConfig.train
+    for name, f in fields.items():
+        ftype = hints[name]
+        if dataclasses.is_dataclass(ftype) and name in values and f.default_factory is not dataclasses.MISSING:
+            base = dataclasses.asdict(f.default_factory())
+            kwargs[name] = from_dict(ftype, _deep_merge(base, values[name]), f"{prefix}{name}.")
+    obj = cls(**kwargs)
+    validate(obj, prefix)
+    return obj
+
+
+def validate(obj, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)   # YAML reads "1e-5" as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def save_config(obj, path: str | Path) -> None:
+    from rayunlearn.io import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def check_resume_config(obj, path: str | Path, ignore: tuple[str, ...] = ("progress",)) -> None:
+    """Refuse to reuse a run directory whose saved config differs (kronfluence-style)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    now = to_dict(obj)
+    diffs = _diff(saved, now, "", ignore)
+    if diffs:
+        raise ConfigError(f"{path.parent} holds a run with a different config ({'; '.join(diffs[:5])}). "
+                          f"Use another output directory, or the same settings to resume.")
+
+
+def _diff(a, b, prefix, ignore):
+    out = []
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k in ignore:
+                continue
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.", ignore)
+    elif a != b:
+        out.append(f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}")
+    return out
