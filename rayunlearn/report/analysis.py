@@ -1,0 +1,245 @@
+"""Numbers the report shows, computed from loaded results only (no Ray, no model): the Pareto
+front, the paper-style results table, cumulative / per-group / per-instance G-effects,
+hyper-parameter importances (Optuna evaluators on a rebuilt in-memory study).
+
+Sign convention (GEFFECT.md): e = ∇R · ∇L; removal wants e_u < 0, retention wants e_r ≥ 0;
+the first-order risk change of one step is -lr·e.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from rayunlearn.report.data import Collection, ReportDataError
+
+GROUPS = ("embed", "shallow", "middle", "deep", "lm", "norm")
+
+
+# ----------------------------------------------------------------------------- Pareto front
+def pareto_mask(points) -> np.ndarray:
+    """Boolean mask of the non-dominated points (both objectives maximised), via
+    ``rayunlearn.pareto.pareto_front`` (the sweep's own definition: ties all kept, NaN excluded)."""
+    from rayunlearn.pareto import pareto_front
+
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    mask = np.zeros(len(pts), dtype=bool)
+    if len(pts):
+        mask[pareto_front(pts.tolist(), maximize=(True, True))] = True
+    return mask
+
+
+def front_of(coll_trials: pd.DataFrame) -> pd.DataFrame:
+    """Non-dominated completed trials (removal, retention maximised)."""
+    if coll_trials.empty:
+        return coll_trials
+    return coll_trials[pareto_mask(coll_trials[["removal", "retention"]].to_numpy(float))]
+
+
+def trial_label(row: pd.Series, hp_columns: list[str]) -> str:
+    """The method string, with the hyper-parameters appended when the string does not show them."""
+    label = str(row["method"])
+    extra = []
+    for c in hp_columns:
+        v = row.get(c)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        name = c[3:]
+        text = f"{v:.3g}" if isinstance(v, (float, np.floating)) else str(v)
+        if f"{name}=" in label or text in label:
+            continue
+        extra.append(f"{name}={text}")
+    return label + (f" [{', '.join(extra)}]" if extra else "")
+
+
+# ----------------------------------------------------------------------------- G-effects
+def cumulative_effects(steps: pd.DataFrame | None) -> dict[str, float]:
+    """Σ over recorded steps of lr·e (removal, retention) and Σ of raw e."""
+    out = {k: math.nan for k in ("cum_lr_removal", "cum_lr_retention", "sum_removal", "sum_retention")}
+    if steps is None or steps.empty:
+        return out
+    for risk in ("removal", "retention"):
+        e = steps[risk].to_numpy(float)
+        out[f"sum_{risk}"] = float(np.nansum(e))
+        if "lr" in steps.columns:
+            out[f"cum_lr_{risk}"] = float(np.nansum(steps["lr"].to_numpy(float) * e))
+    return out
+
+
+def group_effects(geffects: pd.DataFrame | None) -> pd.DataFrame | None:
+    """G-effect per (step, risk, group): the sum of the per-parameter rows of each group."""
+    if geffects is None or "group" not in geffects.columns:
+        return None
+    p = geffects[(geffects["kind"] == "parameter") & geffects["group"].isin(GROUPS)]
+    if p.empty:  # a table holding only per-group rows
+        p = geffects[(geffects["kind"] == "group") & geffects["group"].isin(GROUPS)]
+    if p.empty:
+        return None
+    return p.groupby(["step", "risk", "group"], as_index=False)["value"].sum()
+
+
+def instance_effects(geffects: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Per (step, instance): removal and retention PG-effects, plus ``weight`` when recorded
+    (rows of kind "instance_weight", or a ``weight`` column on instance rows)."""
+    if geffects is None:
+        return None
+    inst = geffects[geffects["kind"] == "instance"]
+    if inst.empty or "instance" not in inst.columns:
+        return None
+    wide = inst.pivot_table(index=["step", "instance"], columns="risk", values="value", aggfunc="sum")
+    wide = wide.reset_index()
+    for r in ("removal", "retention"):
+        if r not in wide.columns:
+            wide[r] = np.nan
+    weights = None
+    if "weight" in inst.columns and inst["weight"].notna().any():
+        weights = inst.groupby(["step", "instance"])["weight"].first()
+    wr = geffects[geffects["kind"] == "instance_weight"]
+    if not wr.empty:
+        weights = wr.groupby(["step", "instance"])["value"].first()
+    if weights is not None:
+        wide = wide.merge(weights.rename("weight").reset_index(), on=["step", "instance"], how="left")
+    return wide
+
+
+# ----------------------------------------------------------------------------- results table
+TABLE_COLUMNS = [
+    ("forget_quality", ("forget_quality",), "FQ"),
+    ("ks_statistic", ("ks_statistic",), "KS"),
+    ("ks_n", ("ks_n",), "n"),
+    ("model_utility", ("model_utility",), "MU"),
+    *[(f"{s}.{m}", (s, m), f"{sh} {mh}") for s, sh in (("retain", "Ret"), ("real_authors", "RA"), ("world_facts", "WF"))
+      for m, mh in (("prob", "prob"), ("rouge", "ROUGE"), ("truth_ratio", "TR"))],
+    ("forget.prob", ("forget", "prob"), "Fgt prob"),
+    ("forget.rouge", ("forget", "rouge"), "Fgt ROUGE"),
+    ("forget.truth_ratio", ("forget", "truth_ratio"), "Fgt TR"),
+    ("forget.extraction_strength", ("forget", "extraction_strength"), "ES"),
+    ("mia.privleak", ("mia", "privleak"), "privleak"),
+]
+EFFECT_COLUMNS = [("cum_lr_removal", "Σlr·e_u"), ("cum_lr_retention", "Σlr·e_r"),
+                  ("sum_removal", "Σe_u"), ("sum_retention", "Σe_r")]
+
+
+def _metric_from_dict(m: dict, path):
+    from rayunlearn.report.data import as_float, get_path
+
+    v = get_path(m, path)
+    if path[-1] == "ks_n":
+        return v
+    return as_float(v, ".".join(path))
+
+
+def results_table(coll: Collection, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per completed trial (plus the target / retain references): the paper's metrics
+    and the cumulative removal / retention G-effects."""
+    trials = coll.completed if trials is None else trials
+    rows = []
+    for which in ("target", "retain"):
+        if which in coll.reference:
+            r = {"trial_id": f"({which} model)", "family": "reference", "method": f"{which} model",
+                 "removal": coll.reference[which]["removal"], "retention": coll.reference[which]["retention"]}
+            for key, path, _ in TABLE_COLUMNS:
+                r[key] = _metric_from_dict(coll.reference[which], path)
+            rows.append(r)
+    for _, t in trials.iterrows():
+        r = {"trial_id": t["trial_id"], "family": t["family"], "method": trial_label(t, coll.hp_columns),
+             "removal": float(t["removal"]), "retention": float(t["retention"])}
+        for key, path, _ in TABLE_COLUMNS:
+            r[key] = coll.metric(t, path)
+        r.update(cumulative_effects(coll.steps(t["trial_id"])))
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- importance
+def infer_distribution(values: pd.Series):
+    """An Optuna distribution covering the observed values (None when the column is constant)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    v = values.dropna()
+    if v.nunique() < 2:
+        return None
+    if pd.api.types.is_bool_dtype(v) or not pd.api.types.is_numeric_dtype(v):
+        return CategoricalDistribution(sorted(map(str, v.unique())))
+    lo, hi = float(v.min()), float(v.max())
+    if pd.api.types.is_integer_dtype(v) or all(float(x).is_integer() for x in v):
+        if pd.api.types.is_integer_dtype(v):
+            return IntDistribution(int(lo), int(hi))
+    log = lo > 0 and hi / lo > 100
+    return FloatDistribution(lo, hi, log=log)
+
+
+def hp_importance(trials: pd.DataFrame, hp_columns: list[str], min_trials: int = 4):
+    """Importances of the hyper-parameters for removal and retention, from an in-memory Optuna
+    study rebuilt from ``trials`` (completed trials of one family). Returns
+    ``(evaluator name, {"removal": {param: imp}, "retention": {...}})`` or a string saying why not."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if len(trials) < min_trials:
+        return f"{len(trials)} completed trial(s) (< {min_trials})"
+    dists = {}
+    for c in hp_columns:
+        d = infer_distribution(trials[c])
+        if d is not None and trials[c].notna().all():
+            dists[c[3:]] = (c, d)
+    if not dists:
+        return "no hyper-parameter varies across its trials"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for _, t in trials.iterrows():
+        params = {}
+        for name, (col, d) in dists.items():
+            v = t[col]
+            params[name] = str(v) if isinstance(d, CategoricalDistribution) else (
+                int(v) if isinstance(d, IntDistribution) else float(v))
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: d for k, (_, d) in dists.items()},
+                                                  values=[float(t["removal"]), float(t["retention"])]))
+    try:
+        import sklearn  # noqa: F401
+
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        sign = 1.0
+    except ImportError:
+        # PED-ANOVA explains *low* target values: negate the maximised objectives.
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=max(0.1, min(0.5, 2.0 / len(trials))))
+        sign = -1.0
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, obj in enumerate(("removal", "retention")):
+            try:
+                imp = optuna.importance.get_param_importances(study, evaluator=evaluator,
+                                                              target=lambda ft, i=i: sign * ft.values[i])
+            except Exception as exc:  # an evaluator failing on degenerate data is not fatal
+                return f"Optuna's {type(evaluator).__name__} failed: {exc}"
+            out[obj] = {k: float(v) for k, v in imp.items()}
+    return type(evaluator).__name__, out
+
+
+# ----------------------------------------------------------------------------- log.jsonl stats
+INV_P_PATTERNS = (r"inv_?p", r"1/p", r"inv(erse)?_?prob", r"inverse_?p")
+NPO_WEIGHT_PATTERNS = (r"npo.*weight", r"weight.*npo", r"^stat\.(w|weight)(_mean)?$", r"npo.*\bw\b")
+
+
+def find_stat(log: pd.DataFrame | None, patterns, prefer: str = "") -> str | None:
+    """The first ``stat.*`` column of ``log`` matching one of ``patterns`` (case-insensitive);
+    columns containing ``prefer`` and "mean" rank first."""
+    if log is None:
+        return None
+    cols = [c for c in log.columns if c.startswith("stat.")]
+    hits = [c for c in cols if any(re.search(p, c.lower()) for p in patterns)]
+    if not hits:
+        return None
+    hits.sort(key=lambda c: (prefer not in c.lower(), "mean" not in c.lower(), c))
+    return hits[0]
+
+
+def require_columns(df: pd.DataFrame, cols, where: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ReportDataError(f"{where}: missing column(s) {missing}")

@@ -1,0 +1,403 @@
+"""Assemble the report: sections of blocks (headings, text, notes, figures, tables) rendered to
+one self-contained ``report.html`` (PNGs embedded as base64) and ``report.md``; PNGs go to
+``figures/`` and the machine-readable answers (Pareto fronts, verdicts) to ``summary.json``.
+Reads results files only — no Ray, no model (DESIGN.md principle 7).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rayunlearn.io import write_json, write_text
+from rayunlearn.report import figures as F
+from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, TABLE_COLUMNS, front_of, group_effects,
+                                        hp_importance, instance_effects, results_table, trial_label)
+from rayunlearn.report.data import Collection, discover
+from rayunlearn.report.findings import FAILED, HELD, check_claims
+
+MAX_SERIES = 12      # lines per curve figure
+MAX_TABLE_ROWS = 40  # results-table rows per collection before keeping only the front
+SECTIONS = ("Overview", "Findings", "Pareto frontier", "Results table", "G-effect curves", "Layer groups",
+            "Per-instance G-effects", "Trajectories", "First-order fidelity", "Hyper-parameter importance")
+
+
+class Doc:
+    """A list of blocks rendered to HTML and Markdown."""
+
+    def __init__(self):
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def note(self, text: str):
+        self.blocks.append(("note", text))
+
+    def img(self, path: Path | None, alt: str, missing: str = "nothing to draw (not recorded)"):
+        if path is None:
+            self.note(f"{alt}: {missing}.")
+        else:
+            self.blocks.append(("img", Path(path), alt))
+
+    def table(self, df: pd.DataFrame):
+        self.blocks.append(("table", df))
+
+    def findings(self, items):
+        self.blocks.append(("findings", items))
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "/".join(fmt(x) for x in v) if len(v) else "–"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:.3g}" if (abs(v) >= 1e-3 or v == 0) else f"{v:.2e}"
+    return str(v)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_") or "results"
+
+
+def _anchor(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+# ------------------------------------------------------------------------------ rendering
+def render_html(doc: Doc, title: str) -> str:
+    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+           "<style>body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+           "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
+           ".note{color:#666;font-style:italic}.HELD{background:#d8f5d8}.DID{background:#f8d7d7}"
+           ".NOT{background:#eee}img{max-width:100%;border:1px solid #eee}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    for b in doc.blocks:
+        kind = b[0]
+        if kind == "h":
+            out.append(f"<h{b[1]} id='{_anchor(b[2])}'>{html.escape(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{html.escape(b[1])}</p>")
+        elif kind == "note":
+            out.append(f"<p class='note'>{html.escape(b[1])}</p>")
+        elif kind == "img":
+            data = base64.b64encode(b[1].read_bytes()).decode("ascii")
+            out.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        elif kind == "table":
+            df = b[1]
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns) + "</tr>")
+            for _, r in df.iterrows():
+                out.append("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>")
+            out.append("</table>")
+        elif kind == "findings":
+            out.append("<table><tr><th>claim</th><th>verdict</th><th>numbers</th><th>how judged</th></tr>")
+            for f in b[1]:
+                nums = "<br>".join(f"{html.escape(k)}: {html.escape(fmt(v))}" for k, v in f.numbers.items())
+                out.append(f"<tr><td>{f.claim}. {html.escape(f.title)}</td><td class='{f.verdict.split()[0]}'>"
+                           f"<b>{f.verdict}</b></td><td style='text-align:left'>{nums}</td>"
+                           f"<td style='text-align:left'>{html.escape(f.note)}</td></tr>")
+            out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _md_cell(v) -> str:
+    return fmt(v).replace("|", "\\|").replace("\n", " ")
+
+
+def render_md(doc: Doc, title: str, fig_dir_rel: str) -> str:
+    out = [f"# {title}", ""]
+    for b in doc.blocks:
+        kind = b[0]
+        if kind == "h":
+            out += ["#" * b[1] + " " + b[2], ""]
+        elif kind == "p":
+            out += [b[1], ""]
+        elif kind == "note":
+            out += [f"_{b[1]}_", ""]
+        elif kind == "img":
+            out += [f"![{b[2]}]({fig_dir_rel}/{b[1].name})", ""]
+        elif kind == "table":
+            df = b[1]
+            out.append("| " + " | ".join(_md_cell(c) for c in df.columns) + " |")
+            out.append("|" + "---|" * len(df.columns))
+            for _, r in df.iterrows():
+                out.append("| " + " | ".join(_md_cell(v) for v in r) + " |")
+            out.append("")
+        elif kind == "findings":
+            for f in b[1]:
+                out.append(f"- **Claim {f.claim} — {f.verdict}**: {f.title}.")
+                out.append("  Numbers: " + "; ".join(f"{k} = {fmt(v)}" for k, v in f.numbers.items()))
+                if f.note:
+                    out.append(f"  ({f.note})")
+            out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ sections
+def _series_trials(c: Collection, front_ids: set[str], has) -> tuple[list[pd.Series], str]:
+    """Completed trials for which ``has(trial_id)``; at most MAX_SERIES (front first)."""
+    rows = [r for _, r in c.completed.iterrows() if has(r["trial_id"])]
+    note = ""
+    if len(rows) > MAX_SERIES:
+        rows.sort(key=lambda r: (r["trial_id"] not in front_ids, r["trial_id"]))
+        note = f"{len(rows)} trials have this record; showing {MAX_SERIES} (Pareto-front trials first)."
+        rows = rows[:MAX_SERIES]
+    return rows, note
+
+
+def _short(label: str, n: int = 38) -> str:
+    return label if len(label) <= n else label[: n - 1] + "…"
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write report.html (self-contained), report.md, figures/*.png and summary.json for a
+    results directory (one sub-results dir with trials.parquet, or a parent of several);
+    returns the path of report.html. Default ``out_dir``: ``<results_dir>/report``."""
+    root = Path(results_dir)
+    collections = discover(root)
+    out = Path(out_dir) if out_dir is not None else root / "report"
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):
+        old.unlink()
+    families = sorted({f for c in collections for f in c.trials["family"].astype(str)})
+    colors = F.family_colors(families)
+    doc = Doc()
+    summary: dict = {"results_dir": str(root), "collections": [], "figures": []}
+    fronts: dict[str, set[str]] = {}
+    for c in collections:
+        fronts[c.name] = set(front_of(c.completed)["trial_id"])
+
+    def fig(path):
+        if path is not None:
+            summary["figures"].append(path.name)
+        return path
+
+    # Overview
+    doc.h(2, "Overview")
+    doc.p("Sign convention (GEFFECT.md): the G-effect is e = ∇R·∇L for a risk R and the objective L; one step "
+          "changes R by about −lr·e. Removal wants e_u < 0 (forget risk rises); retention wants e_r ≥ 0 "
+          "(a negative retention G-effect is collateral damage). Removal and retention scalars are both maximised.")
+    for c in collections:
+        n_fail = len(c.trials) - len(c.completed)
+        doc.p(f"{c.name}: {len(c.trials)} trials ({len(c.completed)} completed, {n_fail} failed or unfinished), "
+              f"families: {', '.join(sorted(c.trials['family'].astype(str).unique()))}; "
+              f"references: {', '.join(sorted(c.reference)) or 'none'}.")
+        failed = c.trials[~c.trials["trial_id"].isin(c.completed["trial_id"])]
+        for _, r in failed.iterrows():
+            err = r.get("error") if "error" in r.index else None
+            doc.note(f"{c.name}/{r['trial_id']} ({r['method']}): status {r['status']}"
+                     + (f", error: {err}" if isinstance(err, str) and err else ""))
+
+    # Findings
+    findings = check_claims(collections)
+    doc.h(2, "Findings")
+    held = [f.claim for f in findings if f.verdict == HELD]
+    failed_claims = [f.claim for f in findings if f.verdict == FAILED]
+    doc.p(f"The paper's claims (GEFFECT.md, claims 1–6) checked on these results: held {held or 'none'}; "
+          f"did not hold {failed_claims or 'none'}; not testable "
+          f"{[f.claim for f in findings if f.verdict not in (HELD, FAILED)] or 'none'}.")
+    doc.findings(findings)
+    summary["findings"] = [f.as_dict() for f in findings]
+
+    # Pareto
+    doc.h(2, "Pareto frontier")
+    doc.p("Removal vs retention of every completed trial (both maximised). Ringed, joined and labelled: the "
+          "non-dominated trials (no other trial is at least as good on both and better on one).")
+    all_points = []
+    for c in collections:
+        pts = c.completed[["trial_id", "family", "removal", "retention"]].copy()
+        pts["label"] = [_short(trial_label(r, c.hp_columns), 60) for _, r in c.completed.iterrows()]
+        pts["family"] = pts["family"].astype(str)
+        doc.h(3, f"{c.name}")
+        if pts.empty:
+            doc.note(f"{c.name}: no completed trials.")
+            continue
+        doc.img(fig(F.pareto_figure(pts, fronts[c.name], colors, c.reference, f"Pareto frontier — {c.name}",
+                                    fig_dir / f"{_slug(c.name)}_pareto.png")), f"Pareto frontier of {c.name}")
+        front_tbl = pts[pts["trial_id"].isin(fronts[c.name])].sort_values("removal")[
+            ["trial_id", "label", "removal", "retention"]]
+        doc.table(front_tbl.rename(columns={"label": "method"}))
+        agree = None
+        if c.pareto_file is not None and c.pareto_file.get("trials"):
+            agree = set(map(str, c.pareto_file["trials"])) == fronts[c.name]
+            if not agree:
+                doc.note(f"pareto.json lists {sorted(map(str, c.pareto_file['trials']))}, which differs from the "
+                         f"front recomputed here from trials.parquet.")
+        summary["collections"].append({"name": c.name, "path": str(c.path), "trials": len(c.trials),
+                                       "completed": len(c.completed), "pareto": sorted(fronts[c.name]),
+                                       "pareto_json_agrees": agree})
+        p2 = pts.copy()
+        p2["collection"] = c.name
+        p2["trial_id"] = c.name + "/" + p2["trial_id"]
+        all_points.append(p2)
+    if len(all_points) > 1:
+        allp = pd.concat(all_points, ignore_index=True)
+        front_all = set(front_of(allp)["trial_id"])
+        summary["combined_pareto"] = sorted(front_all)
+        ref = next((c.reference for c in collections if c.reference), {})
+        doc.h(3, "all results together")
+        doc.img(fig(F.pareto_figure(allp, front_all, colors, ref, "Pareto frontier — all trials",
+                                    fig_dir / "all_pareto.png")), "Pareto frontier over every collection")
+
+    # Results table
+    doc.h(2, "Results table")
+    doc.p("Per trial: forget quality (KS p-value against the retain model, with KS statistic and n), model utility "
+          "and its nine parts (Ret = retain, RA = real authors, WF = world facts; prob / ROUGE-L recall / truth "
+          "ratio), forget-set probability / ROUGE / truth ratio, extraction strength (ES), privleak, and the "
+          "cumulative G-effects over recorded steps: Σlr·e (first-order risk change is its negative) and Σe.")
+    for c in collections:
+        doc.h(3, c.name)
+        trials = c.completed
+        if len(trials) > MAX_TABLE_ROWS:
+            doc.note(f"{len(trials)} completed trials; showing the {len(fronts[c.name])} on the Pareto front.")
+            trials = trials[trials["trial_id"].isin(fronts[c.name])]
+        tbl = results_table(c, trials)
+        if tbl.empty:
+            doc.note("no completed trials and no references.")
+            continue
+        cols = ["method"] + [k for k, _, _ in TABLE_COLUMNS] + [k for k, _ in EFFECT_COLUMNS]
+        cols = [k for k in cols if k in tbl.columns]
+        heads = {k: h for k, _, h in TABLE_COLUMNS} | dict(EFFECT_COLUMNS)
+        doc.table(tbl[cols].rename(columns=heads))
+        if not any(c.steps(t) is not None for t in trials["trial_id"]):
+            doc.note("cumulative G-effects: not recorded (no effects/<trial>/steps.parquet).")
+
+    # G-effect curves
+    doc.h(2, "G-effect curves")
+    doc.p("Removal and retention G-effects per recorded step (exact totals from steps.parquet). "
+          "Zero line drawn; removal wants e_u < 0, retention wants e_r ≥ 0.")
+    for c in collections:
+        doc.h(3, c.name)
+        rows, note = _series_trials(c, fronts[c.name], lambda t: c.steps(t) is not None)
+        if note:
+            doc.note(note)
+        series = {_short(trial_label(r, c.hp_columns)): (c.steps(r["trial_id"]), str(r["family"])) for r in rows}
+        doc.img(fig(F.curves_figure(series, colors, f"G-effects per step — {c.name}",
+                                    fig_dir / f"{_slug(c.name)}_geffect_curves.png")),
+                f"G-effect curves of {c.name}", "not recorded (no steps.parquet)")
+
+    # Layer groups
+    doc.h(2, "Layer groups")
+    doc.p("G-effect per layer group (embed / shallow / middle / deep blocks = thirds / lm head, and norms), the sum "
+          "of the per-parameter rows of geffects.parquet; and each group's share of Σ|e|.")
+    for c in collections:
+        doc.h(3, c.name)
+        rows, note = _series_trials(c, fronts[c.name], lambda t: group_effects(c.geffects(t)) is not None)
+        if note:
+            doc.note(note)
+        groups = {_short(trial_label(r, c.hp_columns), 30): group_effects(c.geffects(r["trial_id"])) for r in rows}
+        for risk in ("removal", "retention"):
+            doc.img(fig(F.groups_figure(groups, risk, f"{risk} G-effect per layer group — {c.name}",
+                                        fig_dir / f"{_slug(c.name)}_groups_{risk}.png")),
+                    f"{risk} G-effect per layer group, {c.name}", "not recorded (no per-parameter rows)")
+        if groups:
+            shares = {}
+            for lab, ge in groups.items():
+                a = ge.assign(a=ge["value"].abs()).groupby("group")["a"].sum()
+                shares[lab] = a / a.sum() if a.sum() else a
+            sh = pd.DataFrame(shares).T.reindex(columns=[g for g in GROUPS]).fillna(0.0)
+            doc.img(fig(F.shares_figure(sh, f"share of |G-effect| per layer group — {c.name}",
+                                        fig_dir / f"{_slug(c.name)}_group_shares.png")),
+                    f"layer-group shares, {c.name}")
+
+    # Instances
+    doc.h(2, "Per-instance G-effects")
+    doc.p("PG-effects: the removal vs retention G-effect of each forget instance at each recorded step "
+          "(rows of kind 'instance'), coloured by the objective's weight for that instance when recorded, else by step.")
+    for c in collections:
+        doc.h(3, c.name)
+        rows, note = _series_trials(c, fronts[c.name], lambda t: instance_effects(c.geffects(t)) is not None)
+        if note:
+            doc.note(note)
+        inst = {_short(trial_label(r, c.hp_columns), 34): instance_effects(c.geffects(r["trial_id"])) for r in rows}
+        doc.img(fig(F.instances_figure(inst, f"per-instance G-effects — {c.name}",
+                                       fig_dir / f"{_slug(c.name)}_instances.png")),
+                f"per-instance G-effects, {c.name}", "not recorded (no instance rows)")
+
+    # Trajectories
+    doc.h(2, "Trajectories")
+    doc.p("Forget quality and model utility evaluated every k steps during unlearning (trajectory.jsonl).")
+    for c in collections:
+        doc.h(3, c.name)
+        rows, note = _series_trials(c, fronts[c.name], lambda t: c.trajectory(t) is not None)
+        if note:
+            doc.note(note)
+        series = {_short(trial_label(r, c.hp_columns)): (c.trajectory(r["trial_id"]), str(r["family"])) for r in rows}
+        doc.img(fig(F.trajectories_figure(series, colors, f"trajectories — {c.name}",
+                                          fig_dir / f"{_slug(c.name)}_trajectories.png")),
+                f"trajectories of {c.name}", "not recorded (no trajectory.jsonl)")
+
+    # Fidelity
+    doc.h(2, "First-order fidelity")
+    doc.p("Predicted (−lr·e) against measured risk change over each recorded step; points on y = x mean the "
+          "linearisation behind the G-effect holds.")
+    for c in collections:
+        doc.h(3, c.name)
+        rows, note = _series_trials(c, fronts[c.name], lambda t: c.steps(t) is not None)
+        if note:
+            doc.note(note)
+        series = {_short(trial_label(r, c.hp_columns)): (c.steps(r["trial_id"]), str(r["family"])) for r in rows}
+        doc.img(fig(F.fidelity_figure(series, colors, f"first-order fidelity — {c.name}",
+                                      fig_dir / f"{_slug(c.name)}_fidelity.png")),
+                f"first-order fidelity of {c.name}", "not recorded (no predicted/measured columns in steps.parquet)")
+
+    # Importance
+    doc.h(2, "Hyper-parameter importance")
+    doc.p("For each family of a sweep with ≥ 4 completed trials: Optuna's importance evaluator on an in-memory "
+          "study rebuilt from trials.parquet (hp.* columns as parameters, removal and retention as objectives).")
+    summary["importance"] = {}
+    for c in collections:
+        doc.h(3, c.name)
+        if not c.hp_columns:
+            doc.note("no hp.* columns (not a sweep): skipped.")
+            continue
+        imps, rows = {}, []
+        for fam, t in c.completed.groupby("family"):
+            res = hp_importance(t, c.hp_columns)
+            if isinstance(res, str):
+                doc.note(f"{fam}: skipped — {res}.")
+                continue
+            imps[str(fam)] = res
+            for obj in ("removal", "retention"):
+                for k, v in res[1][obj].items():
+                    rows.append({"family": fam, "objective": obj, "parameter": k, "importance": v,
+                                 "evaluator": res[0]})
+        summary["importance"][c.name] = {f: v[1] for f, v in imps.items()}
+        if imps:
+            doc.img(fig(F.importance_figure(imps, f"hyper-parameter importance — {c.name}",
+                                            fig_dir / f"{_slug(c.name)}_importance.png")),
+                    f"hyper-parameter importance, {c.name}")
+            doc.table(pd.DataFrame(rows))
+
+    title = f"rayunlearn report — {root}"
+    write_text(out / "report.html", render_html(doc, title))
+    write_text(out / "report.md", render_md(doc, title, "figures"))
+    write_json(out / "summary.json", summary)
+    return out / "report.html"
+
+
+def report_command(results_dir: str) -> int:
+    """CLI entry: `rayunlearn report RESULTS_DIR`."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status(f"building the report of {results_dir}…"):
+        path = build_report(results_dir)
+    console.print(f"wrote {path} (and report.md, figures/, summary.json beside it)")
+    return 0
