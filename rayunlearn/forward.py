@@ -66,11 +66,16 @@ def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return shifted, shifted != IGNORE
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """float32 under bf16/fp16 (accumulate in fp32), float64 kept (float64 oracles)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def label_logps(logits: torch.Tensor, shifted_labels: torch.Tensor) -> torch.Tensor:
-    """logits (B, T-1, V), shifted labels (B, T-1) -> (B, T-1) log-probs in float32, 0 on IGNORE."""
+    """logits (B, T-1, V), shifted labels (B, T-1) -> (B, T-1) log-probs in at least float32, 0 on IGNORE."""
     mask = shifted_labels != IGNORE
     safe = shifted_labels.masked_fill(~mask, 0)
-    logp = torch.log_softmax(logits.float(), dim=-1)                 # (B, T-1, V)
+    logp = torch.log_softmax(_at_least_fp32(logits), dim=-1)         # (B, T-1, V)
     out = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)            # (B, T-1)
     return out * mask
 
@@ -94,7 +99,7 @@ def token_view(model, batch: dict, needs=frozenset(), reference=None, ref_cache:
         token_count=float(mask.sum()) if token_count is None else float(token_count),
         seq_count=float(mask.shape[0]) if seq_count is None else float(seq_count),
         row_ids=batch.get("row_ids"), labels=shifted, attention_mask=batch["attention_mask"],
-        logits=logits.float() if "logits" in needs else None,
+        logits=_at_least_fp32(logits) if "logits" in needs else None,
         hidden=out.hidden_states if "hidden" in needs else None,
     )
     ref_needs = {n for n in needs if n.startswith("ref_")}
@@ -119,7 +124,7 @@ def add_reference(view: TokenView, batch: dict, ref_needs, reference, ref_cache=
         logits = out.logits[:, :-1]
         view.ref_logps = label_logps(logits, view.labels)
         if "ref_logits" in ref_needs:
-            view.ref_logits = logits.float()
+            view.ref_logits = _at_least_fp32(logits)
         if "ref_hidden" in ref_needs:
             view.ref_hidden = tuple(h.detach() for h in out.hidden_states)
 
@@ -148,7 +153,8 @@ class RefLogpCache:
         return self
 
     def lookup(self, row_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        first = next(iter(self._rows.values()))
+        out = torch.zeros(mask.shape, dtype=first.dtype, device=mask.device)
         for i, r in enumerate(row_ids.tolist()):
             vals = self._rows[int(r)].to(mask.device)
             if int(mask[i].sum()) != vals.numel():
