@@ -48,6 +48,8 @@ class SynthConfig:
         _check(self.num_authors >= 10, "num_authors", "must be >= 10 (forget01 needs >= 1 author)")
         _check(1 <= self.min_qa_per_author <= self.max_qa_per_author, "min_qa_per_author",
                "must be >= 1 and <= max_qa_per_author")
+        _check(self.max_qa_per_author <= 20, "max_qa_per_author",
+               "must be <= 20 (the generator has 20 fact slots per author)")
         _check(self.num_world_facts >= 10, "num_world_facts", "must be >= 10")
         _check(self.retain_perturbed_size >= 1, "retain_perturbed_size", "must be >= 1")
 
@@ -85,9 +87,14 @@ class ModelConfig:
     intermediate_size: int = 384
     vocab_size: int = 1024
     tie_embeddings: bool = False
-    # LoRA through peft (0 = full finetuning)
+    max_position_embeddings: int = 512   # must be >= data.max_length
+    init_seed: int = 0                   # weight init of a fresh tiny model
+    # where converted models are cached (smollm2-135m: GGUF -> safetensors, once)
+    cache_dir: str = "results/cache"
+    # LoRA through peft (0 = full finetuning); targets every linear layer but the LM head
     lora_r: int = 0
     lora_alpha: int = 16
+    lora_dropout: float = 0.0
 
     def validate(self) -> None:
         _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
@@ -95,6 +102,7 @@ class ModelConfig:
         _check(self.num_layers >= 1, "num_layers", "must be >= 1")
         _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (byte-level BPE needs 256 bytes + specials)")
         _check(self.lora_r >= 0, "lora_r", "must be >= 0")
+        _check(self.max_position_embeddings >= 8, "max_position_embeddings", "must be >= 8")
 
 
 @dataclass
@@ -103,6 +111,7 @@ class TrainConfig:
     by the accumulated token count."""
 
     epochs: float = 5.0
+    max_steps: int = 0            # > 0: exactly this many optimiser steps (overrides epochs)
     batch_size: int = 16          # effective batch (over micro-batches and workers)
     micro_batch_size: int = 4
     lr: float = 1e-5
@@ -130,6 +139,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _check(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = run all epochs)")
 
 
 @dataclass
@@ -198,6 +208,7 @@ class UnlearnConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     effects: EffectsConfig = field(default_factory=EffectsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    evaluate: bool = True          # TOFU evaluation at the end (and every eval.every steps)
 
     def validate(self) -> None:
         _check(bool(self.method.strip()), "method", "must be a method string such as 'npo+kl'")
