@@ -98,14 +98,16 @@ def dispatch(args: argparse.Namespace) -> int:
             return 0
         raise UserError("usage: rayunlearn data {synth,check} [key=value ...]")
     if cmd == "finetune":
+        cfg = C.load_config(C.FinetuneConfig, args.config, args.overrides)
         from rayunlearn.train import finetune
 
-        finetune(C.load_config(C.FinetuneConfig, args.config, args.overrides))
+        finetune(cfg)
         return 0
     if cmd == "unlearn":
+        cfg = C.load_config(C.UnlearnConfig, args.config, args.overrides)
         from rayunlearn.train import unlearn
 
-        unlearn(C.load_config(C.UnlearnConfig, args.config, args.overrides))
+        unlearn(cfg)
         return 0
     if cmd == "eval":
         from rayunlearn.eval.evaluate import eval_command
