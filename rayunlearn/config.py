@@ -170,12 +170,15 @@ class EvalConfig:
     rouge: bool = True
     mia: bool = True
     retain_reference: Optional[str] = None   # a retain model's stored evaluation (JSON) for FQ/privleak
+    mia_min_k: float = 0.4         # k of Min-K% / Min-K%++ (fraction of lowest-scoring tokens)
+    fast_trajectory: bool = True   # in-loop evaluations (every k steps) skip generation/ROUGE
 
     def validate(self) -> None:
         _check(self.every >= 0, "every", "must be >= 0")
         _check(self.max_items is None or self.max_items >= 1, "max_items", "must be >= 1 or null")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(0.0 < self.mia_min_k <= 1.0, "mia_min_k", "must be in (0, 1]")
 
 
 @dataclass

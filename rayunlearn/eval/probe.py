@@ -1,0 +1,271 @@
+"""Batched probing: per-token answer log-probs for many (item, answer-variant) sequences in few
+padded forward passes, and batched greedy generation with the KV cache.
+
+Scoring flattens every sequence (original, paraphrased and each perturbed answer of every item),
+sorts them by length, right-pads them into batches, runs one forward per batch and scatters the
+answer-token results back.  Only answer positions (labels ≠ −100, shifted) are projected through
+the output head when the architecture allows it (Llama-family decoders): the vocabulary-sized
+logits are never materialised for question or padding tokens.
+
+Per sequence the result holds float64 numpy arrays over the answer tokens (the EOS after the
+answer included, as in the batch contract):
+  `logps`    log p(label_t | prefix)                                   (n,)
+  `correct`  teacher-forced argmax == label          (only with extras) (n,) bool
+  `mu`,`sigma` mean / std of log p(·) under p(·) over the vocabulary (only with extras) (n,)
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+# decoders whose logits are exactly `output_embeddings(decoder(x).last_hidden_state)`
+_HEAD_SPLIT_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "smollm3"}
+
+
+@dataclass
+class SeqScore:
+    logps: np.ndarray
+    correct: Optional[np.ndarray] = None
+    mu: Optional[np.ndarray] = None
+    sigma: Optional[np.ndarray] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.logps.size)
+
+    @property
+    def nll_sum(self) -> float:
+        return float(-self.logps.sum())
+
+    @property
+    def avg_nll(self) -> float:
+        return self.nll_sum / max(1, self.num_tokens)
+
+
+@dataclass
+class Probe:
+    """One sequence to score: token ids and HF-aligned labels (−100 off the answer)."""
+
+    input_ids: list
+    labels: list
+    extras: bool = False     # also compute argmax-correct flags and vocabulary mean/std
+
+
+# --------------------------------------------------------------------------------------------
+# encoding (the data module's formatting, or a plain local fallback)
+
+
+class QAEncoder:
+    """Turns (question, answer) into (input_ids, labels) and a question into a generation
+    prompt, through `rayunlearn.data.formatting` when present; otherwise a plain local format
+    ``"Question: {q}\\nAnswer:"`` + ``" {a}"`` + EOS (prompt ids are an exact prefix)."""
+
+    def __init__(self, tokenizer, template: str = "plain", max_length: int = 256, use_data_module: bool = True):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = int(max_length)
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            from rayunlearn import UserError
+
+            raise UserError("the tokenizer has no EOS token; evaluation needs one to end answers")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._qa = self._prompt = None
+        self._tmpl = template
+        if use_data_module:
+            try:
+                from rayunlearn.data import formatting as F  # noqa: WPS433
+            except ImportError:
+                F = None
+            if F is not None and hasattr(F, "encode_qa") and hasattr(F, "encode_prompt"):
+                if hasattr(F, "get_template"):   # bind once (DataError for a bad template name)
+                    self._tmpl = F.get_template(template, tokenizer)
+                self._qa, self._prompt = F.encode_qa, F.encode_prompt
+
+    @staticmethod
+    def _ids(x) -> list:
+        if isinstance(x, dict):
+            x = x["input_ids"]
+        if isinstance(x, torch.Tensor):
+            x = x.tolist()
+        return list(x)
+
+    def _call(self, fn, **kw):
+        params = inspect.signature(fn).parameters
+        args = {k: v for k, v in kw.items() if k in params}
+        return fn(**args)
+
+    def qa(self, question: str, answer: str) -> tuple[list, list]:
+        if self._qa is not None:
+            out = self._call(self._qa, tokenizer=self.tokenizer, template=self._tmpl, question=question,
+                             answer=answer, max_length=self.max_length)
+            ids, labels = out["input_ids"], out["labels"]
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+            return ids, labels
+        prompt = self.prompt(question)
+        ans = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos_id]
+        ids = (prompt + ans)[: self.max_length]
+        labels = ([IGNORE] * len(prompt) + ans)[: self.max_length]
+        return ids, labels
+
+    def prompt(self, question: str) -> list:
+        if self._prompt is not None:
+            return self._ids(self._call(self._prompt, tokenizer=self.tokenizer, template=self._tmpl,
+                                        question=question, max_length=self.max_length))
+        return self.tokenizer(f"Question: {question.strip()}\nAnswer:", add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _head_split(model):
+    """(decoder, head) when logits = head(decoder(...).last_hidden_state) exactly, else None."""
+    m = _unwrap(model)
+    cfg = getattr(m, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in _HEAD_SPLIT_TYPES:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        return None
+    try:
+        dec, head = m.get_decoder(), m.get_output_embeddings()
+    except Exception:
+        return None
+    if dec is None or head is None:
+        return None
+    return dec, head
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(_unwrap(model).parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor,
+                  head_split: bool = True) -> torch.Tensor:
+    """Logits at the answer-predicting positions: (N, V) for the True entries of `answer_mask`
+    (B, T-1) in row-major order."""
+    split = _head_split(model) if head_split else None
+    if split is not None:
+        dec, head = split
+        h = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return head(h[:, :-1][answer_mask])                                   # (N, V)
+    out = _unwrap(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.logits[:, :-1][answer_mask]                                    # (N, V)
+
+
+def _batches(order: list, lengths: list, batch_size: int, max_tokens: Optional[int]):
+    batch = []
+    for i in order:
+        if batch and (len(batch) >= batch_size or
+                      (max_tokens and (len(batch) + 1) * lengths[batch[0]] > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_probes(model, probes: Sequence[Probe], pad_id: int, batch_size: int = 32,
+                 max_tokens: Optional[int] = 16384, head_split: bool = True,
+                 on_batch: Optional[Callable[[int], None]] = None) -> list[SeqScore]:
+    """Score every probe in length-sorted, right-padded batches (one forward each).
+
+    Returns one `SeqScore` per probe, in the input order.  Log-probs are computed in float64
+    when the model runs in float64, else in float32."""
+    n = len(probes)
+    lengths = [len(p.input_ids) for p in probes]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    device = _device(model)
+    results: list[Optional[SeqScore]] = [None] * n
+    for chunk in _batches(order, lengths, batch_size, max_tokens):
+        T = max(lengths[i] for i in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        lab = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
+        att = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, i in enumerate(chunk):
+            L = lengths[i]
+            ids[r, :L] = torch.tensor(probes[i].input_ids, dtype=torch.long)
+            lab[r, :L] = torch.tensor(probes[i].labels, dtype=torch.long)
+            att[r, :L] = 1
+        ids, lab, att = ids.to(device), lab.to(device), att.to(device)
+        shifted = lab[:, 1:]                                                  # (B, T-1)
+        mask = shifted != IGNORE
+        logits = answer_logits(model, ids, att, mask, head_split=head_split)  # (N, V)
+        dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logp = torch.log_softmax(logits.to(dt), dim=-1)                      # (N, V)
+        targets = shifted[mask]                                               # (N,)
+        tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)              # (N,)
+        want_extras = any(probes[i].extras for i in chunk)
+        if want_extras:
+            correct = logits.argmax(-1) == targets
+            p = logp.exp()
+            mu = (p * logp).sum(-1)
+            var = (p * logp * logp).sum(-1) - mu * mu
+            sigma = var.clamp_min(0).sqrt()
+            extra = [x.double().cpu().numpy() for x in (mu, sigma)] + [correct.cpu().numpy()]
+        counts = mask.sum(1).tolist()
+        tok_np = tok.double().cpu().numpy()
+        start = 0
+        for r, i in enumerate(chunk):
+            sl = slice(start, start + counts[r])
+            start += counts[r]
+            s = SeqScore(logps=tok_np[sl].copy())
+            if want_extras and probes[i].extras:
+                s.mu, s.sigma, s.correct = extra[0][sl].copy(), extra[1][sl].copy(), extra[2][sl].copy()
+            results[i] = s
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+
+
+@torch.no_grad()
+def generate_greedy(model, prompts: Sequence[list], pad_id: int, eos_id: int, max_new_tokens: int = 48,
+                    batch_size: int = 32, on_batch: Optional[Callable[[int], None]] = None) -> list[list]:
+    """Greedy continuations of left-padded prompts with the KV cache (`model.generate`,
+    do_sample=False); each continuation is cut at its first EOS (EOS not included)."""
+    n = len(prompts)
+    lengths = [len(p) for p in prompts]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    device = _device(model)
+    gen_model = _unwrap(model)
+    out: list[Optional[list]] = [None] * n
+    for chunk in _batches(order, lengths, batch_size, None):
+        T = max(lengths[i] for i in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        att = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, i in enumerate(chunk):
+            L = lengths[i]
+            ids[r, T - L:] = torch.tensor(prompts[i], dtype=torch.long)
+            att[r, T - L:] = 1
+        seqs = gen_model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=False,
+                                  num_beams=1, max_new_tokens=int(max_new_tokens), eos_token_id=eos_id,
+                                  pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None)
+        new = seqs[:, T:].tolist()
+        for r, i in enumerate(chunk):
+            toks = new[r]
+            if eos_id in toks:
+                toks = toks[: toks.index(eos_id)]
+            out[i] = toks
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return out  # type: ignore[return-value]
