@@ -1,0 +1,326 @@
+"""Live G-effect recording inside the unlearning loop.
+
+For the training-loop engineer (``rayunlearn/train.py``)::
+
+    from rayunlearn.effects.recorder import make_recorder
+    rec = make_recorder(cfg.effects, model, method, forget_probe, retain_probe, reference, ctx,
+                        sink, trial_id, method_str=str(method), rank=rank, world_size=world)
+    for step in ...:                       # step = optimiser steps already taken (0, 1, ...)
+        ... forward / backward of the training step (gradients in .grad) ...
+        rec.before_step(step, lr, optimizer, forget_batch=fb, retain_batch=rb)   # no-op unless due
+        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        rec.after_step(step)                                                     # no-op unless due
+    rec.close()
+
+- Due every ``cfg.every`` optimiser steps (``step % every == 0``); ``every == 0`` disables it.
+- ``cfg.probe == "fixed"``: the fixed ``forget_probe`` / ``retain_probe`` batches (the loop
+  builds them once: ``probe_size`` forget rows, half as many retain rows); ``"step"``: the
+  batches passed to ``before_step`` (the step's own micro-batch).
+- ``before_step`` computes the exact G-effects (``gradient_effects``; ``.grad`` of the training
+  step is left untouched) and, with ``cfg.optimizer_aware`` and an Adam-family optimiser that has
+  state, the **Adam-preconditioned** effect ∇R·(P⊙∇L) with P = 1/(sqrt(v̂)+eps), v̂ the
+  bias-corrected second moment *before* this step. Approximation (documented choice): the
+  momentum term (m̂ mixes earlier gradients) and decoupled weight decay are ignored, i.e. the
+  Adam step is modelled as −lr·P⊙∇L. Before the optimiser's first step there is no state: no
+  "adam" rows (NaN in steps.parquet).
+- ``after_step`` re-measures both probe risks (no grad) and writes the steps row: predicted
+  change −lr·e (and −lr·e_adam) beside the measured change — the fidelity of the linearisation.
+  The prediction refers to the probe's objective gradient, so it matches the real update's
+  effect when ``probe == "step"`` and the step's batch is the probe.
+- ``cumulative_*`` = Σ over recorded steps of lr·e·every (each recorded step stands for
+  ``every`` optimiser steps; with every = 1 this is exactly Σ_t η_t·e_t, the first-order
+  prediction of −(R_T − R_0)).
+- ``cfg.estimator == "ema"``: the reference code's estimator instead (``effects/ema.py``) on the
+  probe split into micro-batches of 4; rows with estimator "ema", kind "group" (the 5 buckets)
+  and "total"; the steps row carries the EMA totals.
+- Data parallelism: with replicated weights (DDP) only rank 0 records; with sharded (FSDP2)
+  parameters every rank computes (the engine all-reduces scalars) and rank 0 sends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from rayunlearn.effects import rows as R
+from rayunlearn.effects.engine import (_is_dtensor, _resolve_method, gradient_effects, risk_nll,
+                                       tracked_parameters)
+from rayunlearn.forward import token_view
+
+
+def adam_preconditioner(optimizer, model) -> Optional[dict]:
+    """{parameter name: P = 1/(sqrt(v̂)+eps)} from an Adam/AdamW optimiser's state (bias-corrected
+    second moments); None for other optimisers or before the first step."""
+    if optimizer is None:
+        return None
+    names = {id(p): n for n, p in tracked_parameters(model)[0]}
+    out = {}
+    for group in optimizer.param_groups:
+        betas = group.get("betas")
+        if betas is None or "eps" not in group:
+            return None
+        eps, beta2 = group["eps"], betas[1]
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st or "exp_avg_sq" not in st or id(p) not in names:
+                continue
+            k = float(st["step"])
+            v = st["exp_avg_sq"]
+            vhat = v / (1.0 - beta2 ** k)
+            out[names[id(p)]] = 1.0 / (vhat.sqrt() + eps)
+    return out or None
+
+
+class Recorder:
+    """See the module docstring. Build with :func:`make_recorder`."""
+
+    def __init__(self, cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
+                 trial_id: str, method_str: Optional[str] = None, rank: int = 0, world_size: int = 1,
+                 ref_cache=None):
+        self.cfg = cfg
+        self.model = model
+        self.method = _resolve_method(method)
+        self.method_str = method_str or str(self.method)
+        self.forget_probe, self.retain_probe = forget_probe, retain_probe
+        self.reference, self.ctx, self.sink = reference, ctx, sink
+        self.trial_id = str(trial_id)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.ref_cache = ref_cache
+        sharded = any(_is_dtensor(p) for _, p in tracked_parameters(model)[0])
+        self.computes = cfg.every > 0 and (sharded or self.rank == 0)
+        self.sends = self.computes and self.rank == 0
+        self._pending: Optional[dict] = None
+        self.cum = {"removal": 0.0, "retention": 0.0, "removal_adam": 0.0, "retention_adam": 0.0}
+        self.last_result = None
+
+    def due(self, step: int) -> bool:
+        return self.computes and step % self.cfg.every == 0
+
+    def _batches(self, forget_batch, retain_batch):
+        if self.cfg.probe == "step":
+            if forget_batch is None:
+                raise ValueError("effects.probe='step' needs forget_batch= (and retain_batch=) in before_step")
+            return forget_batch, retain_batch
+        return self.forget_probe, self.retain_probe
+
+    def before_step(self, step: int, lr: float, optimizer=None, forget_batch=None,
+                    retain_batch=None, token_counts=None):
+        """Compute and send the G-effect rows of this step (call before ``optimizer.step()``)."""
+        if not self.due(step):
+            return None
+        fb, rb = self._batches(forget_batch, retain_batch)
+        if self.cfg.estimator == "ema":
+            return self._before_ema(step, lr, fb, rb)
+        P = adam_preconditioner(optimizer, self.model) if self.cfg.optimizer_aware else None
+        res = gradient_effects(self.model, self.method, fb, rb, reference=self.reference,
+                               per_instance=self.cfg.per_instance, ctx=self.ctx, ref_cache=self.ref_cache,
+                               preconditioner=P, token_counts=token_counts)
+        self.last_result = res
+        if self.sends:
+            self.sink.add("geffects", R.result_rows(res, self.trial_id, self.method_str, step),
+                          trial_id=self.trial_id, step=step, part="exact")
+        tot = {"removal": res.removal.total,
+               "retention": res.retention.total if res.retention else math.nan,
+               "removal_adam": res.removal_adam.total if res.removal_adam else math.nan,
+               "retention_adam": res.retention_adam.total if res.retention_adam else math.nan}
+        fshare = {k: sum(v for lab, v in eff.by_term.items() if res.term_sides[lab] == "forget")
+                  for k, eff in res.risks().items()}
+        self._pending = dict(
+            step=step, lr=float(lr), batches=(fb, rb), tot=tot,
+            values=dict(cosine_removal=res.removal.cosine,
+                        cosine_retention=res.retention.cosine if res.retention else math.nan,
+                        risk_removal=res.removal.risk_value,
+                        risk_retention=res.retention.risk_value if res.retention else math.nan,
+                        removal_forget_terms=fshare["removal"],
+                        retention_forget_terms=fshare.get("retention", math.nan),
+                        objective_grad_norm=res.objective_grad_norm))
+        return res
+
+    def _before_ema(self, step, lr, fb, rb):
+        from rayunlearn.effects.ema import ema_effects
+
+        eff = ema_effects(self.model, self.method, fb, rb, reference=self.reference, ctx=self.ctx)
+        if self.sends:
+            rbld = R.RowBuilder(self.trial_id, self.method_str, step)
+            for risk, e in eff.items():
+                rbld.add(risk, "total", e["total"], "ema")
+                for bucket, v in e["buckets"].items():
+                    rbld.add(risk, "group", v, "ema", group=bucket)
+            self.sink.add("geffects", rbld.cols, trial_id=self.trial_id, step=step, part="ema")
+        with torch.no_grad():
+            rr = float(risk_nll(token_view(self.model, rb))) if rb is not None else math.nan
+            rf = float(risk_nll(token_view(self.model, fb)))
+        self._pending = dict(step=step, lr=float(lr), batches=(fb, rb),
+                             tot={"removal": eff["removal"]["total"], "retention": eff["retention"]["total"],
+                                  "removal_adam": math.nan, "retention_adam": math.nan},
+                             values=dict(risk_removal=rf, risk_retention=rr))
+        return eff
+
+    def after_step(self, step: int) -> Optional[dict]:
+        """Measure the probe risks after the optimiser step and send the steps row."""
+        pend = self._pending
+        if pend is None or pend["step"] != step:
+            return None
+        self._pending = None
+        fb, rb = pend["batches"]
+        with torch.no_grad():
+            after_f = float(risk_nll(token_view(self.model, fb)))
+            after_r = float(risk_nll(token_view(self.model, rb))) if rb is not None else math.nan
+        lr, tot, every = pend["lr"], pend["tot"], self.cfg.every
+        for k in self.cum:
+            if not math.isnan(tot[k]):
+                self.cum[k] += lr * tot[k] * every
+        v = pend["values"]
+        row = dict(
+            lr=lr, removal=tot["removal"], retention=tot["retention"], removal_adam=tot["removal_adam"],
+            retention_adam=tot["retention_adam"],
+            predicted_removal_change=-lr * tot["removal"],
+            measured_removal_change=after_f - v["risk_removal"],
+            predicted_retention_change=-lr * tot["retention"],
+            measured_retention_change=after_r - v["risk_retention"],
+            predicted_removal_change_adam=-lr * tot["removal_adam"],
+            predicted_retention_change_adam=-lr * tot["retention_adam"],
+            cumulative_removal=self.cum["removal"], cumulative_retention=self.cum["retention"],
+            cumulative_removal_adam=self.cum["removal_adam"],
+            cumulative_retention_adam=self.cum["retention_adam"], every=float(every), **v)
+        if self.sends:
+            self.sink.add("steps", R.step_row(self.trial_id, self.method_str, step, **row),
+                          trial_id=self.trial_id, step=step, part=self.cfg.estimator)
+        return row
+
+    # -- the train.py callback interface -----------------------------------------------------
+    def start(self, step: int = 0) -> None:
+        """Record at the initial weights (no optimiser yet: no fidelity, no Adam values)."""
+        if self.due(step):
+            self.before_step(step, 0.0, None, *self._step_batches(None))
+            self._flush_pending()
+
+    def __call__(self, step: int, lr: float, batch: Optional[dict] = None, optimizer=None):
+        """Callback used by ``train.py`` *after* optimiser step `step` (weights after `step`
+        steps): records the G-effects at these weights and, through a one-shot optimiser
+        post-step hook, measures the probe risks after the *next* optimiser step (fidelity with
+        that step's lr)."""
+        if not self.due(step):
+            return None
+        res = self.before_step(step, lr, optimizer, *self._step_batches(batch))
+        if self._pending is not None and optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
+            holder = {}
+
+            def post(opt, args, kwargs):
+                holder["h"].remove()
+                if self._pending is not None and self._pending["step"] == step:
+                    self._pending["lr"] = float(opt.param_groups[0]["lr"])
+                    self.after_step(step)
+
+            holder["h"] = optimizer.register_step_post_hook(post)
+            self._post_handle = holder["h"]
+        else:
+            self._flush_pending()
+        return res
+
+    def _step_batches(self, batch):
+        if self.cfg.probe != "step":
+            return self.forget_probe, self.retain_probe
+        if not batch:
+            return self.forget_probe, self.retain_probe
+        dev = _device_of(self.model)
+        fb = _to_device(batch.get("forget"), dev)
+        rb = _to_device(batch.get("retain"), dev)
+        return fb, rb
+
+    def _flush_pending(self) -> None:
+        """Send the pending steps row without a measured change (no next step to measure)."""
+        pend = self._pending
+        if pend is None:
+            return
+        self._pending = None
+        if self.sends:
+            tot, v = pend["tot"], pend["values"]
+            self.sink.add("steps", R.step_row(
+                self.trial_id, self.method_str, pend["step"], lr=pend["lr"], removal=tot["removal"],
+                retention=tot["retention"], removal_adam=tot["removal_adam"],
+                retention_adam=tot["retention_adam"], every=float(self.cfg.every), **v),
+                trial_id=self.trial_id, step=pend["step"], part=self.cfg.estimator)
+
+    def close(self) -> None:
+        if getattr(self, "_post_handle", None) is not None:
+            self._post_handle.remove()
+            self._post_handle = None
+        self._flush_pending()
+        if self.sends and self.sink is not None:
+            self.sink.close()
+
+
+def _device_of(model):
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_device(batch, device):
+    if batch is None:
+        return None
+    return {k: (_to_device(v, device) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
+
+
+def make_recorder(effects_cfg, model, method, forget_probe=None, retain_probe=None, reference=None,
+                  ctx=None, sink=None, trial_id: str = "", method_str: Optional[str] = None, rank: int = 0,
+                  world_size: int = 1, ref_cache=None, *, run_dir=None, benchmark=None, tokenizer=None,
+                  ref_caches=None, is_main: Optional[bool] = None) -> Recorder:
+    """A :class:`Recorder` for the unlearning loop (usage in the module docstring).
+
+    Explicit form: `effects_cfg` an ``EffectsConfig``, fixed probe batches, a `sink` (LocalSink
+    or RaySink), `trial_id`. ``train.py`` form: `effects_cfg` the whole ``UnlearnConfig`` plus
+    ``run_dir``, ``benchmark``, ``tokenizer`` (the fixed probe is built from the benchmark: the
+    first ``probe_size`` forget rows and ``probe_size // 2`` retain rows), ``ref_caches``
+    ({view: RefLogpCache}) and ``is_main``; rows go to a LocalSink under the results layout
+    (``<sweep>/effects/<trial_id>/`` when run_dir is ``<sweep>/trials/<trial_id>``, else
+    ``<run_dir>/effects/<trial_id or run name>/``) unless `sink` is given."""
+    from pathlib import Path
+
+    full = effects_cfg if hasattr(effects_cfg, "effects") else None
+    cfg = full.effects if full is not None else effects_cfg
+    if is_main is not None:
+        rank = 0 if is_main else max(rank, 1)
+    if ref_caches and ref_cache is None:
+        ref_cache = ref_caches
+    if full is not None and ctx is None:
+        from rayunlearn.objectives import ObjectiveContext
+
+        ctx = ObjectiveContext(seed=full.train.seed)
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if run_dir.parent.name == "trials":
+            out_dir, default_id = run_dir.parent.parent, run_dir.name
+        else:
+            out_dir, default_id = run_dir, (full.trial_id if full is not None and full.trial_id else run_dir.name)
+        trial_id = trial_id or default_id
+        if sink is None and rank == 0:
+            from rayunlearn.effects.actor import LocalSink
+
+            sink = LocalSink(str(out_dir))
+    if forget_probe is None and benchmark is not None and tokenizer is not None and full is not None:
+        forget_probe, retain_probe = build_probe(full, benchmark, tokenizer, method, _device_of(model))
+    return Recorder(cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
+                    trial_id or "run", method_str, rank, world_size, ref_cache)
+
+
+def build_probe(cfg, benchmark, tokenizer, method, device=None) -> tuple[dict, Optional[dict]]:
+    """The fixed probe of an ``UnlearnConfig``: the first ``effects.probe_size`` forget rows (with
+    their refusal batch for refusal methods) and ``probe_size // 2`` (at least 1) retain rows, as
+    collated batches (row ids = positions in their split)."""
+    from rayunlearn.train import _retain_split, collate_examples, encode_records, refusal_records
+
+    method = _resolve_method(method)
+    n = cfg.effects.probe_size
+    forget_rows = benchmark.split(cfg.data.forget_split)[:n]
+    retain_rows = benchmark.split(_retain_split(cfg.data.forget_split))[:max(1, n // 2)]
+    pad = tokenizer.pad_token_id
+    fb = collate_examples(encode_records(forget_rows, tokenizer, cfg.data), pad)
+    if "idk" in method.views_needed:
+        idk = refusal_records(benchmark.split(cfg.data.forget_split), benchmark.refusals, cfg.train.seed)[:n]
+        fb["idk"] = collate_examples(encode_records(idk, tokenizer, cfg.data), pad)
+    rb = collate_examples(encode_records(retain_rows, tokenizer, cfg.data), pad)
+    return _to_device(fb, device or "cpu"), _to_device(rb, device or "cpu")

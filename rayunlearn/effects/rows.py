@@ -1,0 +1,108 @@
+"""The long-format G-effect rows (ARCHITECTURE.md, "Results layout") and their Arrow schemas.
+
+``geffects.parquet``: one row per value — trial_id, method, step, risk, parameter, layer, group,
+kind ("parameter"|"instance"|"term"|"total"|"group"), term, instance, value, estimator
+("exact"|"ema"|"adam"). ``steps.parquet``: one row per recorded step (STEP_FIELDS).
+
+Rows travel as column dicts ``{column: list}`` (compact to send to an actor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+
+from rayunlearn.effects import groups
+
+GEFFECT_SCHEMA = pa.schema([
+    ("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64()), ("risk", pa.string()),
+    ("parameter", pa.string()), ("layer", pa.int64()), ("group", pa.string()), ("kind", pa.string()),
+    ("term", pa.string()), ("instance", pa.int64()), ("value", pa.float64()), ("estimator", pa.string()),
+])
+
+STEP_FIELDS = (
+    "lr", "removal", "retention", "removal_adam", "retention_adam", "cosine_removal",
+    "cosine_retention", "predicted_removal_change", "measured_removal_change",
+    "predicted_retention_change", "measured_retention_change", "risk_removal", "risk_retention",
+    # beyond the ARCHITECTURE minimum
+    "predicted_removal_change_adam", "predicted_retention_change_adam",
+    "cumulative_removal", "cumulative_retention", "cumulative_removal_adam", "cumulative_retention_adam",
+    "removal_forget_terms", "retention_forget_terms", "objective_grad_norm", "every",
+)
+STEPS_SCHEMA = pa.schema([("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64())]
+                         + [(f, pa.float64()) for f in STEP_FIELDS])
+
+SCHEMAS = {"geffects": GEFFECT_SCHEMA, "steps": STEPS_SCHEMA}
+# columns that identify a value (everything but `value`): how rank partial sums are matched
+KEY_COLUMNS = {"geffects": [f.name for f in GEFFECT_SCHEMA if f.name != "value"],
+               "steps": ["trial_id", "method", "step"]}
+
+
+def empty_columns(table: str) -> dict[str, list]:
+    return {f.name: [] for f in SCHEMAS[table]}
+
+
+class RowBuilder:
+    """Accumulates geffects rows as columns."""
+
+    def __init__(self, trial_id: str, method: str, step: int):
+        self.trial_id, self.method, self.step = trial_id, method, int(step)
+        self.cols = empty_columns("geffects")
+
+    def add(self, risk, kind, value, estimator="exact", parameter="", term="", instance=-1,
+            layer=None, group=None, n_blocks=0):
+        if layer is None:
+            layer = groups.block_index(parameter) if parameter else -1
+        if group is None:
+            group = groups.paper_group(parameter, n_blocks) if parameter else ""
+        c = self.cols
+        c["trial_id"].append(self.trial_id)
+        c["method"].append(self.method)
+        c["step"].append(self.step)
+        c["risk"].append(risk)
+        c["parameter"].append(parameter)
+        c["layer"].append(int(layer))
+        c["group"].append(group)
+        c["kind"].append(kind)
+        c["term"].append(term)
+        c["instance"].append(int(instance))
+        c["value"].append(float(value))
+        c["estimator"].append(estimator)
+
+    def __len__(self) -> int:
+        return len(self.cols["value"])
+
+
+def result_rows(result, trial_id: str, method: str, step: int, per_parameter: bool = True) -> dict:
+    """A :class:`GEffectResult` -> geffects columns: per-parameter, per-term, per-instance and
+    total rows, estimator "exact" (and "adam" for the preconditioned effects)."""
+    rb = RowBuilder(trial_id, method, step)
+    for est, pairs in (("exact", (result.removal, result.retention)),
+                       ("adam", (result.removal_adam, result.retention_adam))):
+        for eff in pairs:
+            if eff is None:
+                continue
+            n = groups.num_blocks(eff.by_parameter)
+            rb.add(eff.risk, "total", eff.total, est)
+            for lab, v in eff.by_term.items():
+                rb.add(eff.risk, "term", v, est, term=lab)
+            if per_parameter:
+                for name, v in eff.by_parameter.items():
+                    rb.add(eff.risk, "parameter", v, est, parameter=name, n_blocks=n)
+            if eff.by_instance is not None and eff.instance_ids is not None:
+                for rid, v in zip(eff.instance_ids, eff.by_instance):
+                    rb.add(eff.risk, "instance", v, est, instance=rid)
+    return rb.cols
+
+
+def step_row(trial_id: str, method: str, step: int, **values) -> dict:
+    """One steps.parquet row as columns; missing fields are NaN."""
+    unknown = set(values) - set(STEP_FIELDS)
+    if unknown:
+        raise KeyError(f"unknown steps.parquet fields {sorted(unknown)}")
+    cols = {"trial_id": [trial_id], "method": [method], "step": [int(step)]}
+    for f in STEP_FIELDS:
+        v = values.get(f)
+        cols[f] = [float("nan") if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)]
+    return cols

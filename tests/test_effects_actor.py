@@ -1,0 +1,227 @@
+"""G-effect sinks: LocalSink and the Ray aggregator actor write identical Parquet files holding
+exactly the rows sent; rank partial sums are combined exactly once; the recorder's rows."""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from test_effects_support import forget_retain_batches, perturbed_copy, tiny_llama
+
+from rayunlearn.config import EffectsConfig
+from rayunlearn.effects import gradient_effects
+from rayunlearn.effects.actor import LocalSink
+from rayunlearn.effects.recorder import make_recorder
+from rayunlearn.effects.rows import GEFFECT_SCHEMA, result_rows, step_row
+
+
+def _sends(res):
+    """A scripted sequence of sends: two trials, a 2-rank batch with a duplicate retry, a late
+    duplicate of a finished batch, and steps rows."""
+    rows0 = result_rows(res, "t0", "npo+kl", 0)
+    rows5 = result_rows(res, "t0", "npo+kl", 5)
+    half = {k: list(v) for k, v in rows5.items()}
+    half["value"] = [v / 2 for v in half["value"]]
+    other = {k: list(v) for k, v in result_rows(res, "t1", "ga", 0).items()}
+    return [
+        ("geffects", rows0, dict(trial_id="t0", step=0, part="exact")),
+        ("geffects", half, dict(trial_id="t0", step=5, part="exact", rank=1, world_size=2)),
+        ("geffects", half, dict(trial_id="t0", step=5, part="exact", rank=1, world_size=2)),  # retry
+        ("geffects", other, dict(trial_id="t1", step=0, part="exact")),
+        ("geffects", half, dict(trial_id="t0", step=5, part="exact", rank=0, world_size=2)),
+        ("geffects", half, dict(trial_id="t0", step=5, part="exact", rank=0, world_size=2)),  # late dup
+        ("steps", step_row("t0", "npo+kl", 0, lr=1e-3, removal=res.removal.total), dict(trial_id="t0", step=0)),
+        ("geffects", rows0, dict(trial_id="t0", step=0, part="exact")),                      # dup
+    ], rows0, rows5
+
+
+@pytest.fixture(scope="module")
+def result():
+    model = tiny_llama(layers=2, kv_heads=2)
+    forget, retain = forget_retain_batches()
+    return gradient_effects(model, "npo+kl", forget, retain, reference=perturbed_copy(model))
+
+
+def test_local_sink_and_ray_actor_write_identical_exact_rows(tmp_path, result):
+    ray = pytest.importorskip("ray")
+    sends, rows0, rows5 = _sends(result)
+    local = LocalSink(tmp_path / "local")
+    for table, cols, kw in sends:
+        local.add(table, cols, **kw)
+    local.close()
+    assert local.stats()["ignored"] == 3
+
+    from rayunlearn.effects.actor import RaySink, make_aggregator
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        sink = RaySink(make_aggregator(str(tmp_path / "ray")), max_in_flight=2)
+        for table, cols, kw in sends:
+            sink.add(table, cols, **kw)
+        sink.close()
+        assert sink.stats()["ignored"] == 3
+    finally:
+        ray.shutdown()
+
+    for rel in ("effects/t0/geffects.parquet", "effects/t0/steps.parquet", "effects/t1/geffects.parquet"):
+        a = pq.read_table(tmp_path / "local" / rel)
+        b = pq.read_table(tmp_path / "ray" / rel)
+        assert a.schema.equals(b.schema) and a.num_rows == b.num_rows, rel
+        assert a.to_pandas().equals(b.to_pandas()), rel     # NaN-aware equality
+    t0 = pq.read_table(tmp_path / "local" / "effects/t0/geffects.parquet")
+    assert t0.schema.equals(GEFFECT_SCHEMA)
+    # exactly the rows sent: step 0 once, step 5 = the sum of the two rank halves, once
+    n = len(rows0["value"])
+    assert t0.num_rows == 2 * n
+    d = t0.to_pydict()
+    np.testing.assert_array_equal(d["value"][:n], rows0["value"])
+    np.testing.assert_allclose(d["value"][n:], rows5["value"], rtol=1e-15)
+    assert d["step"] == [0] * n + [5] * n
+    assert set(d["kind"]) == {"total", "term", "parameter", "instance"}
+    tot = [v for v, k, r, e in zip(d["value"][:n], d["kind"], d["risk"], d["estimator"])
+           if k == "total" and r == "removal" and e == "exact"]
+    assert tot == [result.removal.total]
+    inst = [v for v, k, r in zip(d["value"][:n], d["kind"], d["risk"]) if k == "instance" and r == "retention"]
+    np.testing.assert_array_equal(inst, result.retention.by_instance)
+    steps = pq.read_table(tmp_path / "local" / "effects/t0/steps.parquet").to_pydict()
+    assert steps["step"] == [0] and steps["removal"] == [result.removal.total]
+
+
+def test_recorder_in_a_small_adamw_loop(tmp_path):
+    model = tiny_llama(layers=2, kv_heads=2, seed=4)
+    ref = perturbed_copy(model, scale=0.0)
+    forget, retain = forget_retain_batches()
+    from rayunlearn.objectives import parse_method
+    from rayunlearn.forward import token_view
+
+    method = parse_method("npo+kl")
+    cfg = EffectsConfig(every=2, probe="step", per_instance=True)
+    sink = LocalSink(tmp_path)
+    rec = make_recorder(cfg, model, method, None, None, ref, None, sink, "trial-a")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    lr = 1e-3
+    for step in range(5):
+        views = {"forget": token_view(model, forget, method.needs("forget"), reference=ref),
+                 "retain": token_view(model, retain, method.needs("retain"), reference=ref)}
+        loss, _, _ = method.loss(views)
+        loss.backward()
+        grads_before = [p.grad.clone() for p in model.parameters()]
+        rec.before_step(step, lr, opt, forget_batch=forget, retain_batch=retain)
+        for p, g in zip(model.parameters(), grads_before):
+            assert torch.equal(p.grad, g)          # the step's gradients are untouched
+        opt.step()
+        opt.zero_grad()
+        rec.after_step(step)
+    rec.close()
+    steps = pq.read_table(tmp_path / "effects/trial-a/steps.parquet").to_pydict()
+    assert steps["step"] == [0, 2, 4]
+    # no Adam state before the first step: no adam value at step 0, values afterwards
+    assert np.isnan(steps["removal_adam"][0]) and not np.isnan(steps["removal_adam"][1])
+    # NPO at θ = θ_ref equals GA: removal effect < 0 at step 0
+    assert steps["removal"][0] < 0
+    # Adam-aware prediction has the right sign and size of the measured removal change
+    for k in (1, 2):
+        pred, meas = steps["predicted_removal_change_adam"][k], steps["measured_removal_change"][k]
+        assert np.sign(pred) == np.sign(meas) and 0.2 < meas / pred < 5
+    assert steps["cumulative_removal"][-1] == pytest.approx(
+        sum(lr * e * 2 for e in steps["removal"]), rel=1e-12)
+    g = pq.read_table(tmp_path / "effects/trial-a/geffects.parquet").to_pydict()
+    assert set(g["estimator"]) == {"exact", "adam"}
+    assert {s for s, e in zip(g["step"], g["estimator"]) if e == "adam"} == {2, 4}
+    assert g["trial_id"][0] == "trial-a" and g["method"][0] == str(method)
+
+
+def test_recorder_ema_estimator_rows(tmp_path):
+    model = tiny_llama(layers=2, kv_heads=2, seed=4)
+    forget, retain = forget_retain_batches()
+    cfg = EffectsConfig(every=1, probe="fixed", estimator="ema")
+    sink = LocalSink(tmp_path)
+    rec = make_recorder(cfg, model, "ga", forget, retain, None, None, sink, "e")
+    rec.before_step(0, 0.0)
+    rec.after_step(0)
+    rec.close()
+    g = pq.read_table(tmp_path / "effects/e/geffects.parquet").to_pydict()
+    assert set(g["estimator"]) == {"ema"}
+    assert {gr for gr, k in zip(g["group"], g["kind"]) if k == "group"} == \
+        {"embed", "module1", "module2", "module3", "lm"}
+    # GA removal under the EMA is -Σ EMA(g)² ≤ 0 (the code's identity)
+    tot = [v for v, k, r in zip(g["value"], g["kind"], g["risk"]) if k == "total" and r == "removal"]
+    assert tot[0] < 0
+    # with one micro-batch the EMA is the plain gradient: equals the exact GA effect on it
+    from rayunlearn.effects.ema import _slice, ema_effects
+
+    fb, rb = _slice(forget, 0, 4), _slice(retain, 0, 4)
+    e = ema_effects(model, "ga", fb, rb)
+    exact = gradient_effects(model, "ga", fb, rb, per_instance=False)
+    assert e["removal"]["total"] == pytest.approx(exact.removal.total, rel=1e-6)
+    assert e["retention"]["total"] == pytest.approx(exact.retention.total, rel=1e-6)
+
+
+def test_recorder_train_loop_callback_interface(tmp_path):
+    """train.py's interface: recorder.start(step=0), recorder(step=done, lr, batch, optimizer)
+    after the optimiser step; the fidelity is measured after the next optimiser step."""
+    from rayunlearn.config import UnlearnConfig
+    from rayunlearn.forward import token_view
+    from rayunlearn.objectives import parse_method
+
+    model = tiny_llama(layers=2, kv_heads=2, seed=4)
+    forget, retain = forget_retain_batches()
+    method = parse_method("ga+gd")
+    cfg = UnlearnConfig(method="ga+gd", effects=EffectsConfig(every=2, probe="step"))
+    run_dir = tmp_path / "sweep" / "trials" / "t7"
+    rec = make_recorder(cfg, model, method, forget, retain, run_dir=run_dir, is_main=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rec.start(step=0)
+    for step in range(4):
+        views = {"forget": token_view(model, forget), "retain": token_view(model, retain)}
+        method.loss(views)[0].backward()
+        opt.step()
+        opt.zero_grad()
+        done = step + 1
+        if done % 2 == 0:
+            rec(step=done, lr=1e-3, batch={"forget": forget, "retain": retain}, optimizer=opt)
+    rec.close()
+    steps = pq.read_table(tmp_path / "sweep/effects/t7/steps.parquet").to_pydict()
+    assert steps["step"] == [0, 2, 4]
+    assert np.isnan(steps["measured_removal_change"][0]) and np.isnan(steps["measured_removal_change"][2])
+    pred, meas = steps["predicted_removal_change_adam"][1], steps["measured_removal_change"][1]
+    assert np.sign(pred) == np.sign(meas) and 0.2 < meas / pred < 5
+    assert not opt._optimizer_step_post_hooks        # the one-shot hook removed itself
+
+
+def test_replay_on_saved_checkpoints(tmp_path):
+    """Offline replay: step 0 (the target) and each checkpoints/step-<k>/model.safetensors give
+    the same values as gradient_effects on those weights."""
+    import copy
+
+    from rayunlearn.effects.replay import replay
+    from rayunlearn.io import save_safetensors
+
+    target = tiny_llama(layers=2, kv_heads=2, seed=2)
+    forget, retain = forget_retain_batches()
+    states = {}
+    m = copy.deepcopy(target)
+    for k in (5, 10):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        save_safetensors(tmp_path / "checkpoints" / f"step-{k}" / "model.safetensors", m.state_dict())
+        states[k] = copy.deepcopy(m)
+    ref = copy.deepcopy(target).requires_grad_(False)
+    lrs = {t: 1e-3 for t in range(1, 11)}
+    out = replay(tmp_path, copy.deepcopy(target), "npo", forget, retain, reference=ref, lrs=lrs, progress=False)
+    steps = pq.read_table(out / "steps.parquet").to_pydict()
+    assert steps["step"] == [0, 5, 10]
+    for k, model in ((0, target), (5, states[5]), (10, states[10])):
+        exact = gradient_effects(model, "npo", forget, retain, reference=ref)
+        i = steps["step"].index(k)
+        assert steps["removal"][i] == pytest.approx(exact.removal.total, rel=1e-9)
+        assert steps["retention"][i] == pytest.approx(exact.retention.total, rel=1e-9)
+    assert steps["predicted_removal_change"][0] == pytest.approx(-5e-3 * steps["removal"][0], rel=1e-12)
+    assert steps["measured_removal_change"][0] == pytest.approx(steps["risk_removal"][1] - steps["risk_removal"][0])
+    g = pq.read_table(out / "geffects.parquet").to_pydict()
+    assert set(g["step"]) == {0, 5, 10} and set(g["trial_id"]) == {"replay"}
