@@ -17,6 +17,9 @@ Search scores (both maximised, in every metrics dict):
   inside training loops without generation, of the six non-ROUGE numbers — the fingerprint's
   ``mode`` says which).
 
+Distributed: under `torch.distributed` with world size > 1 the evaluation is a collective call
+split across ranks, each returning the single-process result (`rayunlearn.eval.distributed`).
+
 Reference: the retain model's stored evaluation (a dict from `evaluate_model`, a directory written
 by `write_eval`, a ``.json`` written by `write_eval` with its ``.raw.json`` sibling, or one JSON
 holding ``raw`` inline).  Its fingerprint must equal ours in every field but ``mode`` and ``source`` (the splits'
@@ -79,10 +82,17 @@ class Evaluator:
 
         evaluator = Evaluator(tok, benchmark, cfg.data, cfg.eval, cfg.eval.retain_reference,
                               fast=cfg.eval.fast_trajectory)
-        append_jsonl(run / "trajectory.jsonl", trajectory_record(evaluator(model, step)))"""
+        append_jsonl(run / "trajectory.jsonl", trajectory_record(evaluator(model, step)))
+
+    Distributed: with `torch.distributed` initialised and world size > 1 (``distributed=None``,
+    the default) or ``distributed=True``, the call is collective — every rank must make it — and
+    the scoring/generation batches are split across ranks and gathered back
+    (`rayunlearn.eval.distributed`: same batches as one process, so every rank returns the
+    single-process result; FSDP2-sharded models are supported).  ``distributed=False``
+    evaluates on the calling rank alone.  Progress is shown on rank 0 only."""
 
     def __init__(self, tokenizer, benchmark, data_cfg, eval_cfg, retain_reference=None, fast: bool = False,
-                 progress: bool = False, min_k: Optional[float] = None):
+                 progress: bool = False, min_k: Optional[float] = None, distributed: Optional[bool] = None):
         from rayunlearn.eval.probe import Probe, QAEncoder
 
         self.tokenizer = tokenizer
@@ -90,6 +100,7 @@ class Evaluator:
         if min_k is None:
             min_k = getattr(eval_cfg, "mia_min_k", MIN_K)
         self.fast, self.progress, self.min_k = bool(fast), bool(progress), float(min_k)
+        self.distributed = distributed
         self.generate = bool(eval_cfg.rouge) and not self.fast
         self.encoder = QAEncoder(tokenizer, data_cfg.template, data_cfg.max_length)
         names = split_names(data_cfg.forget_split)
@@ -164,6 +175,10 @@ class Evaluator:
     def __call__(self, model, step: int = 0) -> dict:
         from rayunlearn.eval.probe import generate_greedy, score_probes
 
+        from rayunlearn.eval import distributed as D
+
+        if D.use_distributed(self.distributed):
+            return self._call_distributed(model, step)
         was_training = getattr(model, "training", False)
         model.eval()
         try:
@@ -173,6 +188,32 @@ class Evaluator:
                 gens = generate_greedy(model, self.prompts, pad_id=self.encoder.pad_id, eos_id=self.encoder.eos_id,
                                        max_new_tokens=self.eval_cfg.max_new_tokens,
                                        batch_size=self.eval_cfg.batch_size, on_batch=tick_gen) if self.prompts else []
+        finally:
+            if was_training:
+                model.train()
+        raw = self.build_raw(scores, gens)
+        return metrics_from_raw(raw, self.fingerprint, self.reference, step=step)
+
+    def _call_distributed(self, model, step: int) -> dict:
+        from rayunlearn.eval import distributed as D
+        from rayunlearn.eval.probe import MAX_TOKENS, plan_batches
+
+        rank, world = D.rank_world()
+        sharded = D.is_sharded(model)
+        bs, max_tokens = self.eval_cfg.batch_size, MAX_TOKENS
+        D.check_same("evaluation settings", (self.fingerprint, bs, self.generate), None)
+        n_score = D.local_items(plan_batches([len(p.input_ids) for p in self.probes], bs, max_tokens), rank, world)
+        n_gen = D.local_items(plan_batches([len(p) for p in self.prompts], bs, None), rank, world)
+        was_training = getattr(model, "training", False)
+        model.eval()
+        try:
+            with _progress(self.progress and rank == 0, n_score, n_gen) as (tick_score, tick_gen):
+                scores = D.score_probes_distributed(model, self.probes, pad_id=self.encoder.pad_id, batch_size=bs,
+                                                    max_tokens=max_tokens, on_batch=tick_score, sharded=sharded)
+                gens = D.generate_greedy_distributed(
+                    model, self.prompts, pad_id=self.encoder.pad_id, eos_id=self.encoder.eos_id,
+                    max_new_tokens=self.eval_cfg.max_new_tokens, batch_size=bs, on_batch=tick_gen,
+                    sharded=sharded) if self.prompts else []
         finally:
             if was_training:
                 model.train()
@@ -234,11 +275,13 @@ class Evaluator:
 
 
 def evaluate_model(model, tokenizer, benchmark, data_cfg, eval_cfg, retain_reference=None, progress: bool = False,
-                   step: int = 0) -> dict:
+                   step: int = 0, distributed: Optional[bool] = None) -> dict:
     """Full TOFU evaluation of `model` (see module docstring).  Returns the metrics.json dict
     plus ``"raw"``: per-split per-item arrays (losses, token counts, truth ratios, generations,
-    ROUGE, ES/EM, MIA scores)."""
-    ev = Evaluator(tokenizer, benchmark, data_cfg, eval_cfg, retain_reference=retain_reference, progress=progress)
+    ROUGE, ES/EM, MIA scores).  Under `torch.distributed` with world size > 1 this is a
+    collective call split across ranks (see `Evaluator`; ``distributed=False`` opts out)."""
+    ev = Evaluator(tokenizer, benchmark, data_cfg, eval_cfg, retain_reference=retain_reference, progress=progress,
+                   distributed=distributed)
     return ev(model, step=step)
 
 

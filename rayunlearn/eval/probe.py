@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 IGNORE = -100
+MAX_TOKENS = 16384    # default padded-token budget of one scoring batch
 
 # decoders whose logits are exactly `output_embeddings(decoder(x).last_hidden_state)`
 _HEAD_SPLIT_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "smollm3"}
@@ -155,15 +156,40 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _is_fsdp2(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _through_root(root, fn):
+    """Run ``fn()`` inside ``root(...)``'s call so FSDP2's root hooks fire (lazy init, all-gather
+    of the root's parameters — embeddings, final norm, output head — and reshard afterwards);
+    the decoder layers' own hooks fire as usual inside ``fn``."""
+    root.forward = lambda *a, **k: fn()        # an instance attribute shadows the class method
+    try:
+        return root()
+    finally:
+        del root.forward
+
+
 def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor,
                   head_split: bool = True) -> torch.Tensor:
     """Logits at the answer-predicting positions: (N, V) for the True entries of `answer_mask`
-    (B, T-1) in row-major order."""
+    (B, T-1) in row-major order.  With an FSDP2 (`fully_shard`) root the head-split computation
+    runs inside the root's call, so the same numbers come out as without FSDP."""
     split = _head_split(model) if head_split else None
     if split is not None:
         dec, head = split
-        h = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return head(h[:, :-1][answer_mask])                                   # (N, V)
+
+        def run():
+            h = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return head(h[:, :-1][answer_mask])                               # (N, V)
+
+        m = _unwrap(model)
+        return _through_root(m, run) if _is_fsdp2(m) else run()
     out = _unwrap(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.logits[:, :-1][answer_mask]                                    # (N, V)
 
@@ -180,54 +206,71 @@ def _batches(order: list, lengths: list, batch_size: int, max_tokens: Optional[i
         yield batch
 
 
+def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int] = None) -> list[list[int]]:
+    """The batch schedule: indices sorted by decreasing length (stable), cut into batches of at
+    most `batch_size` rows and (when given) about `max_tokens` padded tokens.  Deterministic, so
+    every rank of a distributed evaluation derives the same schedule."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return list(_batches(order, list(lengths), int(batch_size), max_tokens))
+
+
+@torch.no_grad()
+def score_batch(model, probes: Sequence[Probe], chunk: Sequence[int], pad_id: int,
+                head_split: bool = True) -> list[SeqScore]:
+    """Score the probes `chunk` (indices into `probes`) in one right-padded forward; one
+    `SeqScore` per index of `chunk`, in that order."""
+    lengths = [len(probes[i].input_ids) for i in chunk]
+    device = _device(model)
+    T = max(lengths)
+    ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+    lab = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
+    att = torch.zeros((len(chunk), T), dtype=torch.long)
+    for r, i in enumerate(chunk):
+        L = lengths[r]
+        ids[r, :L] = torch.tensor(probes[i].input_ids, dtype=torch.long)
+        lab[r, :L] = torch.tensor(probes[i].labels, dtype=torch.long)
+        att[r, :L] = 1
+    ids, lab, att = ids.to(device), lab.to(device), att.to(device)
+    shifted = lab[:, 1:]                                                  # (B, T-1)
+    mask = shifted != IGNORE
+    logits = answer_logits(model, ids, att, mask, head_split=head_split)  # (N, V)
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(logits.to(dt), dim=-1)                      # (N, V)
+    targets = shifted[mask]                                               # (N,)
+    tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)              # (N,)
+    want_extras = any(probes[i].extras for i in chunk)
+    if want_extras:
+        correct = logits.argmax(-1) == targets
+        p = logp.exp()
+        mu = (p * logp).sum(-1)
+        var = (p * logp * logp).sum(-1) - mu * mu
+        sigma = var.clamp_min(0).sqrt()
+        extra = [x.double().cpu().numpy() for x in (mu, sigma)] + [correct.cpu().numpy()]
+    counts = mask.sum(1).tolist()
+    tok_np = tok.double().cpu().numpy()
+    out = []
+    start = 0
+    for r, i in enumerate(chunk):
+        sl = slice(start, start + counts[r])
+        start += counts[r]
+        s = SeqScore(logps=tok_np[sl].copy())
+        if want_extras and probes[i].extras:
+            s.mu, s.sigma, s.correct = extra[0][sl].copy(), extra[1][sl].copy(), extra[2][sl].copy()
+        out.append(s)
+    return out
+
+
 @torch.no_grad()
 def score_probes(model, probes: Sequence[Probe], pad_id: int, batch_size: int = 32,
-                 max_tokens: Optional[int] = 16384, head_split: bool = True,
+                 max_tokens: Optional[int] = MAX_TOKENS, head_split: bool = True,
                  on_batch: Optional[Callable[[int], None]] = None) -> list[SeqScore]:
     """Score every probe in length-sorted, right-padded batches (one forward each).
 
     Returns one `SeqScore` per probe, in the input order.  Log-probs are computed in float64
     when the model runs in float64, else in float32."""
-    n = len(probes)
-    lengths = [len(p.input_ids) for p in probes]
-    order = sorted(range(n), key=lambda i: -lengths[i])
-    device = _device(model)
-    results: list[Optional[SeqScore]] = [None] * n
-    for chunk in _batches(order, lengths, batch_size, max_tokens):
-        T = max(lengths[i] for i in chunk)
-        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        lab = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            L = lengths[i]
-            ids[r, :L] = torch.tensor(probes[i].input_ids, dtype=torch.long)
-            lab[r, :L] = torch.tensor(probes[i].labels, dtype=torch.long)
-            att[r, :L] = 1
-        ids, lab, att = ids.to(device), lab.to(device), att.to(device)
-        shifted = lab[:, 1:]                                                  # (B, T-1)
-        mask = shifted != IGNORE
-        logits = answer_logits(model, ids, att, mask, head_split=head_split)  # (N, V)
-        dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logp = torch.log_softmax(logits.to(dt), dim=-1)                      # (N, V)
-        targets = shifted[mask]                                               # (N,)
-        tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)              # (N,)
-        want_extras = any(probes[i].extras for i in chunk)
-        if want_extras:
-            correct = logits.argmax(-1) == targets
-            p = logp.exp()
-            mu = (p * logp).sum(-1)
-            var = (p * logp * logp).sum(-1) - mu * mu
-            sigma = var.clamp_min(0).sqrt()
-            extra = [x.double().cpu().numpy() for x in (mu, sigma)] + [correct.cpu().numpy()]
-        counts = mask.sum(1).tolist()
-        tok_np = tok.double().cpu().numpy()
-        start = 0
-        for r, i in enumerate(chunk):
-            sl = slice(start, start + counts[r])
-            start += counts[r]
-            s = SeqScore(logps=tok_np[sl].copy())
-            if want_extras and probes[i].extras:
-                s.mu, s.sigma, s.correct = extra[0][sl].copy(), extra[1][sl].copy(), extra[2][sl].copy()
+    results: list[Optional[SeqScore]] = [None] * len(probes)
+    for chunk in plan_batches([len(p.input_ids) for p in probes], batch_size, max_tokens):
+        for i, s in zip(chunk, score_batch(model, probes, chunk, pad_id, head_split=head_split)):
             results[i] = s
         if on_batch is not None:
             on_batch(len(chunk))
@@ -239,32 +282,42 @@ def score_probes(model, probes: Sequence[Probe], pad_id: int, batch_size: int = 
 
 
 @torch.no_grad()
+def generate_batch(model, prompts: Sequence[list], chunk: Sequence[int], pad_id: int, eos_id: int,
+                   max_new_tokens: int = 48, synced_gpus: Optional[bool] = None) -> list[list]:
+    """Greedy continuations of the prompts `chunk` (indices into `prompts`), left-padded into one
+    `model.generate` call; each cut at its first EOS (EOS not included).  ``synced_gpus=True``
+    keeps every rank stepping the model until all ranks are done (needed when the forward is a
+    collective, e.g. FSDP); None lets transformers decide."""
+    lengths = [len(prompts[i]) for i in chunk]
+    T = max(lengths)
+    ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(chunk), T), dtype=torch.long)
+    for r, i in enumerate(chunk):
+        L = lengths[r]
+        ids[r, T - L:] = torch.tensor(prompts[i], dtype=torch.long)
+        att[r, T - L:] = 1
+    device = _device(model)
+    kw = {} if synced_gpus is None else {"synced_gpus": bool(synced_gpus)}
+    seqs = _unwrap(model).generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=False,
+                                   num_beams=1, max_new_tokens=int(max_new_tokens), eos_token_id=eos_id,
+                                   pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None,
+                                   **kw)
+    out = []
+    for toks in seqs[:, T:].tolist():
+        if eos_id in toks:
+            toks = toks[: toks.index(eos_id)]
+        out.append(toks)
+    return out
+
+
+@torch.no_grad()
 def generate_greedy(model, prompts: Sequence[list], pad_id: int, eos_id: int, max_new_tokens: int = 48,
                     batch_size: int = 32, on_batch: Optional[Callable[[int], None]] = None) -> list[list]:
     """Greedy continuations of left-padded prompts with the KV cache (`model.generate`,
     do_sample=False); each continuation is cut at its first EOS (EOS not included)."""
-    n = len(prompts)
-    lengths = [len(p) for p in prompts]
-    order = sorted(range(n), key=lambda i: -lengths[i])
-    device = _device(model)
-    gen_model = _unwrap(model)
-    out: list[Optional[list]] = [None] * n
-    for chunk in _batches(order, lengths, batch_size, None):
-        T = max(lengths[i] for i in chunk)
-        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            L = lengths[i]
-            ids[r, T - L:] = torch.tensor(prompts[i], dtype=torch.long)
-            att[r, T - L:] = 1
-        seqs = gen_model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=False,
-                                  num_beams=1, max_new_tokens=int(max_new_tokens), eos_token_id=eos_id,
-                                  pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None)
-        new = seqs[:, T:].tolist()
-        for r, i in enumerate(chunk):
-            toks = new[r]
-            if eos_id in toks:
-                toks = toks[: toks.index(eos_id)]
+    out: list[Optional[list]] = [None] * len(prompts)
+    for chunk in plan_batches([len(p) for p in prompts], batch_size, None):
+        for i, toks in zip(chunk, generate_batch(model, prompts, chunk, pad_id, eos_id, max_new_tokens)):
             out[i] = toks
         if on_batch is not None:
             on_batch(len(chunk))
