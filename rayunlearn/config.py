@@ -125,6 +125,9 @@ class TrainConfig:
     num_workers: int = 1          # >1: Ray Train TorchTrainer with this many workers
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    # fsdp: shard the frozen reference model too (saves its memory / world size per rank; every
+    # reference forward then all-gathers its blocks). Default: replicated (no extra traffic).
+    shard_reference: bool = False
     progress: bool = True
 
     def validate(self) -> None:

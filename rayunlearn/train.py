@@ -4,10 +4,12 @@
     unlearn(cfg: UnlearnConfig) -> dict        unlearn data.forget_split from the target model
     unlearn_trial(cfg, report=None) -> dict    the per-trial entry for a Ray Tune sweep
 
-The loop (:func:`run_loop`) reads top to bottom like nanoGPT's: build → resume → for each
-optimiser step { take this worker's shard of the effective batch → micro-batches → token views →
-loss → backward (accumulate) → sum gradients over workers → guard → clip → AdamW step → log →
-G-effect recorder / evaluation / checkpoint every k steps } → save.
+The loop (:func:`run_loop`) reads top to bottom like nanoGPT's: build → wrap for the strategy →
+resume → for each optimiser step { take this worker's shard of the effective batch →
+micro-batches → token views → loss × world size → backward (accumulate; gradients synchronised
+by the strategy on the last micro-batch only) → guard → clip → G-effect recorder (before) →
+AdamW step → recorder (after: measured risk change) → log → evaluation / checkpoint every k
+steps } → save.
 
 Batches and exactness
 - The data order is a function of the seed only: step k of a run uses positions
@@ -23,11 +25,26 @@ Batches and exactness
   would give, without a collective) and passes it as ``token_count`` / ``seq_count`` to the
   token view.  Micro-batch losses then add up to the unsplit batch's loss, and so do their
   gradients.
-- Across workers the gradients must therefore be **summed**, not averaged: we do not wrap the
-  model in DDP (which averages); after accumulation one flat ``all_reduce(SUM)`` of the
-  gradients makes every worker hold the unsplit batch's gradient, then each takes the same AdamW
-  step (parameters were broadcast from rank 0 at the start).  Ray Train's ``TorchTrainer`` sets
-  up the process group (gloo on CPU, NCCL on GPU) and we use its device.
+- Across workers the gradients must therefore be **summed**.  Data parallelism is done by the
+  libraries (``train.strategy``; :mod:`rayunlearn.strategies`), which all **average** over the
+  W ranks, so each rank multiplies its loss by W before backward (``strategies.loss_scale``;
+  exact in floating point: W is a power of two in practice, and otherwise one rounding):
+  average of W·(share of the sum) = the sum.
+
+  - ``ddp``: torch ``DistributedDataParallel`` (parameters broadcast from rank 0 at wrap time);
+    ``no_sync()`` on every micro-batch but the last.
+  - ``fsdp``: FSDP2 ``fully_shard`` on every decoder block and the root;
+    ``set_requires_gradient_sync(False)`` on every micro-batch but the last; AdamW on the
+    shards.  ``train.shard_reference`` shards the frozen reference as well (memory per rank
+    for it: 1/W, cost: an all-gather of each block per reference forward); by default it is
+    replicated (a full copy per rank, no traffic), and methods that only need reference
+    log-probs of the forget/refusal rows never keep it (``RefLogpCache``).
+  - ``deepspeed``: ``deepspeed.initialize`` with ZeRO-3 (``strategies.deepspeed_config``);
+    DeepSpeed owns the optimiser, the accumulation boundary and the clipping.  Optional extra
+    (``pip install deepspeed``); G-effects are not recorded under it (ZeRO-3 partitions are
+    not DTensors: use fsdp).
+  Ray Train's ``TorchTrainer`` sets up the process group (gloo on CPU, NCCL on GPU) and we use
+  its device; ``run_loop`` also runs under any other launcher that initialised one.
 - Learning rate: AdamW, linear warm-up over ``warmup_epochs`` then linear decay.  Step s
   (0-based) uses ``lr·(s+1)/W`` for s < W and ``lr·(T−s)/(T−W)`` after (never 0 during the run,
   unlike HF's schedule whose first step has lr 0).  T = ⌊epochs·N⌋ // B steps (TOFU's count:
@@ -39,6 +56,21 @@ stat.<name>), ``status.json`` (running | complete | diverged), ``checkpoints/ste
 (``model.safetensors`` + config.json + tokenizer, ``optimizer.safetensors``, ``trainer.json``;
 written atomically and all kept), and for unlearning ``trajectory.jsonl`` / ``metrics.json``.
 Re-running the same command resumes from the last checkpoint; a different config is refused.
+Under ``fsdp`` the full model and optimiser state dicts are gathered on rank 0
+(``torch.distributed.checkpoint.state_dict``, CPU offload) and saved in the same files
+(optimiser state keyed by parameter name); on resume every rank reads them and keeps its shard.
+With LoRA (``model.lora_r > 0``) ``model.safetensors`` holds the *merged* model (a checkpoint
+is a usable model directory) and ``adapter.safetensors`` the trainable adapter tensors, which
+resume loads back into the peft-wrapped target model.  Under ``deepspeed`` the engine's own
+checkpoint goes to ``checkpoints/deepspeed/step-<k>/`` next to a consolidated model.
+
+G-effects (``effects.every > 0``): ``recorder.before_step`` just before ``optimizer.step()``
+(G-effects at the weights the step starts from, with that step's lr) and
+``recorder.after_step`` just after it (measured probe-risk change of that very step: the
+fidelity of −lr·e), and once more at the final weights.  Under ``ddp`` the recorder runs on
+rank 0 on the bare module (replicated weights); under ``fsdp`` every rank takes part (collective
+forwards; the engine all-reduces its scalar dot products; parameters are kept unsharded during
+the recording, ``strategies.fsdp_keep_unsharded``) and rank 0 writes the rows.
 
 A non-finite loss or gradient stops the run before the optimiser step (:class:`DivergedError`),
 records ``status.json`` = diverged and keeps every checkpoint written so far.
@@ -197,8 +229,19 @@ def _check_unlearn(cfg: UnlearnConfig) -> None:
 
 
 def _check_common(cfg) -> None:
-    if cfg.train.strategy != "ddp":
-        raise UserError(f"train.strategy={cfg.train.strategy} is not implemented yet; use train.strategy=ddp")
+    strategy = cfg.train.strategy
+    if strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("train.strategy=deepspeed needs DeepSpeed, an optional extra: "
+                            "pip install deepspeed (on a GPU machine), or use train.strategy=fsdp") from None
+        if getattr(getattr(cfg, "effects", None), "every", 0) > 0:
+            raise UserError("G-effects (effects.every > 0) are not recorded under train.strategy=deepspeed "
+                            "(ZeRO-3 partitions are not DTensors); use train.strategy=fsdp or effects.every=0")
+    if strategy != "ddp" and cfg.model.lora_r > 0:
+        raise UserError(f"model.lora_r > 0 with train.strategy={strategy} is not supported yet (LoRA "
+                        f"checkpoints need the unsharded adapter); use train.strategy=ddp with LoRA")
     if cfg.model.name == "tiny" and cfg.data.max_length > cfg.model.max_position_embeddings:
         raise UserError(f"data.max_length={cfg.data.max_length} exceeds model.max_position_embeddings="
                         f"{cfg.model.max_position_embeddings}; raise the latter or lower the former")
@@ -253,20 +296,6 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist is not None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum every gradient over workers (one flat all-reduce). Missing grads count as zero."""
-    if _dist() is None:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    _all_reduce_sum(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
 
 
 def _broadcast_parameters(model) -> None:
@@ -395,6 +424,16 @@ class _Task:
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         self.train: TrainConfig = cfg.train
         self.correct, self.total = 0.0, 0.0     # answer-token accuracy since the last epoch end
+        self._forward_model = None
+
+    @property
+    def forward_model(self):
+        """What training forwards go through: the DDP wrapper / DeepSpeed engine, else the model."""
+        return self._forward_model if self._forward_model is not None else self.model
+
+    @forward_model.setter
+    def forward_model(self, m) -> None:
+        self._forward_model = m
 
     # set by build(): model, tokenizer, examples (training/forget set), schedule
     def effective_batch(self, step: int) -> dict[str, list[dict]]:
@@ -429,7 +468,8 @@ class _FinetuneTask(_Task):
 
     def micro_loss(self, micro, counts):
         tok, seq = counts["train"]
-        view = token_view(self.model, micro["train"], needs=frozenset({"logits"}), token_count=tok, seq_count=seq)
+        view = token_view(self.forward_model, micro["train"], needs=frozenset({"logits"}), token_count=tok,
+                          seq_count=seq)
         loss = -(view.logps * view.mask).sum() / view.token_count       # token-mean NLL
         with torch.no_grad():
             hit = (view.logits.argmax(-1) == view.labels) & view.mask
@@ -497,7 +537,7 @@ class _UnlearnTask(_Task):
         views = {}
         for v in self.views:
             tok, seq = counts[v]
-            views[v] = token_view(self.model, micro[v], needs=self.needs[v], reference=self.reference,
+            views[v] = token_view(self.forward_model, micro[v], needs=self.needs[v], reference=self.reference,
                                   ref_cache=self.ref_caches.get(v), token_count=tok, seq_count=seq)
         loss, terms, stats = _method_loss(self.method, views, self.ctx)
         return loss, terms, stats, {}
@@ -545,40 +585,126 @@ def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, extra: dict) -> Path:
-    """checkpoints/step-<k>/: model (save_pretrained: safetensors + config + tokenizer),
-    optimizer.safetensors, trainer.json (step, param groups, RNG). Written into a temporary
-    directory and renamed, so a kill leaves either the whole checkpoint or none."""
-    from rayunlearn.models import unwrap
-
+def _save_checkpoint(run_dir: Path, step: int, par: "_Parallel", tokenizer, extra: dict) -> Path:
+    """checkpoints/step-<k>/: model.safetensors + config + tokenizer, optimizer.safetensors,
+    trainer.json (step, param groups, RNG); with LoRA also adapter.safetensors (the model file
+    is then the merged model).  Written into a temporary directory and renamed, so a kill leaves
+    either the whole checkpoint or none.  Every rank calls it (under fsdp / deepspeed the state
+    is gathered collectively); rank 0 writes."""
     final = run_dir / CHECKPOINTS / f"step-{step}"
-    tmp = run_dir / CHECKPOINTS / f".step-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    bare = unwrap(model)
-    bare.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    state = optimizer.state_dict()
-    tensors = {}
-    for idx, st in state["state"].items():
-        for name, value in st.items():
-            tensors[f"state.{idx}.{name}"] = torch.as_tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_safetensors(tmp / "optimizer.safetensors", tensors)
-    write_json(tmp / "trainer.json", {"step": step, "param_groups": state["param_groups"], **extra})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    model_sd = opt_sd = None
+    if par.engine is not None:
+        par.engine.save_checkpoint(str(run_dir / CHECKPOINTS / "deepspeed"), tag=f"step-{step}")
+        model_sd = par.engine._zero3_consolidated_16bit_state_dict()
+    elif par.sharded:
+        from rayunlearn.strategies import full_optimizer_state_dict, full_state_dict
+
+        model_sd = full_state_dict(par.model)
+        opt_sd = full_optimizer_state_dict(par.model, par.optimizer)
+    if par.rank == 0:
+        tmp = run_dir / CHECKPOINTS / f".step-{step}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _write_model(tmp, par.model, model_sd)
+        tokenizer.save_pretrained(str(tmp))
+        tensors, meta = {}, {"step": step, **extra}
+        if par.engine is not None:
+            meta.update(optimizer_format="deepspeed", param_groups=[])
+        elif opt_sd is not None:           # full FQN-keyed state (fsdp)
+            for fqn, st in opt_sd["state"].items():
+                for name, value in st.items():
+                    tensors[f"state.{fqn}.{name}"] = torch.as_tensor(value)
+            meta.update(optimizer_format="fqn", param_groups=opt_sd["param_groups"])
+        else:
+            state = par.optimizer.state_dict()
+            for idx, st in state["state"].items():
+                for name, value in st.items():
+                    tensors[f"state.{idx}.{name}"] = torch.as_tensor(value)
+            meta.update(optimizer_format="index", param_groups=state["param_groups"])
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_safetensors(tmp / "optimizer.safetensors", tensors)
+        write_json(tmp / "trainer.json", meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    par.barrier()
     return final
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+def _write_model(out: Path, model, state_dict: Optional[dict]) -> None:
+    """model.safetensors + config.json of `model` into `out`: from a gathered full state dict
+    (fsdp / deepspeed), as the merged model plus ``adapter.safetensors`` (LoRA), or plainly."""
+    from safetensors.torch import save_file
+
+    from rayunlearn.models import unwrap
+
+    bare = unwrap(model)
+    if state_dict is not None:
+        bare.config.save_pretrained(str(out))
+        gen = getattr(bare, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(str(out))
+            except (ValueError, OSError):
+                pass
+        tensors, seen = {}, set()
+        for k, v in state_dict.items():
+            v = v.detach().cpu().contiguous()
+            if v.data_ptr() in seen:                     # an alias (tied embeddings): stored once
+                continue
+            if getattr(bare.config, "tie_word_embeddings", False) and k == "lm_head.weight":
+                continue
+            seen.add(v.data_ptr())
+            tensors[k] = v
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    elif _is_peft(bare):
+        import copy
+
+        merged = copy.deepcopy(bare).merge_and_unload()
+        merged.save_pretrained(str(out), safe_serialization=True)
+        del merged
+        save_safetensors(out / ADAPTER_FILE, _adapter_state(bare))
+    else:
+        bare.save_pretrained(str(out), safe_serialization=True)
+
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def _adapter_state(model) -> dict:
+    """The trainable (adapter) tensors of a peft model, by their names in the peft model."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_weights(ckpt: Path, model) -> None:
+    """Load a checkpoint's weights into the (unwrapped, unsharded) model: the adapter tensors
+    for a peft model (its base is the unchanged target model), else model.safetensors."""
     from safetensors.torch import load_file
 
     from rayunlearn.models import unwrap
 
     bare = unwrap(model)
+    if _is_peft(bare):
+        path = ckpt / ADAPTER_FILE
+        if not path.exists():
+            raise UserError(f"checkpoint {ckpt} has no {ADAPTER_FILE} for this LoRA run; remove the run "
+                            f"directory to start over")
+        saved = load_file(str(path))
+        params = dict(bare.named_parameters())
+        want = set(_adapter_state(bare))
+        if set(saved) != want:
+            raise UserError(f"checkpoint {ckpt} does not fit the LoRA model (missing "
+                            f"{sorted(want - set(saved))[:3]}, unexpected {sorted(set(saved) - want)[:3]}); "
+                            f"remove the run directory to start over")
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t.to(params[n].dtype))
+        return
     weights = load_file(str(ckpt / "model.safetensors"))
     missing, unexpected = bare.load_state_dict(weights, strict=False)
     tied = set(getattr(bare, "_tied_weights_keys", None) or [])
@@ -587,19 +713,41 @@ def _load_checkpoint(ckpt: Path, model, optimizer) -> dict:
                         f"unexpected {unexpected[:3]}); remove the run directory to start over")
     if hasattr(bare, "tie_weights"):
         bare.tie_weights()
+
+
+def _load_optimizer(ckpt: Path, par: "_Parallel") -> dict:
+    """Restore the optimiser state (and the RNG) of a checkpoint; returns trainer.json."""
+    from safetensors.torch import load_file
+
     meta = read_json(ckpt / "trainer.json")
+    fmt = meta.get("optimizer_format", "index")
+    if par.engine is not None:
+        par.engine.load_checkpoint(str(ckpt.parent / "deepspeed"), tag=ckpt.name,
+                                   load_module_strict=False)
+        return meta
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    device = next(model.parameters()).device
-    for st in state.values():
-        for name in list(st):
-            if name != "step":
-                st[name] = st[name].to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if fmt == "fqn":
+        from rayunlearn.strategies import load_full_optimizer_state_dict
+
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                fqn, name = key[len("state."):].rsplit(".", 1)
+                state.setdefault(fqn, {})[name] = value
+        load_full_optimizer_state_dict(par.model, par.optimizer,
+                                       {"state": state, "param_groups": meta["param_groups"]})
+    else:
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        device = par.params[0].device if par.params else torch.device("cpu")
+        for st in state.values():
+            for name in list(st):
+                if name != "step":
+                    st[name] = st[name].to(device)
+        par.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     return meta
@@ -616,6 +764,153 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# data parallelism: what differs between strategies
+
+
+class _Parallel:
+    """Wraps the task's model for ``train.strategy`` (module docstring) and owns the optimiser.
+
+    ``micro(last)`` is the context of one micro-batch's forward + backward (gradients are
+    synchronised on the last micro-batch only); ``backward`` scales the loss by the world size
+    (the libraries average, our losses are shares of one sum); ``grad_norm`` / ``step``;
+    ``recording()`` the context of a G-effect recording; ``eval_model()`` the unsharded model to
+    evaluate on rank 0 (collective under fsdp)."""
+
+    def __init__(self, task: "_Task", train: TrainConfig, device, rank: int, world: int):
+        from rayunlearn import strategies as S
+
+        self.task, self.train, self.device, self.rank, self.world = task, train, device, rank, world
+        self.strategy = train.strategy
+        self.model = task.model
+        self.engine = self.wrapper = None
+        self._eval_copy = None
+        self.sharded = False
+        if self.strategy == "deepspeed":
+            n_micro = train.batch_size // (train.micro_batch_size * max(1, world))
+            ds_cfg = S.deepspeed_config(train.micro_batch_size, n_micro, max(1, world), train.lr, bf16=train.bf16,
+                                        weight_decay=train.weight_decay)
+            ds_cfg["gradient_clipping"] = float(train.max_grad_norm or 0.0)
+            self.engine, self.optimizer = S.deepspeed_engine(self.model, ds_cfg)
+            task.forward_model = self.engine
+            self.rank, self.world = S.world()
+        elif world > 1:
+            _broadcast_parameters(self.model)
+            if self.strategy == "ddp":
+                self.wrapper = S.shard_model(self.model, "ddp", device, find_unused_parameters=_find_unused(task))
+                task.forward_model = self.wrapper
+            else:
+                S.shard_model(self.model, "fsdp", device)
+                self.sharded = True
+                ref = getattr(task, "reference", None)
+                if train.shard_reference and ref is not None:
+                    S.shard_model(ref, "fsdp", device)
+        self.scale = S.loss_scale(self.strategy) if self.world > 1 else 1.0
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.engine is None:
+            self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay,
+                                               betas=(0.9, 0.999), eps=1e-8)
+
+    def micro(self, last: bool):
+        if self.wrapper is not None and not last:
+            return self.wrapper.no_sync()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        scaled = loss * self.scale if self.scale != 1.0 else loss
+        if self.engine is not None:
+            # our loss is already normalised by the whole effective batch: DeepSpeed must not
+            # divide it by the accumulation steps again (older engines: scale_wrt_gas=False;
+            # others divide, which we undo). Verify on a GPU: the logged grad_norm equals ddp's.
+            import inspect
+
+            if "scale_wrt_gas" in inspect.signature(self.engine.backward).parameters:
+                self.engine.backward(scaled, scale_wrt_gas=False)
+            else:
+                self.engine.backward(scaled * self.engine.gradient_accumulation_steps())
+            if not last:
+                self.engine.step()        # DeepSpeed counts micro-steps; it updates at the boundary only
+        else:
+            scaled.backward()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def zero_grad(self) -> None:
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self, max_norm: Optional[float]) -> float:
+        """Clip (when `max_norm`) and return the global gradient norm (NaN under DeepSpeed,
+        which clips inside its step: see ``step``)."""
+        if self.engine is not None:
+            return float("nan")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):           # DTensor (fsdp)
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def step(self) -> Optional[float]:
+        """The optimiser step; under DeepSpeed returns its global gradient norm."""
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else None
+        self.optimizer.step()
+        return None
+
+    def train_mode(self, on: bool = True) -> None:
+        (self.engine or self.wrapper or self.model).train(on)
+
+    def recording(self):
+        if self.sharded:
+            from rayunlearn.strategies import fsdp_keep_unsharded
+
+            return fsdp_keep_unsharded(self.model)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        dist = _dist()
+        if dist is not None:
+            dist.barrier()
+
+    def eval_model(self):
+        """The model rank 0 evaluates / saves (None on other ranks).  Under fsdp / deepspeed every
+        rank must call it: the full weights are gathered into an unsharded copy on rank 0."""
+        if self.engine is None and not self.sharded:
+            return self.model if self.rank == 0 else None
+        if self.engine is not None:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            from rayunlearn.strategies import full_state_dict
+
+            sd = full_state_dict(self.model)
+        if self.rank != 0:
+            return None
+        if self._eval_copy is None:
+            from transformers import AutoModelForCausalLM
+
+            from rayunlearn.models import DTYPES
+
+            self._eval_copy = AutoModelForCausalLM.from_config(
+                self.model.config, dtype=DTYPES[self.task.cfg.model.dtype]).to(self.device)
+        self._eval_copy.load_state_dict(sd, strict=False)
+        if hasattr(self._eval_copy, "tie_weights"):
+            self._eval_copy.tie_weights()
+        self._eval_copy.eval()
+        return self._eval_copy
+
+
+def _find_unused(task) -> bool:
+    """DDP must look for parameters outside the loss graph when a view reads hidden states
+    (RMU stops at a middle layer: later blocks get no gradient)."""
+    needs = getattr(task, "needs", {}) or {}
+    return any("hidden" in ns for ns in needs.values())
+
+
+# --------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -628,21 +923,21 @@ def run_loop(kind: str, cfg, run_dir: Path, report=None):
     seed_everything(train.seed)
     task = (_FinetuneTask if kind == "finetune" else _UnlearnTask)(cfg, run_dir, device)
     task.build()
-    model, tokenizer = task.model, task.tokenizer
-    model.to(device)
-    _broadcast_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    task.model.to(device)
+    ckpt = _latest_checkpoint(run_dir)
+    if ckpt is not None and train.strategy != "deepspeed":
+        _load_weights(ckpt, task.model)           # before wrapping / sharding: every rank reads it
+    par = _Parallel(task, train, device, rank, world)
+    rank, world = par.rank, par.world
+    tokenizer, optimizer = task.tokenizer, par.optimizer
     sched = task.schedule
     is_main = rank == 0
     log_path, traj_path = run_dir / "log.jsonl", run_dir / "trajectory.jsonl"
 
     # resume
     start = 0
-    ckpt = _latest_checkpoint(run_dir)
     if ckpt is not None:
-        meta = _load_checkpoint(ckpt, model, optimizer)
+        meta = _load_optimizer(ckpt, par)
         start = int(meta["step"])
         task.correct, task.total = meta.get("correct", 0), meta.get("answer_tokens", 0)
         if is_main:
@@ -652,39 +947,40 @@ def run_loop(kind: str, cfg, run_dir: Path, report=None):
     if is_main:
         write_json(run_dir / "status.json", {"status": "running", "step": start, "total_steps": sched.total_steps})
 
-    hooks = _Hooks(task, cfg, run_dir, is_main, report) if kind == "unlearn" else None
-    if hooks is not None and start == 0:
-        hooks.start()
+    hooks = _Hooks(task, cfg, run_dir, is_main, report, par) if kind == "unlearn" else None
+    if hooks is not None and start > 0:
+        hooks.resumed(start)
 
     pad_id = tokenizer.pad_token_id
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if train.bf16
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if train.bf16 and par.engine is None
                 else contextlib.nullcontext())
-    model.train()
+    par.train_mode(True)
     last_ckpt = ckpt
+    lr = train.lr
     progress = _progress(is_main and train.progress, f"{kind} {run_dir.name}", sched.total_steps, start)
     t0 = time.time()
     with progress as bar:
         for step in range(start, sched.total_steps):
             lr = train.lr * sched.lr_factor(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            par.set_lr(lr)
             batch = task.effective_batch(step)
             # effective-batch counts of every view (global over micro-batches and workers)
             counts = {v: (float(sum(_answer_tokens(e) for e in rows)), float(len(rows))) for v, rows in batch.items()}
             shards = {v: _shard(rows, rank, world, train.micro_batch_size) for v, rows in batch.items()}
             n_micro = len(next(iter(shards.values())))
-            optimizer.zero_grad(set_to_none=True)
+            par.zero_grad()
             loss_sum, term_sums, stat_sums, extra_sums = 0.0, {}, {}, {}
             for j in range(n_micro):
+                last = j == n_micro - 1
                 micro = {v: _to_device(collate_examples(shards[v][j], pad_id), device) for v in shards}
-                with autocast:
-                    loss, terms, stats, extra = task.micro_loss(micro, counts)
-                loss.backward()
+                with par.micro(last):
+                    with autocast:
+                        loss, terms, stats, extra = task.micro_loss(micro, counts)
+                    par.backward(loss, last)
                 loss_sum += float(loss.detach())
                 for d, src in ((term_sums, terms), (stat_sums, stats), (extra_sums, extra)):
                     for k, val in src.items():
                         d[k] = d.get(k, 0.0) + val
-            _sum_gradients(params)
             # one all-reduce for everything logged (terms and the loss are already globally
             # normalised -> sums; stats are per-micro-batch means -> averaged over micro-batches)
             keys_t, keys_s, keys_e = sorted(term_sums), sorted(stat_sums), sorted(extra_sums)
@@ -697,11 +993,16 @@ def run_loop(kind: str, cfg, run_dir: Path, report=None):
             micro_total = n_micro * world
             stats_all = {k: v / micro_total for k, v in zip(keys_s, packed[1 + len(keys_t):1 + len(keys_t) + len(keys_s)])}
             extra_all = dict(zip(keys_e, packed[1 + len(keys_t) + len(keys_s):]))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                params, train.max_grad_norm if train.max_grad_norm else float("inf")))
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            grad_norm = par.grad_norm(train.max_grad_norm)
+            if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or par.engine is not None)):
                 _diverged(run_dir, is_main, step + 1, loss_value, grad_norm, terms_all, lr, last_ckpt)
-            optimizer.step()
+            if hooks is not None:
+                hooks.before_step(step, lr, batch, optimizer)     # G-effects at the weights this step starts from
+            ds_norm = par.step()
+            if ds_norm is not None:
+                grad_norm = ds_norm
+            if hooks is not None:
+                hooks.after_optimizer_step(step)                  # the measured risk change of this step
             done = step + 1
             epoch = sched.epoch(done)
             if is_main and (done % max(1, train.log_every) == 0 or done == sched.total_steps):
@@ -721,17 +1022,16 @@ def run_loop(kind: str, cfg, run_dir: Path, report=None):
                     task.correct, task.total = 0, 0
             bar.advance(loss_value)
             if hooks is not None:
-                hooks.after_step(done, lr, batch, optimizer)
+                hooks.after_step(done)
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == sched.total_steps:
-                if is_main:
-                    last_ckpt = _save_checkpoint(run_dir, done, model, tokenizer, optimizer,
-                                                 {"correct": task.correct, "answer_tokens": task.total})
-                else:
-                    last_ckpt = run_dir / CHECKPOINTS / f"step-{done}"
-    model.eval()
+                last_ckpt = _save_checkpoint(run_dir, done, par, tokenizer,
+                                             {"correct": task.correct, "answer_tokens": task.total})
+                if hooks is not None:
+                    hooks.checkpointed()
+    par.train_mode(False)
     if kind == "finetune":
-        return _finish_finetune(task, run_dir, is_main)
-    return hooks.finish(sched.total_steps)
+        return _finish_finetune(task, par, run_dir, is_main)
+    return hooks.finish(sched.total_steps, lr, optimizer)
 
 
 def _diverged(run_dir, is_main, step, loss, grad_norm, terms, lr, last_ckpt) -> None:
@@ -762,15 +1062,16 @@ def answer_accuracy(model, tokenizer, examples: list[dict], batch_size: int = 64
     return correct / max(1, total)
 
 
-def _finish_finetune(task: _FinetuneTask, run_dir: Path, is_main: bool) -> Path:
+def _finish_finetune(task: _FinetuneTask, par: _Parallel, run_dir: Path, is_main: bool) -> Path:
     from rayunlearn.models import save_model
 
+    model = par.eval_model()           # collective under fsdp / deepspeed; None off rank 0
     if not is_main:
         return run_dir
-    acc = answer_accuracy(task.model, task.tokenizer, task.examples)
+    acc = answer_accuracy(model, task.tokenizer, task.examples)
     append_jsonl(run_dir / "log.jsonl", {"step": task.schedule.total_steps, "final_accuracy": acc})
     print(f"final answer-token accuracy on {task.split} ({len(task.examples)} QA): {acc:.4f}")
-    save_model(task.model, task.tokenizer, run_dir)
+    save_model(model, task.tokenizer, run_dir)
     write_json(run_dir / "status.json", {"status": "complete", "step": task.schedule.total_steps,
                                          "split": task.split, "final_accuracy": acc})
     return run_dir
@@ -785,43 +1086,86 @@ def _scalars(metrics: dict) -> dict:
 
 
 class _Hooks:
-    """Calls the G-effect recorder every ``effects.every`` steps and the evaluator every
-    ``eval.every`` steps (a fast evaluation without generation, appended to trajectory.jsonl),
-    and the full evaluation at the end (metrics.json + raw.json, tofu_eval/).  The evaluator
-    runs on rank 0 only; the recorder is called on every rank (it decides what to do)."""
+    """Calls the G-effect recorder around every ``effects.every``-th optimiser step and the
+    evaluator every ``eval.every`` steps (a fast evaluation without generation, appended to
+    trajectory.jsonl), and the full evaluation at the end (metrics.json + raw.json, tofu_eval/).
 
-    def __init__(self, task: _UnlearnTask, cfg: UnlearnConfig, run_dir: Path, is_main: bool, report):
+    Every rank calls every hook: the recorder decides who computes (rank 0 under ddp, every rank
+    under fsdp) and who writes (rank 0).  The evaluator is a collective call under a process
+    group (``rayunlearn.eval.distributed``: batches split over the ranks, FSDP2-sharded models
+    supported, every rank gets the single-process result); rank 0 writes.  Under deepspeed the
+    weights are gathered to rank 0 (``_Parallel.eval_model``), which evaluates alone."""
+
+    def __init__(self, task: _UnlearnTask, cfg: UnlearnConfig, run_dir: Path, is_main: bool, report,
+                 par: Optional[_Parallel] = None):
         self.task, self.cfg, self.run_dir, self.is_main, self.report = task, cfg, run_dir, is_main, report
+        self.par = par
         self.recorder = None
         if cfg.effects.every > 0:
-            try:
-                from rayunlearn.effects import make_recorder
-            except ImportError:
-                make_recorder = None
-            if make_recorder is None:   # TODO(effects): remove once rayunlearn.effects provides it
-                if is_main:
-                    print("note: effects.every > 0 but rayunlearn.effects.make_recorder is not available; "
-                          "no G-effects are recorded")
-            else:
-                self.recorder = make_recorder(cfg, task.model, task.method, run_dir=run_dir,
-                                              benchmark=task.benchmark, tokenizer=task.tokenizer,
-                                              reference=task.reference, ref_caches=task.ref_caches,
-                                              ctx=task.ctx, is_main=is_main)
+            from rayunlearn.effects import make_recorder
+
+            self.recorder = make_recorder(cfg, task.model, task.method, run_dir=run_dir,
+                                          benchmark=task.benchmark, tokenizer=task.tokenizer,
+                                          reference=task.reference, ref_caches=task.ref_caches,
+                                          ctx=task.ctx, is_main=is_main)
         self._fast = None
 
-    def start(self) -> None:
-        if self.recorder is not None and hasattr(self.recorder, "start"):
-            self.recorder.start(step=0)
+    def _recording(self):
+        return self.par.recording() if self.par is not None else contextlib.nullcontext()
 
-    def after_step(self, step: int, lr: float, batch: dict, optimizer) -> None:
-        if self.recorder is not None and step % self.cfg.effects.every == 0:
-            self.recorder(step=step, lr=lr, batch=self._collated(batch), optimizer=optimizer)
+    def checkpointed(self) -> None:
+        """After a checkpoint: write the G-effect tables, so a resume finds every row up to it."""
+        sink = getattr(self.recorder, "sink", None)
+        if sink is not None and getattr(self.recorder, "sends", False) and hasattr(sink, "flush"):
+            sink.flush()
+
+    def resumed(self, start: int) -> None:
+        """On resume from step `start`: carry the G-effect rows recorded before `start` over
+        into the (fresh) sink, which rewrites the tables from what it holds."""
+        rec = self.recorder
+        core = getattr(getattr(rec, "sink", None), "core", None)
+        if rec is None or not getattr(rec, "sends", False) or core is None:
+            return
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        for table in ("geffects", "steps"):
+            path = Path(core.out_dir) / "effects" / rec.trial_id / f"{table}.parquet"
+            if not path.exists():
+                continue
+            old = pq.read_table(path)
+            old = old.filter(pc.less(old["step"], start))
+            if old.num_rows:
+                rec.sink.add(table, old.to_pydict(), trial_id=rec.trial_id, step=-1, part="resumed")
+
+    def before_step(self, step: int, lr: float, batch: dict, optimizer) -> None:
+        """Just before optimiser step `step` (0-based = steps already taken): record the
+        G-effects at the current weights with this step's lr (no-op unless due)."""
+        rec = self.recorder
+        if rec is None or not rec.due(step):
+            return
+        fb = rb = None
+        if self.cfg.effects.probe == "step":
+            col = _to_device(self._collated(batch), self.task.device)
+            fb, rb = col.get("forget"), col.get("retain")
+        with self._recording():
+            rec.before_step(step, lr, optimizer, forget_batch=fb, retain_batch=rb)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Just after optimiser step `step`: the measured probe-risk change (steps.parquet)."""
+        if self.recorder is not None:
+            self.recorder.after_step(step)
+
+    def after_step(self, step: int) -> None:
+        """After `step` optimiser steps (1-based): the in-loop evaluation when due."""
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step != self.task.schedule.total_steps:
-            if self.is_main:
-                metrics = self.evaluate(step, fast=True)
-                if metrics is not None:
-                    self._trajectory(metrics, step)
-            self.task.model.train()
+            metrics = self.evaluate(step, fast=True)
+            if self.is_main and metrics is not None:
+                self._trajectory(metrics, step)
+            if self.par is not None:
+                self.par.train_mode(True)
+            else:
+                self.task.model.train()
 
     def _collated(self, batch: dict) -> dict:
         """The step's effective batch as collated tensors: {"forget" (with nested "idk"), "retain"}."""
@@ -837,6 +1181,8 @@ class _Hooks:
         return out
 
     def evaluate(self, step: int, fast: bool) -> Optional[dict]:
+        """Evaluate the current weights; every rank calls it (see the class docstring).  Returns
+        the metrics on rank 0 (other ranks: the same dict, or None under deepspeed)."""
         if not self.cfg.evaluate:
             return None
         try:
@@ -844,14 +1190,21 @@ class _Hooks:
         except ImportError:   # TODO(eval): remove once rayunlearn.eval is complete
             return None
         task = self.task
+        model, kw = task.model, {}
+        if self.par is not None and self.par.engine is not None:   # ZeRO-3: gather, rank 0 alone
+            model, kw = self.par.eval_model(), {"distributed": False}
+            if model is None:
+                return None
+        elif _dist() is None and not self.is_main:
+            return None
         if fast:
             if self._fast is None:
                 self._fast = Evaluator(task.tokenizer, task.benchmark, self.cfg.data, self.cfg.eval,
-                                       retain_reference=self.cfg.eval.retain_reference, fast=True)
-            return self._fast(task.model, step=step)
+                                       retain_reference=self.cfg.eval.retain_reference, fast=True, **kw)
+            return self._fast(model, step=step)
         ev = Evaluator(task.tokenizer, task.benchmark, self.cfg.data, self.cfg.eval,
-                       retain_reference=self.cfg.eval.retain_reference)
-        return ev(task.model, step=step)
+                       retain_reference=self.cfg.eval.retain_reference, **kw)
+        return ev(model, step=step)
 
     def _trajectory(self, metrics: dict, step: int, report: bool = True) -> None:
         from rayunlearn.eval.evaluate import trajectory_record
@@ -861,12 +1214,17 @@ class _Hooks:
         if report and self.report is not None:
             self.report({**_scalars(rec), "done": False})
 
-    def finish(self, total_steps: int) -> dict:
-        if self.recorder is not None and hasattr(self.recorder, "close"):
-            self.recorder.close()
+    def finish(self, total_steps: int, lr: float = 0.0, optimizer=None) -> dict:
+        rec = self.recorder
+        if rec is not None:
+            # the final weights (no next step to measure: the steps row has no measured change)
+            if rec.due(total_steps) and self.cfg.effects.probe != "step":
+                with self._recording():
+                    rec.before_step(total_steps, lr, optimizer)
+            rec.close()
+        metrics = self.evaluate(total_steps, fast=False)
         if not self.is_main:
             return {}
-        metrics = self.evaluate(total_steps, fast=False)
         if metrics is None:
             log = read_jsonl(self.run_dir / "log.jsonl")
             metrics = dict(log[-1]) if log else {"step": total_steps}

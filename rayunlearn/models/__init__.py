@@ -113,8 +113,12 @@ def prepare_for_training(model, tokenizer, cfg: ModelConfig):
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:   # non-reentrant: the G-effect engine needs autograd.grad through it
+        enable = getattr(model, "activation_checkpointing_enable", None)      # transformers >= 5
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora_r > 0:
         model = apply_lora(model, cfg)
