@@ -137,7 +137,8 @@ def deepspeed_config(micro_batch_size: int, grad_accum: int, world_size: int, lr
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
+        # torch_adam: torch's AdamW (no JIT-compiled fused kernel needed at start-up)
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True,
                                                     "betas": [0.9, 0.999], "eps": 1e-8}},
         "zero_optimization": {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
                               "stage3_gather_16bit_weights_on_model_save": True},

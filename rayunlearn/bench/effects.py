@@ -59,6 +59,16 @@ def _smollm2(device, dtype):
     return model.to(device=device, dtype=dtype)
 
 
+def _smollm2_shape(device, dtype):
+    """SmolLM2-135M's architecture with random weights (where the GGUF cannot travel)."""
+    from rayunlearn.bench.gpu import build
+
+    return build("smollm2-135m-shape", device, dtype=dtype)
+
+
+MODELS = {"tiny": _tiny_model, "smollm2-135m": _smollm2, "smollm2-135m-shape": _smollm2_shape}
+
+
 def _batch(B, vocab, device, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, SEQ), generator=g)
@@ -257,7 +267,9 @@ def main(model: str | None = None, quick: bool = False, device: str | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         kind = _setup_sink(tmp)
         for mname in models:
-            m = (_tiny_model if mname == "tiny" else _smollm2)(dev, dt)
+            if mname not in MODELS:
+                raise SystemExit(f"unknown model {mname!r}; valid: {', '.join(MODELS)}")
+            m = MODELS[mname](dev, dt)
             m.train()
             import copy
 
