@@ -192,6 +192,11 @@ class FinetuneConfig:
     stage: Literal["base", "target", "retain"] = "target"
     init: Optional[str] = None     # a model directory to start from (base for target/retain)
     out: str = "results/models/target"
+    # Mix the benchmark's `world` split (the base model's knowledge) into target/retain finetuning.
+    # A pretrained LLM keeps its world knowledge through TOFU finetuning; a tiny model trained
+    # from scratch at a high learning rate would overwrite it, making model utility meaningless.
+    # Target and retain get the same replay, so the protocol's comparison is unchanged.
+    replay_world: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=3e-3, warmup_epochs=0.5,

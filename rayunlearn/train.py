@@ -455,6 +455,8 @@ class _FinetuneTask(_Task):
         self.benchmark = _load_benchmark(cfg.data)
         split = {"base": "world", "target": "full", "retain": _retain_split(cfg.data.forget_split)}[cfg.stage]
         records = self.benchmark.split(split)
+        if cfg.replay_world and cfg.stage != "base" and self.benchmark.has("world"):
+            records = list(records) + list(self.benchmark.split("world"))
         corpus = None
         if not cfg.init and cfg.model.name == "tiny":
             corpus = _benchmark_corpus(self.benchmark)

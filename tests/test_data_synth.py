@@ -109,10 +109,11 @@ def test_fields_types_perturbations_and_paraphrases(gen):
 
 
 def test_perturbed_answers_keep_the_template(gen):
-    """A perturbed answer is the answer with only the fact swapped: same words around it."""
+    """A perturbed answer is the paraphrased answer with only the fact swapped (as in TOFU, the
+    truth ratio compares it with the paraphrase): same words around it."""
     splits, _, _ = gen
     for rec in splits["full"][:300]:
-        a = rec["answer"]
+        a = rec["paraphrased_answer"]
         for p in rec["perturbed_answer"]:
             # common prefix + common suffix cover the template part of the answer
             pre = len(os.path.commonprefix([a, p]))

@@ -13,7 +13,8 @@ seed gives byte-identical files. What is generated:
   books, debut year, publisher, a classic influence) with ``min..max_qa_per_author`` QA pairs
   each, drawn from 20 fact slots with several question and answer templates per slot. Each QA
   has ``paraphrased_question`` / ``paraphrased_answer`` (another template, same fact) and 5
-  ``perturbed_answer``s (the answer's template with 5 distinct wrong facts of the same kind);
+  ``perturbed_answer``s (the paraphrased answer's template with 5 distinct wrong facts of the same
+  kind, as in TOFU, so the truth ratio compares facts rather than templates);
 - TOFU's splits: ``full``; ``forget01/05/10`` = the last 1/5/10 % of the authors (whole authors,
   nested); ``retain99/95/90`` = the complements; ``forgetXX_perturbed``; ``retain_perturbed`` (a
   fixed sample of retain90 QA); ``holdout01/05/10`` (extra authors never in ``full``, the same
@@ -35,7 +36,7 @@ from rayunlearn.config import SynthConfig
 from rayunlearn.data.schema import DataError
 from rayunlearn.io import write_json, write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NUM_PERTURBED = 5        # wrong answers per author QA (TOFU: 5)
 NUM_WORLD_PERTURBED = 3  # wrong answers per world fact (TOFU: 3)
 
@@ -493,7 +494,9 @@ class _AuthorFactory:
                 "answer": a.format(name=author["name"], v=v, **_ctx(author)),
                 "paraphrased_question": pq.format(**author),
                 "paraphrased_answer": pa.format(name=author["name"], v=v, **_ctx(author)),
-                "perturbed_answer": [a.format(name=author["name"], v=w, **_ctx(author)) for w in wrong],
+                # perturbed answers are the *paraphrased* answer with a wrong fact, as in TOFU, so the
+                # truth ratio P(perturbed)/P(paraphrased) compares facts, not templates
+                "perturbed_answer": [pa.format(name=author["name"], v=w, **_ctx(author)) for w in wrong],
                 "author": author["name"],
                 "attribute": attribute,
             })
