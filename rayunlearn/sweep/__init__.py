@@ -1,0 +1,1 @@
+"""Sweep helpers: search spaces (space.py), preparation (prepare.py), a synthetic trainable."""

@@ -1,0 +1,98 @@
+"""Everything a sweep needs before its first trial, done once and cached.
+
+``<results>/prepared/<key>/`` with key = a hash of the data, model, preparation and evaluation
+settings (:meth:`SearchSpace.prepare_key`):
+
+    data/                    the synthetic benchmark (when data.benchmark = synthetic)
+    models/{base,target,retain}/   via rayunlearn.train.finetune (each resumable, skipped when done)
+    reference/{retain,target}.json (+ .raw.json)   their TOFU evaluations (retain first: the
+                             target's forget quality is measured against it)
+
+The sweep copies the reference evaluations to ``<sweep>/reference/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from rayunlearn.config import FinetuneConfig, SynthConfig
+from rayunlearn.io import read_json, write_json
+from rayunlearn.sweep.space import SearchSpace, stage_train
+
+
+@dataclasses.dataclass
+class Prepared:
+    root: Path
+    data: object          # DataConfig the trials use
+    target: str           # target model directory
+    retain_reference: str | None   # retain model's evaluation (JSON) for forget quality
+
+
+def prepared_data_config(space: SearchSpace, root: Path):
+    data = dataclasses.replace(space.data)
+    if data.benchmark == "synthetic" and data.synth.out == SynthConfig().out:
+        data.synth = dataclasses.replace(data.synth, out=str((root / "data").resolve()))
+    return data
+
+
+def prepare(space: SearchSpace, console=None) -> Prepared:
+    """Train (or find cached) base/target/retain models and their reference evaluations."""
+    from rayunlearn.train import finetune
+
+    key = space.prepare_key()
+    root = (Path(space.results) / "prepared" / key).resolve()
+    data = prepared_data_config(space, root)
+    say = console.print if console is not None else print
+    done_path = root / "done.json"
+    done = read_json(done_path) if done_path.exists() else {}
+    models = root / "models"
+    for stage, init in (("base", None), ("target", "base"), ("retain", "base")):
+        out = models / stage
+        if done.get(stage):
+            continue
+        say(f"[prepare {key}] training the {stage} model -> {out}")
+        cfg = FinetuneConfig(stage=stage, init=str(models / init) if init else None, out=str(out),
+                             data=data, model=space.model, train=stage_train(space, stage))
+        finetune(cfg)
+        done[stage] = True
+        write_json(done_path, done)
+    retain_ref = None
+    if space.prepare.reference_eval:
+        ref_dir = root / "reference"
+        for stage in ("retain", "target"):
+            path = ref_dir / f"{stage}.json"
+            if not done.get(f"eval_{stage}"):
+                say(f"[prepare {key}] evaluating the {stage} model (reference)")
+                _evaluate(space, data, models / stage, path,
+                          retain_reference=str(ref_dir / "retain.json") if stage == "target" else None)
+                done[f"eval_{stage}"] = True
+                write_json(done_path, done)
+        retain_ref = str(ref_dir / "retain.json")
+    return Prepared(root=root, data=data, target=str(models / "target"), retain_reference=retain_ref)
+
+
+def _evaluate(space: SearchSpace, data, model_dir: Path, out: Path, retain_reference=None) -> None:
+    from rayunlearn.data import load_benchmark
+    from rayunlearn.eval import evaluate_model
+    from rayunlearn.eval.evaluate import load_reference, write_eval
+    from rayunlearn.models import load_model
+
+    model, tokenizer = load_model(space.model, path=str(model_dir))
+    model.eval()
+    benchmark = load_benchmark(data)
+    ref = load_reference(retain_reference) if retain_reference else None
+    result = evaluate_model(model, tokenizer, benchmark, data, space.unlearn.eval, retain_reference=ref)
+    write_eval(result, out)
+
+
+def copy_references(prepared: Prepared, sweep_dir: Path) -> None:
+    """Copy the prepared reference evaluations into ``<sweep>/reference/``."""
+    src = prepared.root / "reference"
+    if not src.exists():
+        return
+    dst = sweep_dir / "reference"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.glob("*.json"):
+        shutil.copyfile(f, dst / f.name)

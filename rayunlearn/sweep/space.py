@@ -1,0 +1,433 @@
+"""Search spaces as data: ``search_spaces/*.yaml`` -> a validated :class:`SearchSpace`.
+
+A search space says what is prepared (benchmark, model, the finetuning of the base / target /
+retain models), how each trial unlearns (``unlearn:`` = UnlearnConfig's train / effects / eval
+sections), which method families are searched and the distributions of their hyper-parameters,
+and how Ray Tune runs the trials. Example (``search_spaces/wga_kl.yaml``)::
+
+    name: wga_kl
+    families:
+      wga+kl:                       # a method family = a method string of term names
+        wga.alpha: {type: loguniform, low: 0.1, high: 10}
+        kl.weight: {type: uniform, low: 0.1, high: 5}
+    sampler: tpe                    # tpe (multi-objective) | nsga2 | random
+    num_samples: 24
+    max_concurrent: 2
+
+Hyper-parameter keys are ``<term>.<param>``: ``param`` is a keyword of the term
+(``rayunlearn methods`` lists them) or ``weight``, the term's coefficient in the method.
+Distributions: ``uniform`` / ``loguniform`` (low, high), ``int`` (low, high inclusive, optional
+``log``), ``choice`` (values), ``fixed`` (value). Several families make the family a
+categorical choice; each family's parameters are then conditional on it (Optuna define-by-run),
+named ``<family>:<term>.<param>`` inside Optuna and ``hp.<term>.<param>`` in the trials table.
+
+Every mistake raises :class:`rayunlearn.config.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
+                               ModelConfig, TrainConfig, _deep_merge, _set_dotted, from_dict,
+                               parse_override, to_dict)
+
+SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+DIST_TYPES = ("uniform", "loguniform", "int", "choice", "fixed")
+
+
+@dataclass
+class Distribution:
+    """One hyper-parameter's distribution."""
+
+    type: Literal["uniform", "loguniform", "int", "choice", "fixed"] = "uniform"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False               # int only: log-spaced integers
+    values: Optional[list] = None   # choice
+    value: Any = None               # fixed
+
+    def validate(self) -> None:
+        t = self.type
+        if t in ("uniform", "loguniform", "int"):
+            if self.low is None or self.high is None:
+                raise ConfigError(f"type {t} needs both low and high")
+            if not (math.isfinite(self.low) and math.isfinite(self.high)):
+                raise ConfigError("low and high must be finite numbers")
+            if not self.low < self.high:
+                raise ConfigError(f"low ({self.low:g}) must be < high ({self.high:g})")
+            if (t == "loguniform" or (t == "int" and self.log)) and self.low <= 0:
+                raise ConfigError(f"a log-scaled distribution needs low > 0, got low={self.low:g}")
+            if t == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+                raise ConfigError("type int needs integer low and high")
+            if self.values is not None or self.value is not None:
+                raise ConfigError(f"type {t} takes low/high, not values/value")
+        elif t == "choice":
+            if not self.values:
+                raise ConfigError("type choice needs a non-empty list `values`")
+            for v in self.values:
+                if not isinstance(v, (int, float, str, bool)) and v is not None:
+                    raise ConfigError(f"choice values must be numbers, strings or booleans, got {v!r}")
+            if self.low is not None or self.high is not None:
+                raise ConfigError("type choice takes values, not low/high")
+        elif t == "fixed":
+            if self.value is None:
+                raise ConfigError("type fixed needs `value`")
+        if self.log and t != "int":
+            raise ConfigError("`log` applies to type int only (use type loguniform for floats)")
+
+    def suggest(self, trial, name: str):
+        """Ask an Optuna trial for a value (define-by-run)."""
+        if self.type == "uniform":
+            return trial.suggest_float(name, self.low, self.high)
+        if self.type == "loguniform":
+            return trial.suggest_float(name, self.low, self.high, log=True)
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        if self.type == "choice":
+            return trial.suggest_categorical(name, list(self.values))
+        return self.value
+
+    def unit(self, v) -> float:
+        """Position of value ``v`` in [0, 1] (log-scaled where the distribution is)."""
+        if self.type in ("uniform", "int") and not self.log:
+            return (float(v) - self.low) / (self.high - self.low)
+        if self.type in ("loguniform", "int"):
+            return (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        if self.type == "choice":
+            return self.values.index(v) / max(1, len(self.values) - 1)
+        return 0.5
+
+
+@dataclass
+class Resources:
+    """Per trial: CPUs and GPUs reserved for the trial; ``num_workers`` > 1 runs the unlearning
+    as a Ray Train TorchTrainer with that many workers (each with ``cpus`` / ``gpus``)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    num_workers: int = 1
+    torch_threads: int = 1   # torch.set_num_threads inside each in-process trial (0 = leave)
+
+    def validate(self) -> None:
+        if self.cpus <= 0:
+            raise ConfigError("cpus: must be > 0")
+        if self.gpus < 0:
+            raise ConfigError("gpus: must be >= 0")
+        if self.num_workers < 1:
+            raise ConfigError("num_workers: must be >= 1")
+        if self.torch_threads < 0:
+            raise ConfigError("torch_threads: must be >= 0")
+
+
+@dataclass
+class RaySettings:
+    """How the driver connects to Ray: an existing cluster (``address``, or the RAY_ADDRESS
+    environment variable that ``ray job submit`` sets) or a local instance with ``num_cpus``."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+
+
+@dataclass
+class UnlearnBase:
+    """The parts of UnlearnConfig every trial shares (method, target and out are set per trial)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    effects: EffectsConfig = field(default_factory=EffectsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class Prepare:
+    """Training of the models a sweep needs, as TrainConfig overrides per stage (defaults: the
+    FinetuneConfig defaults). Cached under ``<results>/prepared/<hash>/``."""
+
+    base: dict = field(default_factory=dict)
+    target: dict = field(default_factory=dict)
+    retain: dict = field(default_factory=dict)
+    reference_eval: bool = True    # evaluate the retain and target models once per preparation
+    enabled: bool = True           # false: no models (only for trainables that need none)
+
+
+@dataclass
+class SearchSpace:
+    """A sweep: what to prepare, how to unlearn, what to search, how to run it."""
+
+    name: str = ""                      # the sweep directory <results>/<name>; default: file stem
+    results: str = "results"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prepare: Prepare = field(default_factory=Prepare)
+    unlearn: UnlearnBase = field(default_factory=UnlearnBase)
+    families: dict = field(default_factory=dict)     # method string -> {term.param: distribution}
+    objectives: dict = field(default_factory=lambda: {"removal": "max", "retention": "max"})
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    num_samples: int = 16
+    max_concurrent: int = 2
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 1
+    ray: RaySettings = field(default_factory=RaySettings)
+    # advanced: "module:function" run per trial as fn(cfg: UnlearnConfig, report=None, **options)
+    trainable: str = "rayunlearn.train:unlearn_trial"
+    trainable_options: dict = field(default_factory=dict)
+
+    # filled by validate(): family -> {key: Distribution}
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError("num_samples: must be >= 1")
+        if self.max_concurrent < 1:
+            raise ConfigError("max_concurrent: must be >= 1")
+        if self.max_failures < 0:
+            raise ConfigError("max_failures: must be >= 0 (-1 is not allowed: a sweep must end)")
+        if ":" not in self.trainable:
+            raise ConfigError(f"trainable: expected 'module:function', got {self.trainable!r}")
+        objs = self.objectives
+        if not isinstance(objs, dict) or set(objs) != {"removal", "retention"}:
+            raise ConfigError(f"objectives: must name exactly removal and retention "
+                              f"(e.g. {{removal: max, retention: max}}), got {objs!r}")
+        for k, v in objs.items():
+            if v not in ("max", "min"):
+                raise ConfigError(f"objectives.{k}: must be max or min, got {v!r}")
+        if self.resources.num_workers * self.unlearn.train.micro_batch_size == 0:  # pragma: no cover
+            raise ConfigError("resources.num_workers: must be >= 1")
+        parse_families(self.families)
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def distributions(self) -> dict[str, dict[str, Distribution]]:
+        return parse_families(self.families)
+
+    @property
+    def multi_family(self) -> bool:
+        return len(self.families) > 1
+
+    @property
+    def maximize(self) -> tuple[bool, bool]:
+        return (self.objectives["removal"] == "max", self.objectives["retention"] == "max")
+
+    def sweep_dir(self) -> Path:
+        return Path(self.results) / self.name
+
+    def prepare_key(self) -> str:
+        """Hash of everything the prepared models and reference evaluation depend on."""
+        blob = {"data": to_dict(self.data), "model": to_dict(self.model),
+                "prepare": to_dict(self.prepare), "eval": to_dict(self.unlearn.eval)}
+        blob["data"]["synth"].pop("out", None)
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_family(family: str):
+    """The :class:`rayunlearn.objectives.Method` of a family string such as ``wga+kl`` (a method
+    string, possibly with fixed keywords, or a preset name). Unknown terms raise the objectives
+    registry's error (with the closest names) prefixed by the key."""
+    from rayunlearn import UserError
+    from rayunlearn.objectives import parse_method
+
+    if not isinstance(family, str) or not family.strip():
+        raise ConfigError(f"families: {family!r} is not a method family such as 'wga+kl'")
+    try:
+        return parse_method(family)
+    except UserError as exc:
+        raise ConfigError(f"families.{family}: {exc}") from None
+
+
+def family_terms(family: str) -> list[str]:
+    """Term labels of a family string (``wga+kl`` -> ["wga", "kl"])."""
+    return [t.label for t in parse_family(family).terms]
+
+
+def parse_families(families: dict) -> dict[str, dict[str, Distribution]]:
+    """Validate ``families`` ({family: {term.param: distribution}}) -> Distribution objects."""
+    if not isinstance(families, dict) or not families:
+        raise ConfigError("families: give at least one method family with its hyper-parameter "
+                          "distributions, e.g. families: {wga+kl: {wga.alpha: {type: loguniform, "
+                          "low: 0.1, high: 10}}}")
+    out: dict[str, dict[str, Distribution]] = {}
+    for family, params in families.items():
+        method = parse_family(family)
+        terms = [t.label for t in method.terms]
+        valid_keys = method.param_keys()
+        params = params or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"families.{family}: expected a mapping of term.param to a distribution")
+        dists = {}
+        for key, spec in params.items():
+            where = f"families.{family}.{key}"
+            if not isinstance(key, str) or key.count(".") != 1:
+                raise ConfigError(f"{where}: hyper-parameter keys are <term>.<param>, e.g. wga.alpha")
+            term, param = key.split(".")
+            if term not in terms:
+                raise ConfigError(f"{where}: {term!r} is not a term of the family {family!r} "
+                                  f"(terms: {', '.join(terms)})")
+            valid = [k.split(".", 1)[1] for k in valid_keys if k.startswith(term + ".")]
+            if key not in valid_keys:
+                raise ConfigError(f"{where}: {param!r} is not a hyper-parameter of {term!r} "
+                                  f"(valid: {', '.join(valid)})")
+            if not isinstance(spec, dict):
+                spec = {"type": "fixed", "value": spec}
+            if spec.get("type") not in DIST_TYPES:
+                raise ConfigError(f"{where}.type: {spec.get('type')!r} is not one of "
+                                  f"{', '.join(DIST_TYPES)}")
+            try:
+                dists[key] = from_dict(Distribution, spec, f"{where}.")
+            except ConfigError as exc:
+                msg = str(exc)
+                raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        out[family] = dists
+    return out
+
+
+def read_space(path: str | Path) -> dict:
+    """The raw mapping of a space file (a path, or a name in search_spaces/)."""
+    p = Path(path)
+    if not p.exists() and not p.suffix and (SPACE_DIR / f"{path}.yaml").exists():
+        p = SPACE_DIR / f"{path}.yaml"
+    if not p.exists():
+        shipped = sorted(q.stem for q in SPACE_DIR.glob("*.yaml")) if SPACE_DIR.exists() else []
+        raise ConfigError(f"search space {str(path)!r} not found. Shipped spaces "
+                          f"(search_spaces/): {', '.join(shipped) or 'none'}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a search space must be a mapping of keys to values")
+    raw.setdefault("name", p.stem)
+    return raw
+
+
+def load_space(path: str | Path | None = None, overrides: list[str] | None = None,
+               data: dict | None = None) -> SearchSpace:
+    """Load and validate a search space: a YAML file (or a shipped name) and/or a dict, then
+    ``key=value`` overrides (e.g. ``num_samples=4``, ``unlearn.train.epochs=1``)."""
+    merged: dict = {}
+    if path is not None:
+        merged = read_space(path)
+    if data:
+        merged = _deep_merge(merged, copy.deepcopy(data))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key.startswith("families."):
+            # family names contain dots only in their parameter keys: families.<fam>.<term>.<p>.<field>
+            _set_family_override(merged, key, value)
+        else:
+            _set_dotted(merged, key, value)
+    space = from_dict(SearchSpace, merged)
+    for stage in ("base", "target", "retain"):
+        stage_train(space, stage)      # validates prepare.<stage> overrides
+    if not space.name:
+        raise ConfigError("name: a sweep needs a name (its directory under results/)")
+    return space
+
+
+def _set_family_override(merged: dict, key: str, value) -> None:
+    parts = key.split(".")
+    if len(parts) < 4:
+        raise ConfigError(f"{key}: use families.<family>.<term>.<param>[.<field>]=value")
+    fam, hp = parts[1], ".".join(parts[2:4])
+    node = merged.setdefault("families", {}).setdefault(fam, {})
+    if len(parts) == 4:
+        node[hp] = value
+    else:
+        spec = node.setdefault(hp, {})
+        if not isinstance(spec, dict):
+            spec = node[hp] = {"type": "fixed", "value": spec}
+        spec[parts[4]] = value
+
+
+def stage_train(space: SearchSpace, stage: str) -> TrainConfig:
+    """TrainConfig of a preparation stage: FinetuneConfig's default overridden by prepare.<stage>."""
+    base = to_dict(FinetuneConfig().train)
+    return from_dict(TrainConfig, _deep_merge(base, getattr(space.prepare, stage) or {}),
+                     f"prepare.{stage}.")
+
+
+def space_to_dict(space: SearchSpace) -> dict:
+    """The resolved space as plain data (what ``sweep.yaml`` holds)."""
+    return to_dict(space)
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna define-by-run and decoding
+
+
+def optuna_name(space: SearchSpace, family: str, key: str) -> str:
+    return f"{family}:{key}" if space.multi_family else key
+
+
+class DefineByRun:
+    """An Optuna define-by-run function (a picklable object: Tune saves the searcher with
+    pickle): the family (a categorical when there are several), then that family's parameters.
+    Returns the constants (fixed values, and the family when there is one) as Tune config."""
+
+    def __init__(self, families: dict):
+        self.families = families
+
+    def __call__(self, trial):
+        dists = parse_families(self.families)
+        names = list(dists)
+        multi = len(names) > 1
+        family = trial.suggest_categorical("family", names) if multi else names[0]
+        consts = {}
+        for key, dist in dists[family].items():
+            name = f"{family}:{key}" if multi else key
+            if dist.type == "fixed":
+                consts[name] = dist.value
+            else:
+                dist.suggest(trial, name)
+        if not multi:
+            consts["family"] = family
+        return consts
+
+
+def define_by_run(space: SearchSpace) -> DefineByRun:
+    """The space's Optuna define-by-run function (see :class:`DefineByRun`)."""
+    return DefineByRun(space.families)
+
+
+def decode(space: SearchSpace, config: dict) -> tuple[str, dict[str, Any]]:
+    """(family, {term.param: value}) of a Tune trial config produced by :func:`define_by_run`."""
+    dists = space.distributions
+    family = config.get("family") or next(iter(dists))
+    hp = {}
+    for key, dist in dists[family].items():
+        name = optuna_name(space, family, key)
+        hp[key] = dist.value if dist.type == "fixed" and name not in config else config[name]
+    return family, hp
+
+
+def method_string(family: str, hp: dict[str, Any]) -> str:
+    """The canonical method string of ``family`` with hyper-parameters ``hp`` ({term.param})."""
+    from rayunlearn.objectives import build_method
+
+    return str(build_method(family, dict(hp)))
+
+
+def is_retain_term(family: str, key: str) -> bool:
+    """True if hyper-parameter ``key`` (term.param) belongs to a retain-side term of ``family``."""
+    label = key.split(".")[0]
+    return any(t.label == label and t.side == "retain" for t in parse_family(family).terms)
+
+
+def dumps_space(space: SearchSpace) -> str:
+    return yaml.safe_dump(space_to_dict(space), sort_keys=False)
+
+
+__all__ = ["Distribution", "SearchSpace", "load_space", "read_space", "parse_families",
+           "family_terms", "define_by_run", "decode", "method_string", "space_to_dict",
+           "stage_train", "dumps_space"]
+

@@ -1,0 +1,80 @@
+"""A synthetic per-trial function with the contract of ``rayunlearn.train.unlearn_trial``:
+``fn(cfg: UnlearnConfig, report=None, **options) -> metrics dict`` with ``removal`` and
+``retention`` (both maximised). It trains nothing: the two objectives are a closed-form,
+ZDT1-like function of the trial's hyper-parameters, so the sweep machinery (Tune, Optuna,
+resume, retries, tables, Pareto front) can be tested and benchmarked in seconds.
+
+Used with ``trainable=rayunlearn.sweep.synthetic:synthetic_trial`` and ``prepare.enabled=false``.
+
+The objectives. Let f be the mean position in [0, 1] (log-scaled for log distributions) of the
+forget-side hyper-parameters and v that of the retain-side ones (0.5 when a side has none);
+h = 1 + 4·(v − 0.3)². Then removal = f and retention = (1 − sqrt(f)) / h. The Pareto front is
+v = 0.3 (retention = 1 − sqrt(removal)); every other v is dominated, so a sampler that learns
+where v should be does better than random search.
+
+Options (all for tests and the benchmark): ``sleep_s`` (idle time per trial), ``work`` (number
+of 128×128 matmul blocks of CPU work), ``crash_once`` (``os._exit(1)`` on the first attempt of
+every trial: a killed worker), ``diverge_above`` (raise ``DivergedError`` when removal exceeds
+it), ``stop_after`` (when exactly this many trials of the sweep have finished, create its ``STOP``
+file: a graceful interruption).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from rayunlearn.io import read_json, write_json
+
+
+def synthetic_objectives(unit: dict[str, float], retain_keys: list[str]) -> tuple[float, float]:
+    """(removal, retention) of hyper-parameter positions ``unit`` ({key: u in [0,1]})."""
+    forget = [u for k, u in unit.items() if k not in retain_keys]
+    retain = [u for k, u in unit.items() if k in retain_keys]
+    f = sum(forget) / len(forget) if forget else 0.5
+    v = sum(retain) / len(retain) if retain else 0.5
+    h = 1.0 + 4.0 * (v - 0.3) ** 2
+    return f, (1.0 - math.sqrt(max(f, 0.0))) / h
+
+
+def _burn(work: int) -> None:
+    import torch
+
+    a = torch.ones(128, 128) / 128
+    for _ in range(int(work)):
+        a = (a @ a) / a.sum() * 128
+
+
+def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, crash_once: bool = False,
+                    diverge_above: float | None = None, stop_after: int | None = None) -> dict:
+    """Compute the synthetic objectives of the trial described by ``<run dir>/trial.json``
+    (written by the sweep before calling) and write ``metrics.json`` like a real run."""
+    run_dir = Path(cfg.out) / "trials" / cfg.trial_id if cfg.trial_id else Path(cfg.out)
+    rec = read_json(run_dir / "trial.json")
+    if crash_once:
+        marker = run_dir / ".crashed_once"
+        if not marker.exists():
+            marker.write_text("1")
+            os._exit(1)          # the worker process dies without cleanup
+    if sleep_s:
+        time.sleep(float(sleep_s))
+    if work:
+        _burn(work)
+    removal, retention = synthetic_objectives(rec["unit"], rec["retain_keys"])
+    if diverge_above is not None and removal > diverge_above:
+        from rayunlearn.train import DivergedError
+
+        raise DivergedError(f"training diverged at step 1: loss=nan (synthetic, removal {removal:.3f} "
+                            f"> {diverge_above})")
+    metrics = {"step": 1, "removal": removal, "retention": retention,
+               "forget": {"prob": 1.0 - removal}, "retain": {"prob": retention}}
+    write_json(run_dir / "metrics.json", metrics)
+    if report is not None:
+        report({"step": 1, "removal": removal, "retention": retention, "done": True})
+    if stop_after is not None:
+        done = len(list(run_dir.parent.glob("*/metrics.json")))
+        if done == int(stop_after):   # once: a resumed sweep goes past it
+            (run_dir.parent.parent / "STOP").write_text("stop requested by synthetic_trial\n")
+    return metrics

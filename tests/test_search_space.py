@@ -1,0 +1,134 @@
+"""Search spaces as data: every shipped file loads; bad files fail with the key in the message;
+the define-by-run space samples what the file says; method strings come from the objectives."""
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from rayunlearn.config import ConfigError
+from rayunlearn.sweep.space import SPACE_DIR, decode, define_by_run, load_space, method_string
+
+SHIPPED = sorted(SPACE_DIR.glob("*.yaml"))
+GOOD = {"families": {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+                                "kl.weight": {"type": "uniform", "low": 0.1, "high": 5}}},
+        "name": "t"}
+
+
+def test_paper_spaces_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {"wga_kl", "npo_kl", "tnpo_kl", "wtnpo_kl", "rmu_kl", "ga_gd", "families", "tiny"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_space_loads(path):
+    space = load_space(path)
+    assert space.name == path.stem
+    assert space.objectives == {"removal": "max", "retention": "max"}
+    raw = yaml.safe_load(path.read_text())
+    assert set(space.distributions) == set(raw["families"])
+    for family, dists in space.distributions.items():
+        assert set(dists) == set(raw["families"][family])
+
+
+def _bad(tmp_path, data: dict, *overrides):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_space(p, list(overrides))
+    return str(exc.value)
+
+
+def test_unknown_top_level_key(tmp_path):
+    msg = _bad(tmp_path, {**GOOD, "num_sample": 3})
+    assert "num_sample" in msg and "num_samples" in msg     # did-you-mean
+
+
+def test_unknown_nested_key(tmp_path):
+    msg = _bad(tmp_path, {**GOOD, "resources": {"cpu": 1}})
+    assert "resources.cpu" in msg
+
+
+def test_unknown_family(tmp_path):
+    msg = _bad(tmp_path, {"name": "t", "families": {"wgaa+kl": {}}})
+    assert "families.wgaa+kl" in msg and "'wga'" in msg     # the registry's suggestion
+
+
+def test_unknown_hyper_parameter(tmp_path):
+    msg = _bad(tmp_path, {"name": "t", "families": {"wga+kl": {"wga.beta": {"type": "uniform", "low": 0, "high": 1}}}})
+    assert "families.wga+kl.wga.beta" in msg and "alpha" in msg
+    msg = _bad(tmp_path, {"name": "t", "families": {"wga+kl": {"npo.beta": {"type": "uniform", "low": 0, "high": 1}}}})
+    assert "families.wga+kl.npo.beta" in msg and "not a term" in msg
+    msg = _bad(tmp_path, {"name": "t", "families": {"wga+kl": {"alpha": {"type": "uniform", "low": 0, "high": 1}}}})
+    assert "families.wga+kl.alpha" in msg and "<term>.<param>" in msg
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"type": "uniform", "low": 2, "high": 1}, "low (2) must be < high (1)"),
+    ({"type": "uniform", "low": 1, "high": 1}, "must be < high"),
+    ({"type": "loguniform", "low": 0, "high": 1}, "low > 0"),
+    ({"type": "loguniform", "low": -1, "high": 1}, "low > 0"),
+    ({"type": "normal", "low": 0, "high": 1}, "not one of"),
+    ({"type": "uniform", "low": 0}, "needs both low and high"),
+    ({"type": "int", "low": 0.5, "high": 3}, "integer"),
+    ({"type": "choice", "values": []}, "non-empty"),
+    ({"type": "uniform", "low": 0, "high": 1, "step": 0.1}, "step"),
+])
+def test_bad_distribution(tmp_path, spec, needle):
+    msg = _bad(tmp_path, {"name": "t", "families": {"wga+kl": {"wga.alpha": spec}}})
+    assert "families.wga+kl.wga.alpha" in msg and needle in msg
+
+
+def test_bad_sampler_objectives_and_counts(tmp_path):
+    assert "sampler" in _bad(tmp_path, {**GOOD, "sampler": "cmaes"})
+    assert "objectives" in _bad(tmp_path, {**GOOD, "objectives": {"removal": "max"}})
+    assert "objectives.retention" in _bad(tmp_path, {**GOOD, "objectives": {"removal": "max", "retention": "up"}})
+    assert "num_samples" in _bad(tmp_path, {**GOOD, "num_samples": 0})
+    assert "prepare.base.lr" in _bad(tmp_path, {**GOOD, "prepare": {"base": {"lr": -1}}})
+    assert "unlearn.train.epochs" in _bad(tmp_path, {**GOOD, "unlearn": {"train": {"epochs": 0}}})
+    assert "families" in _bad(tmp_path, {"name": "t"})
+
+
+def test_overrides(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(GOOD))
+    space = load_space(p, ["num_samples=7", "unlearn.train.lr=3e-4", "families.wga+kl.wga.alpha.high=20"])
+    assert space.num_samples == 7 and space.unlearn.train.lr == 3e-4
+    assert space.distributions["wga+kl"]["wga.alpha"].high == 20
+
+
+def test_define_by_run_samples_inside_the_distributions():
+    space = load_space(SPACE_DIR / "families.yaml")
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    fn = define_by_run(space)
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        consts = fn(trial)
+        config = {**trial.params, **consts}
+        family, hp = decode(space, config)
+        seen.add(family)
+        dists = space.distributions[family]
+        assert set(hp) == set(dists)
+        for k, v in hp.items():
+            d = dists[k]
+            if d.type in ("uniform", "loguniform", "int"):
+                assert d.low <= v <= d.high
+            if d.type == "int":
+                assert isinstance(v, int)
+        m = method_string(family, hp)
+        assert m.split("(")[0].split("+")[0] == family.split("+")[0]
+        study.tell(trial, [0.0, 0.0])
+    assert len(seen) >= 4     # the family is a categorical choice
+
+
+def test_method_string_and_unit_positions():
+    space = load_space(data=GOOD)
+    assert method_string("wga+kl", {"wga.alpha": 2.0, "kl.weight": 0.5}) == "wga(alpha=2.0)+kl(mask=answer, weight=0.5)"
+    d = space.distributions["wga+kl"]
+    assert d["wga.alpha"].unit(1.0) == pytest.approx(0.5)          # log-scaled: 1 is the middle of [0.1, 10]
+    assert d["kl.weight"].unit(2.55) == pytest.approx(0.5)         # linear
+    assert math.isclose(d["wga.alpha"].unit(10.0), 1.0)

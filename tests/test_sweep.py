@@ -1,0 +1,140 @@
+"""End-to-end sweeps on a local Ray instance with the synthetic per-trial function
+(rayunlearn.sweep.synthetic: closed-form objectives, no training), so each sweep takes seconds:
+tables, Pareto front, divergence, resume without re-running finished trials, and a killed
+trial worker retried."""
+
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from rayunlearn.io import read_json, read_jsonl
+from rayunlearn.pareto import pareto_front
+from rayunlearn.sweep.space import load_space
+from rayunlearn.sweep.synthetic import synthetic_objectives
+
+pytestmark = [pytest.mark.ray]
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _space(tmp_path, name, **kw):
+    data = {
+        "name": name, "results": str(tmp_path),
+        "families": {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+                                "kl.weight": {"type": "loguniform", "low": 0.1, "high": 10}}},
+        "num_samples": 3, "max_concurrent": 2, "seed": 0,
+        "prepare": {"enabled": False},
+        "trainable": "rayunlearn.sweep.synthetic:synthetic_trial",
+    }
+    data.update(kw)
+    return load_space(data=data)
+
+
+def _oracle(alpha, weight):
+    """The synthetic objectives, recomputed from the hyper-parameters by hand."""
+    ua = math.log(alpha / 0.1) / math.log(100)
+    uw = math.log(weight / 0.1) / math.log(100)
+    h = 1 + 4 * (uw - 0.3) ** 2
+    return ua, (1 - math.sqrt(ua)) / h
+
+
+def test_tiny_sweep_writes_tables_and_pareto(tmp_path, ray_local):
+    from rayunlearn.tune import run_sweep
+
+    space = _space(tmp_path, "tables", num_samples=4,
+                   trainable_options={"diverge_above": 0.55})
+    sweep_dir, summary = run_sweep(space)
+    assert summary["finished"] == 4 and not summary["interrupted"]
+    table = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(table) == 4
+    for col in ("trial_id", "family", "method", "status", "error", "time_s", "hp.wga.alpha",
+                "hp.kl.weight", "removal", "retention", "forget.prob", "retain.prob"):
+        assert col in table[0], col
+    for row in table:
+        removal, retention = _oracle(row["hp.wga.alpha"], row["hp.kl.weight"])
+        assert row["family"] == "wga+kl"
+        assert row["method"].startswith("wga(alpha=") and "kl(" in row["method"]
+        if removal > 0.55:
+            assert row["status"] == "diverged" and "diverged" in row["error"]
+            assert math.isnan(row["removal"]) and math.isnan(row["retention"])
+        else:
+            assert row["status"] == "completed" and row["error"] == ""
+            assert row["removal"] == pytest.approx(removal, abs=1e-12)
+            assert row["retention"] == pytest.approx(retention, abs=1e-12)
+            assert row["forget.prob"] == pytest.approx(1 - removal, abs=1e-12)
+    # the Pareto front: recomputed by brute force from the table
+    done = [r for r in table if r["status"] == "completed"]
+    expected = {done[i]["trial_id"] for i in range(len(done))
+                if not any(o["removal"] >= done[i]["removal"] and o["retention"] >= done[i]["retention"]
+                           and (o["removal"], o["retention"]) != (done[i]["removal"], done[i]["retention"])
+                           for o in done)}
+    pareto = read_json(sweep_dir / "pareto.json")
+    assert set(pareto["trials"]) == expected
+    assert pareto["objectives"] == ["removal", "retention"]
+    by_id = {r["trial_id"]: r for r in table}
+    for tid, (x, y) in zip(pareto["trials"], pareto["points"]):
+        assert (by_id[tid]["removal"], by_id[tid]["retention"]) == (x, y)
+    assert pareto_front([[r["removal"], r["retention"]] for r in table]) == \
+        sorted(i for i, r in enumerate(table) if r["trial_id"] in expected)
+    # every trial directory: the search point and the per-trial metrics
+    for row in table:
+        rec = read_json(sweep_dir / "trials" / row["trial_id"] / "trial.json")
+        assert rec["hp"] == {"wga.alpha": row["hp.wga.alpha"], "kl.weight": row["hp.kl.weight"]}
+        assert rec["retain_keys"] == ["kl.weight"]
+    assert (sweep_dir / "sweep.yaml").exists()
+
+
+def test_resume_does_not_rerun_finished_trials(tmp_path, ray_local):
+    from rayunlearn import UserError
+    from rayunlearn.tune import run_sweep
+
+    # a graceful stop after the 2nd finished trial (the trial writes <sweep>/STOP)
+    space = _space(tmp_path, "resume", num_samples=4, max_concurrent=1,
+                   trainable_options={"stop_after": 2})
+    sweep_dir, summary = run_sweep(space)
+    assert summary["interrupted"] and summary["counts"].get("completed") == 2
+    first = {r["trial_id"] for r in pq.read_table(sweep_dir / "trials.parquet").to_pylist()}
+    with pytest.raises(UserError, match="--resume"):
+        run_sweep(space)
+    sweep_dir, summary = run_sweep(space, resume=True)
+    assert not summary["interrupted"]
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    assert first < {r["trial_id"] for r in rows}
+    for r in rows:   # every trial started exactly once
+        assert len(read_jsonl(sweep_dir / "trials" / r["trial_id"] / "attempts.jsonl")) == 1
+
+
+def test_resume_refuses_a_changed_space(tmp_path, ray_local):
+    from rayunlearn.config import ConfigError
+    from rayunlearn.tune import run_sweep
+
+    space = _space(tmp_path, "changed", num_samples=1)
+    run_sweep(space)
+    with pytest.raises(ConfigError, match="num_samples"):
+        run_sweep(_space(tmp_path, "changed", num_samples=2), resume=True)
+
+
+def test_killed_trial_worker_is_retried(tmp_path, ray_local):
+    from rayunlearn.tune import run_sweep
+
+    space = _space(tmp_path, "crash", num_samples=1, max_failures=1,
+                   trainable_options={"crash_once": True})
+    sweep_dir, summary = run_sweep(space)
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["completed"]
+    assert rows[0]["attempts"] == 2          # the first attempt died with os._exit(1)
+    assert rows[0]["removal"] == pytest.approx(_oracle(rows[0]["hp.wga.alpha"], rows[0]["hp.kl.weight"])[0])
