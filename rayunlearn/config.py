@@ -156,6 +156,7 @@ class EffectsConfig:
     estimator: Literal["exact", "ema"] = "exact"
     optimizer_aware: bool = True   # Adam-preconditioned effect next to the SGD one
     fidelity: bool = True          # measured risk change after the step next to -lr*e
+    aggregator: Optional[str] = None   # name of a running sweep's G-effect aggregator Ray actor (set by the sweep)
 
     def validate(self) -> None:
         _check(self.every >= 0, "every", "must be >= 0")

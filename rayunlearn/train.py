@@ -950,8 +950,8 @@ def run_loop(kind: str, cfg, run_dir: Path, report=None):
         write_json(run_dir / "status.json", {"status": "running", "step": start, "total_steps": sched.total_steps})
 
     hooks = _Hooks(task, cfg, run_dir, is_main, report, par) if kind == "unlearn" else None
-    if hooks is not None and start > 0:
-        hooks.resumed(start)
+    if hooks is not None:
+        hooks.resumed(start)      # also at 0: a retried attempt's rows are replaced, not duplicated
 
     pad_id = tokenizer.pad_token_id
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if train.bf16 and par.engine is None
@@ -1122,23 +1122,11 @@ class _Hooks:
             sink.flush()
 
     def resumed(self, start: int) -> None:
-        """On resume from step `start`: carry the G-effect rows recorded before `start` over
-        into the (fresh) sink, which rewrites the tables from what it holds."""
-        rec = self.recorder
-        core = getattr(getattr(rec, "sink", None), "core", None)
-        if rec is None or not getattr(rec, "sends", False) or core is None:
-            return
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        for table in ("geffects", "steps"):
-            path = Path(core.out_dir) / "effects" / rec.trial_id / f"{table}.parquet"
-            if not path.exists():
-                continue
-            old = pq.read_table(path)
-            old = old.filter(pc.less(old["step"], start))
-            if old.num_rows:
-                rec.sink.add(table, old.to_pydict(), trial_id=rec.trial_id, step=-1, part="resumed")
+        """Before the first step, which is optimiser step `start` (0 when starting from scratch):
+        the G-effect sink (LocalSink or the sweep's aggregator actor) keeps only the rows of steps
+        before `start` and the recorder continues its cumulative sums (``Recorder.resume``)."""
+        if self.recorder is not None:
+            self.recorder.resume(start)
 
     def before_step(self, step: int, lr: float, batch: dict, optimizer) -> None:
         """Just before optimiser step `step` (0-based = steps already taken): record the

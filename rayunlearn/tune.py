@@ -72,7 +72,7 @@ def sweep_command(space_path: str, overrides: list[str] | None = None, resume: b
         print(f"no trial completed; see the error column of {sweep_dir}/trials.parquet")
         return 1
     if summary.get("interrupted"):
-        print(f"the sweep stopped before its {space.num_samples} trials finished; continue it with "
+        print(f"the sweep stopped before its {space.total_trials} trials finished; continue it with "
               f"`rayunlearn sweep {space_path} {' '.join(overrides or [])} --resume`".replace("  ", " "))
         return 130
     return 0
@@ -123,7 +123,7 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None) -> tuple[P
         _stop_aggregator(aggregator)
     summary = write_tables(space, sweep_dir, grid=grid)
     summary["wall_s"] = time.time() - t0
-    summary["interrupted"] = (summary["finished"] < space.num_samples)
+    summary["interrupted"] = (summary["finished"] < space.total_trials)
     print_summary(space, sweep_dir, summary, console)
     return sweep_dir, summary
 
@@ -280,7 +280,7 @@ def make_sampler(name: str, seed: int):
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"sampler: {name!r} is not one of tpe, nsga2, random")
+    raise ConfigError(f"sampler: {name!r} is not one of tpe, nsga2, random (grid uses no Optuna sampler)")
 
 
 def make_search_alg(space: SearchSpace):
@@ -400,7 +400,15 @@ def _build_tuner(space: SearchSpace, trainable, sweep_dir: Path):
     run_config = tune.RunConfig(
         name=TUNE_DIR, storage_path=str(sweep_dir),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
-        stop=_stopper(sweep_dir), callbacks=[_Progress(space.num_samples)], verbose=1)
+        stop=_stopper(sweep_dir), callbacks=[_Progress(space.total_trials)], verbose=1)
+    if space.sampler == "grid":
+        # a study: every family once at its fixed values (Tune's grid search, no Optuna)
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        tune_config = tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=space.max_concurrent),
+                                      num_samples=1, reuse_actors=False)
+        return tune.Tuner(trainable, param_space={"family": tune.grid_search(list(space.families))},
+                          tune_config=tune_config, run_config=run_config)
     tune_config = tune.TuneConfig(search_alg=make_search_alg(space), num_samples=space.num_samples,
                                   reuse_actors=False)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
@@ -433,24 +441,35 @@ def _start_aggregator(space: SearchSpace, sweep_dir: Path):
         from rayunlearn.effects import make_aggregator
     except ImportError:
         return None
-    name = f"rayunlearn-geffects-{space.name}-{abs(hash(str(sweep_dir))) % 10**8}"
+    name = _aggregator_name(space, sweep_dir)
     return name, make_aggregator(str(sweep_dir), name=name)
 
 
+def _aggregator_name(space: SearchSpace, sweep_dir: Path) -> str:
+    """The sweep's aggregator actor name: deterministic (not Python's salted ``hash``), so a
+    resumed sweep gives its trials the same ``effects.aggregator`` and their saved config.yaml
+    still matches."""
+    import hashlib
+
+    return f"rayunlearn-geffects-{space.name}-{hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:10]}"
+
+
 def _stop_aggregator(agg) -> None:
+    """Write every G-effect table the sweep's aggregator still holds, then end the actor (called
+    in a ``finally``: also when the sweep is interrupted)."""
     if not agg:
         return
     import ray
 
     name, actor = agg
     try:
-        for meth in ("flush", "close"):
-            if hasattr(actor, meth):
-                ray.get(getattr(actor, meth).remote(), timeout=120)
-                break
-        ray.kill(actor)
-    except Exception as exc:  # noqa: BLE001 - the tables are still written
+        ray.get(actor.close.remote(), timeout=120)
+    except Exception as exc:  # noqa: BLE001 - report, and still end the actor
         print(f"warning: could not flush the G-effect aggregator {name}: {exc}")
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
 
 
 def _check_sweep_dir(space: SearchSpace, sweep_dir: Path, resume: bool) -> None:

@@ -1,20 +1,29 @@
-"""`rayunlearn bench sweep`: (a) N trials through Ray Tune with 2 concurrent trials vs the same N
-runs one after another in-process; (b) search quality: Pareto hypervolume after 24 trials,
-Optuna's multi-objective sampler (the sweep's TPE, and NSGA-II) vs random search, over 3 seeds.
+"""`rayunlearn bench sweep`: (a) N real tiny unlearning trials through Ray Tune with 2 concurrent
+trials vs the same N runs one after another in-process; (b) search quality: Pareto hypervolume
+after 24 trials, Optuna's multi-objective sampler (the sweep's TPE, and NSGA-II) vs random
+search, over 3 seeds.
 
-Both use the synthetic per-trial function (``rayunlearn.sweep.synthetic``): (a) gives each
-trial a fixed amount of single-threaded CPU work (``work`` matmul blocks; torch threads = 1 per
-trial) so the comparison measures Ray Tune's overhead and parallelism, not our training loop;
-(b) is a cheap proxy of the removal/retention trade-off (a ZDT1-like front, see that module)
-asked through the same define-by-run space and samplers the sweep uses, without Ray (sampler
-quality does not depend on the executor). Real tiny unlearning trials would take minutes per
-seed on two cores.
+(a) uses ``search_spaces/tiny.yaml``: its models are prepared once (about a minute on two busy
+cores; cached under ``results/bench_sweep/prepared/``, reused by later runs and not timed), then
+every trial is a real ``unlearn_trial`` (WGA+KL on the tiny model, G-effects every 2 steps, a
+final TOFU evaluation) with ``unlearn.train.epochs`` raised so that one trial is a few seconds of
+work. The Tune run goes first (sampling N methods with TPE); the in-process runs then repeat the
+*same* N method strings with torch threads = 1 (what each of the 2 concurrent Tune trials gets);
+one of them is also run with threads = 2 (one trial using both cores) and projected to N. Reported: the
+wall times, ``ray.init`` separately, the mean time inside a trial in both settings, and the Tune
+overhead (wall - the trials' own time / 2).
+
+(b) is a cheap proxy of the removal/retention trade-off (a ZDT1-like front, see
+``rayunlearn.sweep.synthetic``) asked through the same define-by-run space and samplers the
+sweep uses, without Ray (sampler quality does not depend on the executor); 24 real tiny trials
+per sampler and seed would take 10+ minutes on two cores.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,49 +31,100 @@ from rayunlearn.bench.common import print_table
 
 FAMILY = {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
                      "kl.weight": {"type": "loguniform", "low": 0.1, "high": 10}}}
+BENCH_ROOT = "results/bench_sweep"
 
 
-def _space(root: Path, name: str, n: int, work: int, concurrent: int, seed: int = 0, sampler: str = "tpe"):
+def _tiny_space(root: Path, name: str, n: int, epochs: int, threads: int = 1):
     from rayunlearn.sweep.space import load_space
 
-    return load_space(data={"name": name, "results": str(root), "families": FAMILY, "num_samples": n,
-                            "max_concurrent": concurrent, "seed": seed, "sampler": sampler,
-                            "prepare": {"enabled": False}, "ray": {"num_cpus": 2},
-                            "resources": {"cpus": 1, "torch_threads": 1},
-                            "trainable": "rayunlearn.sweep.synthetic:synthetic_trial",
-                            "trainable_options": {"work": work}})
+    return load_space("tiny", [f"results={root}", f"name={name}", f"num_samples={n}", "max_concurrent=2",
+                               "ray.num_cpus=2", "resources.cpus=1", f"resources.torch_threads={threads}",
+                               f"unlearn.train.epochs={epochs}"])
 
 
-def bench_parallel(n: int, work: int) -> dict:
-    """Wall time of n trials: Ray Tune with 2 concurrent trials vs in-process, sequential."""
-    import ray
+def _trial_times(sweep_dir: Path) -> dict[str, tuple[str, float, str]]:
+    """trial id -> (method, time inside the trial in s, status) from the trials' result.json."""
+    from rayunlearn.io import read_json
+
+    out = {}
+    for res in sorted(sweep_dir.glob("trials/*/result.json")):
+        r = read_json(res)
+        out[r["trial_id"]] = (r["method"], float(r.get("time_s", float("nan"))), r.get("status", ""))
+    return out
+
+
+def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str], threads: int) -> tuple[float, list[float]]:
+    """Run `methods` one after another in this process (the sweep's own per-trial config)."""
     import torch
+
+    from rayunlearn.config import to_dict
+    from rayunlearn.sweep.prepare import copy_references
+    from rayunlearn.train import unlearn_trial
+    from rayunlearn.tune import TrialContext, _trial_config
+
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    copy_references(prepared, sweep_dir)
+    ctx = TrialContext(space=to_dict(space), sweep_dir=str(sweep_dir), target=prepared.target,
+                       data=to_dict(prepared.data), retain_reference=str(sweep_dir / "reference" / "retain.json"),
+                       aggregator=None)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times = []
+    try:
+        t_all = time.perf_counter()
+        for i, method in enumerate(methods):
+            t0 = time.perf_counter()
+            unlearn_trial(_trial_config(space, ctx, f"seq{i:02d}", method))
+            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t_all, times
+    finally:
+        torch.set_num_threads(old)
+
+
+def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
+    """Wall time of n real tiny unlearning trials: Ray Tune with 2 concurrent trials (1 torch
+    thread each) vs the same methods in-process, one after another, with 1 and 2 threads."""
+    import ray
     from rich.console import Console
 
-    from rayunlearn.config import UnlearnConfig
-    from rayunlearn.io import write_json
-    from rayunlearn.sweep.synthetic import _burn
+    from rayunlearn.sweep.prepare import prepare
     from rayunlearn.tune import run_sweep
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        # sequential, in-process: the same per-trial work
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = Path(root).resolve()
+    quiet = Console(quiet=True)
+    space = _tiny_space(root, "bench_tune", n, epochs)
+    t0 = time.perf_counter()
+    prepared = prepare(space, console=quiet)        # cached after the first run; not timed below
+    t_prepare = time.perf_counter() - t0
+    tune_dir = space.sweep_dir().resolve()
+    shutil.rmtree(tune_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    t_init = time.perf_counter() - t0
+    try:
         t0 = time.perf_counter()
-        for i in range(n):
-            _burn(work)
-        seq = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        t_init = time.perf_counter() - t0
-        try:
-            t0 = time.perf_counter()
-            run_sweep(_space(root, "par", n, work, 2), console=Console(quiet=True))
-            par = time.perf_counter() - t0
-        finally:
-            ray.shutdown()
-    return {"sequential_s": seq, "tune_s": par, "ray_init_s": t_init, "ratio": par / seq,
-            "ratio_with_init": (par + t_init) / seq}
+        _, summary = run_sweep(space, console=quiet)
+        t_tune = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    trials = _trial_times(tune_dir)
+    methods = [m for m, _, _ in trials.values()]
+    if len(methods) != n:
+        raise RuntimeError(f"the Tune run finished {len(methods)} of {n} trials; see {tune_dir}")
+    tune_inside = [t for _, t, _ in trials.values()]
+    seq1, seq1_times = _run_in_process(_tiny_space(root, "bench_seq1", n, epochs, 1), prepared,
+                                       root / "bench_seq1", methods, threads=1)
+    # 2 threads per trial: only the first method (on a loaded 2-core machine a 2-thread trial can
+    # be >10x slower than a 1-thread one: OpenMP threads wait for a core); projected to n trials
+    _, seq2_times = _run_in_process(_tiny_space(root, "bench_seq2", n, epochs, 2), prepared,
+                                    root / "bench_seq2", methods[:1], threads=2)
+    seq2 = statistics.mean(seq2_times) * n
+    return {"n": n, "epochs": epochs, "prepare_s": t_prepare, "ray_init_s": t_init, "tune_s": t_tune,
+            "seq1_s": seq1, "seq2_s": seq2, "tune_trial_mean_s": statistics.mean(tune_inside),
+            "seq1_trial_mean_s": statistics.mean(seq1_times), "seq2_trial_mean_s": statistics.mean(seq2_times),
+            "tune_overhead_s": t_tune - sum(tune_inside) / 2, "statuses": [s for _, _, s in trials.values()],
+            "load": os.getloadavg()}
 
 
 def bench_quality(trials: int = 24, seeds=(0, 1, 2)) -> dict:
@@ -104,13 +164,22 @@ def bench_quality(trials: int = 24, seeds=(0, 1, 2)) -> dict:
 
 def main(quick: bool = False) -> None:
     """Run both measurements and print them side by side."""
-    n, work = (4, 10000) if quick else (8, 25000)   # ~2 s / ~5 s of work per trial here
-    r = bench_parallel(n, work)
-    print_table(f"sweep (a): {n} synthetic trials of {work} single-threaded matmul blocks, 2 CPUs",
-                ["sequential in-process (s)", "Ray Tune, 2 concurrent (s)", "ratio (target <= 0.75)",
-                 "ray.init (s)", "ratio incl. ray.init"],
-                [[f"{r['sequential_s']:.2f}", f"{r['tune_s']:.2f}", f"{r['ratio']:.2f}",
-                  f"{r['ray_init_s']:.2f}", f"{r['ratio_with_init']:.2f}"]])
+    n, epochs = (4, 20) if quick else (8, 40)    # a few / several seconds of work per trial here
+    load0 = os.getloadavg()[0]
+    r = bench_parallel(n, epochs)
+    print_table(f"sweep (a): {n} real tiny unlearning trials (search_spaces/tiny.yaml, wga+kl, "
+                f"unlearn.train.epochs={epochs}), 2 CPUs; load avg {load0:.2f} before, {r['load'][0]:.2f} after",
+                ["run", "wall (s)", "mean time in a trial (s)", "ratio Tune / this"],
+                [["Ray Tune, 2 concurrent, 1 thread each", f"{r['tune_s']:.1f}", f"{r['tune_trial_mean_s']:.2f}", ""],
+                 ["  + ray.init", f"{r['tune_s'] + r['ray_init_s']:.1f}", "", ""],
+                 ["in-process, one after another, 1 thread", f"{r['seq1_s']:.1f}", f"{r['seq1_trial_mean_s']:.2f}",
+                  f"{r['tune_s'] / r['seq1_s']:.2f} (incl. init {(r['tune_s'] + r['ray_init_s']) / r['seq1_s']:.2f}); "
+                  f"target <= 0.75"],
+                 ["in-process, 2 threads (1 trial x N, projected)", f"{r['seq2_s']:.1f}", f"{r['seq2_trial_mean_s']:.2f}",
+                  f"{r['tune_s'] / r['seq2_s']:.2f} (incl. init {(r['tune_s'] + r['ray_init_s']) / r['seq2_s']:.2f})"]])
+    print(f"ray.init {r['ray_init_s']:.1f} s; Tune overhead (wall - trial time / 2) {r['tune_overhead_s']:.1f} s "
+          f"= {r['tune_overhead_s'] / n:.2f} s per trial; preparation (cached after the first run, not in "
+          f"the ratios) {r['prepare_s']:.1f} s; Tune trial statuses: {', '.join(sorted(set(r['statuses'])))}")
     q = bench_quality(24, (0, 1, 2))
     rows = []
     for sampler, hvs in q.items():

@@ -34,12 +34,26 @@ For the training-loop engineer (``rayunlearn/train.py``)::
   probe split into micro-batches of 4; rows with estimator "ema", kind "group" (the 5 buckets)
   and "total"; the steps row carries the EMA totals.
 - Data parallelism: with replicated weights (DDP) only rank 0 records; with sharded (FSDP2)
-  parameters every rank computes (the engine all-reduces scalars) and rank 0 sends.
+  parameters every rank computes (the engine all-reduces its vector of scalars, so every rank
+  holds the complete values) and rank 0 alone sends them, with ``world_size=1`` semantics. No
+  rank ever sends a partial sum, so the aggregator's rank-combining path is not needed here
+  (it stays available to callers of ``gradient_effects(..., all_reduce=False)``).
+- Where rows go (``make_recorder``'s ``train.py`` form): the sweep's aggregator actor when
+  ``effects.aggregator`` (or, failing that, the environment variable
+  ``RAYUNLEARN_GEFFECT_AGGREGATOR``) names one — a :class:`~rayunlearn.effects.actor.RaySink`,
+  asynchronous and batched; else a :class:`~rayunlearn.effects.actor.LocalSink`. Both write
+  ``<out>/effects/<trial_id>/{geffects,steps}.parquet`` with the same rows.
+- Resume: :meth:`Recorder.resume` ``(start)`` (the loop calls it once, before the first step,
+  with the step it starts from, 0 for a fresh start) has the sink keep only the rows of steps
+  ``< start`` — a retried or resumed attempt re-sends the later steps and they replace the
+  earlier attempt's rows, never duplicate them — and continues the cumulative sums from the
+  last kept steps row.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -94,6 +108,22 @@ class Recorder:
         self._pending: Optional[dict] = None
         self.cum = {"removal": 0.0, "retention": 0.0, "removal_adam": 0.0, "retention_adam": 0.0}
         self.last_result = None
+
+    def resume(self, start: int) -> Optional[dict]:
+        """Before the first step of a run that starts at optimiser step `start` (0: from
+        scratch): drop this trial's rows of steps >= `start` from the sink (see module
+        docstring) and continue the cumulative sums from the last kept steps row. Returns that
+        row (None when there is none, or on ranks that do not send)."""
+        if not self.sends or self.sink is None or not hasattr(self.sink, "resume"):
+            return None
+        last = self.sink.resume(self.trial_id, int(start))
+        self.cum = {k: 0.0 for k in self.cum}
+        if last:
+            for k in self.cum:
+                v = last.get(f"cumulative_{k}")
+                if v is not None and not math.isnan(v):
+                    self.cum[k] = float(v)
+        return last
 
     def due(self, step: int) -> bool:
         return self.computes and step % self.cfg.every == 0
@@ -275,9 +305,12 @@ def make_recorder(effects_cfg, model, method, forget_probe=None, retain_probe=No
     or RaySink), `trial_id`. ``train.py`` form: `effects_cfg` the whole ``UnlearnConfig`` plus
     ``run_dir``, ``benchmark``, ``tokenizer`` (the fixed probe is built from the benchmark: the
     first ``probe_size`` forget rows and ``probe_size // 2`` retain rows), ``ref_caches``
-    ({view: RefLogpCache}) and ``is_main``; rows go to a LocalSink under the results layout
+    ({view: RefLogpCache}) and ``is_main``; unless `sink` is given, rank 0's rows go to the
+    aggregator actor named by ``effects.aggregator`` / ``$RAYUNLEARN_GEFFECT_AGGREGATOR``
+    (:func:`default_sink`), else to a LocalSink under the results layout
     (``<sweep>/effects/<trial_id>/`` when run_dir is ``<sweep>/trials/<trial_id>``, else
-    ``<run_dir>/effects/<trial_id or run name>/``) unless `sink` is given."""
+    ``<run_dir>/effects/<trial_id or run name>/``). The actor writes under its own out_dir,
+    which the sweep sets to the sweep directory: the same files."""
     from pathlib import Path
 
     full = effects_cfg if hasattr(effects_cfg, "effects") else None
@@ -298,13 +331,60 @@ def make_recorder(effects_cfg, model, method, forget_probe=None, retain_probe=No
             out_dir, default_id = run_dir, (full.trial_id if full is not None and full.trial_id else run_dir.name)
         trial_id = trial_id or default_id
         if sink is None and rank == 0:
-            from rayunlearn.effects.actor import LocalSink
-
-            sink = LocalSink(str(out_dir))
+            sink = default_sink(cfg, out_dir)
     if forget_probe is None and benchmark is not None and tokenizer is not None and full is not None:
         forget_probe, retain_probe = build_probe(full, benchmark, tokenizer, method, _device_of(model))
     return Recorder(cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
                     trial_id or "run", method_str, rank, world_size, ref_cache)
+
+
+AGGREGATOR_ENV = "RAYUNLEARN_GEFFECT_AGGREGATOR"     # = rayunlearn.tune.AGGREGATOR_ENV
+
+
+def aggregator_name(effects_cfg) -> tuple[Optional[str], bool]:
+    """(name of the aggregator actor to send to, whether it is required): ``effects.aggregator``
+    (required) or the environment variable RAYUNLEARN_GEFFECT_AGGREGATOR (optional); (None,
+    False) when neither is set."""
+    name = getattr(effects_cfg, "aggregator", None)
+    if name:
+        return str(name), True
+    env = os.environ.get(AGGREGATOR_ENV, "").strip()
+    return (env, False) if env else (None, False)
+
+
+def default_sink(effects_cfg, out_dir):
+    """The sink of a training-loop recorder: a RaySink to the named aggregator actor (see
+    :func:`aggregator_name`) or a LocalSink writing under `out_dir`. A configured actor that
+    cannot be reached is an error; one named only by the environment falls back to the
+    LocalSink with a warning."""
+    from rayunlearn.effects.actor import LocalSink, RaySink, get_aggregator
+
+    name, required = aggregator_name(effects_cfg)
+    if not name:
+        return LocalSink(str(out_dir))
+    problem = None
+    try:
+        import ray
+    except ImportError:
+        problem = "Ray is not installed"
+    else:
+        if not ray.is_initialized():
+            problem = "Ray is not running in this process"
+        else:
+            try:
+                return RaySink(get_aggregator(name))
+            except ValueError:
+                problem = "no actor of that name is alive in the Ray cluster"
+    if required:
+        from rayunlearn import UserError
+
+        raise UserError(f"effects.aggregator={name!r}: {problem}; it must name the G-effect aggregator actor "
+                        f"of a running sweep (rayunlearn.effects.actor.make_aggregator). Leave "
+                        f"effects.aggregator unset to write the tables locally.")
+    import warnings
+
+    warnings.warn(f"{AGGREGATOR_ENV}={name!r} is set but {problem}; writing G-effects locally under {out_dir}")
+    return LocalSink(str(out_dir))
 
 
 def build_probe(cfg, benchmark, tokenizer, method, device=None) -> tuple[dict, Optional[dict]]:

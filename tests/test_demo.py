@@ -1,0 +1,50 @@
+"""The demo's configuration: two spaces sharing one preparation, override routing, grid studies."""
+
+import pytest
+
+from rayunlearn import UserError
+from rayunlearn.config import ConfigError
+from rayunlearn.demo import SMOLLM2, load_demo_spaces
+from rayunlearn.sweep.space import load_space
+
+PAPER_METHODS = ["ga", "ga+gd", "ga+kl", "npo", "npo+kl", "wga+kl", "tnpo+kl", "wtnpo+kl", "po+kl", "rmu+kl"]
+
+
+def test_study_runs_the_papers_methods_and_sweep_the_proposed_families(tmp_path):
+    spaces = load_demo_spaces(tmp_path, [])
+    study, sweep = spaces["study"], spaces["sweep"]
+    assert list(study.families) == PAPER_METHODS and study.sampler == "grid"
+    assert study.total_trials == len(PAPER_METHODS)
+    assert set(sweep.families) == {"wga+kl", "tnpo+kl", "wtnpo+kl"} and sweep.sampler == "tpe"
+    assert sweep.total_trials == sweep.num_samples
+    # one preparation (models + reference evaluation) serves both stages
+    assert study.prepare_key() == sweep.prepare_key()
+    assert study.sweep_dir() == tmp_path / "study" and sweep.sweep_dir() == tmp_path / "sweep"
+
+
+def test_overrides_route_by_prefix(tmp_path):
+    spaces = load_demo_spaces(tmp_path, ["sweep.num_samples=3", "study.max_concurrent=1", "seed=7"])
+    assert spaces["sweep"].num_samples == 3 and spaces["study"].max_concurrent == 1
+    assert spaces["sweep"].max_concurrent == 2
+    assert spaces["study"].seed == spaces["sweep"].seed == 7
+
+
+def test_a_stage_only_override_of_shared_settings_is_refused(tmp_path):
+    with pytest.raises(UserError, match="share data, model, prepare"):
+        load_demo_spaces(tmp_path, ["sweep.data.forget_split=forget05"])
+
+
+def test_smollm2_overrides_are_valid(tmp_path):
+    spaces = load_demo_spaces(tmp_path, SMOLLM2)
+    assert spaces["study"].model.name == "smollm2-135m" and spaces["study"].prepare.train_base is False
+    assert spaces["study"].data.template == "chat" and spaces["sweep"].num_samples == 4
+
+
+def test_grid_sampler_needs_fixed_values(tmp_path):
+    raw = {"name": "g", "results": str(tmp_path), "sampler": "grid",
+           "families": {"wga+kl": {"wga.alpha": {"type": "uniform", "low": 0.5, "high": 2}}}}
+    with pytest.raises(ConfigError, match="families.wga\\+kl.wga.alpha: sampler 'grid'"):
+        load_space(data=raw)
+    raw["families"] = {"wga+kl": {"wga.alpha": {"type": "fixed", "value": 2.0}}, "npo": {}}
+    space = load_space(data=raw)
+    assert space.total_trials == 2
