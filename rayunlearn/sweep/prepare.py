@@ -117,6 +117,13 @@ def _evaluate(space: SearchSpace, data, model_dir: Path, out: Path, retain_refer
     benchmark = load_benchmark(data)
     ref = load_reference(retain_reference) if retain_reference else None
     result = evaluate_model(model, tokenizer, benchmark, data, space.unlearn.eval, retain_reference=ref)
+    if ref is None:
+        # the retain model is its own reference: forget quality 1 (KS statistic 0) and privleak 0,
+        # so its `removal` is on the same scale (forget quality) as every trial's
+        from rayunlearn.eval.evaluate import metrics_from_raw
+
+        raw = result["raw"]
+        result = {**metrics_from_raw(raw, result["fingerprint"], reference=result), "raw": raw}
     write_eval(result, out)
 
 
