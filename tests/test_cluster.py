@@ -103,15 +103,6 @@ def test_ray_job_submit_runs_a_sweep(tmp_path):
         rows = pq.read_table(results / "job" / "trials.parquet").to_pylist()
         assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
         assert (results / "job" / "pareto.json").exists()
-        # the sweep's references: the retain model is its own forget-quality reference (FQ 1,
-        # KS statistic 0), so the report's reference points share the trials' removal scale
-        import json
-
-        retain = json.loads((results / "job" / "reference" / "retain.json").read_text())
-        assert retain["removal_kind"] == "forget_quality" and retain["forget_quality"] == 1.0
-        assert retain["ks_statistic"] == 0.0 and retain["removal"] == 1.0
-        target = json.loads((results / "job" / "reference" / "target.json").read_text())
-        assert target["removal_kind"] == "forget_quality" and 0.0 <= target["forget_quality"] <= 1.0
     finally:
         _stop_head(tmpdir)
         shutil.rmtree(tmpdir, ignore_errors=True)

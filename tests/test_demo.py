@@ -37,7 +37,7 @@ def test_a_stage_only_override_of_shared_settings_is_refused(tmp_path):
 def test_smollm2_overrides_are_valid(tmp_path):
     spaces = load_demo_spaces(tmp_path, SMOLLM2)
     assert spaces["study"].model.name == "smollm2-135m" and spaces["study"].prepare.train_base is False
-    assert spaces["study"].data.template == "chat" and spaces["sweep"].num_samples == 4
+    assert spaces["study"].data.template == "plain" and spaces["sweep"].num_samples == 4
 
 
 def test_grid_sampler_needs_fixed_values(tmp_path):
@@ -48,3 +48,23 @@ def test_grid_sampler_needs_fixed_values(tmp_path):
     raw["families"] = {"wga+kl": {"wga.alpha": {"type": "fixed", "value": 2.0}}, "npo": {}}
     space = load_space(data=raw)
     assert space.total_trials == 2
+
+
+def test_retain_reference_is_its_own_forget_quality_reference():
+    """prepare() stores the retain model's evaluation with itself as the reference, so its
+    `removal` (forget quality 1, KS statistic 0, privleak 0) is on the trials' scale."""
+    from rayunlearn.config import EvalConfig
+    from rayunlearn.eval.evaluate import evaluate_model
+    from rayunlearn.eval.testing import data_config, tiny_setup
+    from rayunlearn.sweep.prepare import self_referenced
+
+    model, tok, bench = tiny_setup(seed=3)
+    plain = evaluate_model(model, tok, bench, data_config(), EvalConfig(max_new_tokens=4, rouge=False))
+    assert plain["removal_kind"] == "1-forget_prob" and plain["forget_quality"] is None
+    ref = self_referenced(plain)
+    assert ref["removal_kind"] == "forget_quality" and ref["removal"] == 1.0
+    assert ref["forget_quality"] == 1.0 and ref["ks_statistic"] == 0.0
+    assert ref["mia"]["privleak"] == 0.0
+    # everything else is unchanged
+    assert ref["model_utility"] == plain["model_utility"] and ref["forget"] == plain["forget"]
+    assert ref["raw"] is plain["raw"]

@@ -299,14 +299,8 @@ def metrics_from_raw(raw: dict, fingerprint: dict, reference: Optional[dict] = N
     blocks: dict[str, dict] = {}
     for key in SPLITS:
         d = raw[key]
-        if key in ("forget", "retain"):
-            prob = M.answer_prob(d["avg_gt_loss"])
-        else:
-            prob = M.normalized_prob(d["avg_gt_loss"], d["average_perturb_loss"])
-        ratios = M.truth_ratios(d["avg_paraphrased_loss"], d["average_perturb_loss"])
-        tr = M.truth_ratio_forget(ratios) if key == "forget" else M.truth_ratio_utility(ratios)
-        rouge = M.rouge_mean(d["rougeL_recall"]) if "rougeL_recall" in d else None
-        blocks[key] = {"prob": prob, "rouge": rouge, "truth_ratio": tr}
+        blocks[key] = M.split_scores(key, d["avg_gt_loss"], d["avg_paraphrased_loss"], d["average_perturb_loss"],
+                                     d.get("rougeL_recall"))
     blocks["forget"]["extraction_strength"] = _mean(raw["forget"]["extraction_strength"])
     blocks["forget"]["exact_memorization"] = _mean(raw["forget"]["exact_memorization"])
     terms = [blocks[s][m] for s in UTILITY_SPLITS for m in ("prob", "rouge", "truth_ratio") if blocks[s][m] is not None]

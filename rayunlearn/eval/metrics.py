@@ -138,6 +138,21 @@ def rouge_mean(recalls) -> float:
     return float(np.mean(_arr(recalls, "rougeL_recall")))
 
 
+def split_scores(split: str, avg_gt_loss, avg_paraphrased_loss, average_perturb_loss, rouge_recall=None) -> dict:
+    """TOFU's {prob, rouge, truth_ratio} of one evaluation split from its per-item arrays: plain
+    probability on forget/retain, option-normalised on real authors / world facts; truth ratio
+    aggregated as mean min(R, 1/R) on forget and mean max(0, 1 − R) elsewhere; rouge None when
+    no ROUGE recalls were recorded."""
+    if split in ("forget", "retain"):
+        prob = answer_prob(avg_gt_loss)
+    else:
+        prob = normalized_prob(avg_gt_loss, average_perturb_loss)
+    ratios = truth_ratios(avg_paraphrased_loss, average_perturb_loss)
+    tr = truth_ratio_forget(ratios) if split == "forget" else truth_ratio_utility(ratios)
+    rouge = rouge_mean(rouge_recall) if rouge_recall is not None else None
+    return {"prob": prob, "rouge": rouge, "truth_ratio": tr}
+
+
 def forget_quality(model_ratios, reference_ratios) -> dict:
     """Forget quality: two-sided two-sample Kolmogorov–Smirnov test between the per-item forget
     truth ratios of the evaluated model and of the retain model (`scipy.stats.ks_2samp`, default

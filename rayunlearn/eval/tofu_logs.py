@@ -130,13 +130,8 @@ def summarize_logs(logs: dict, retain_logs: Optional[dict] = None, names: Option
     blocks = {}
     for split in ORDER:
         d = logs[split]
-        if split in ("retain", "forget"):
-            prob = M.answer_prob(d["avg_gt_loss"])
-        else:
-            prob = M.normalized_prob(d["avg_gt_loss"], d["average_perturb_loss"])
-        ratios = M.truth_ratios(d["avg_paraphrased_loss"], d["average_perturb_loss"])
-        tr = M.truth_ratio_forget(ratios) if split == "forget" else M.truth_ratio_utility(ratios)
-        blocks[split] = {"prob": prob, "rouge": M.rouge_mean(d["rougeL_recall"]), "truth_ratio": tr}
+        blocks[split] = M.split_scores(split, d["avg_gt_loss"], d["avg_paraphrased_loss"], d["average_perturb_loss"],
+                                       d["rougeL_recall"])
     mu = M.model_utility([blocks[s][m] for s in ("retain", "real_authors", "world_facts")
                           for m in ("prob", "rouge", "truth_ratio")])
     fq = None

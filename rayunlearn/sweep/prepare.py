@@ -118,13 +118,17 @@ def _evaluate(space: SearchSpace, data, model_dir: Path, out: Path, retain_refer
     ref = load_reference(retain_reference) if retain_reference else None
     result = evaluate_model(model, tokenizer, benchmark, data, space.unlearn.eval, retain_reference=ref)
     if ref is None:
-        # the retain model is its own reference: forget quality 1 (KS statistic 0) and privleak 0,
-        # so its `removal` is on the same scale (forget quality) as every trial's
-        from rayunlearn.eval.evaluate import metrics_from_raw
-
-        raw = result["raw"]
-        result = {**metrics_from_raw(raw, result["fingerprint"], reference=result), "raw": raw}
+        result = self_referenced(result)
     write_eval(result, out)
+
+
+def self_referenced(result: dict) -> dict:
+    """The retain model's evaluation with itself as the forget-quality reference: forget quality 1
+    (KS statistic 0) and privleak 0, so its `removal` is on the trials' scale (forget quality)."""
+    from rayunlearn.eval.evaluate import metrics_from_raw
+
+    raw = result["raw"]
+    return {**metrics_from_raw(raw, result["fingerprint"], reference=result), "raw": raw}
 
 
 def copy_references(prepared: Prepared, sweep_dir: Path) -> None:
