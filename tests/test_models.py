@@ -138,3 +138,21 @@ def test_lora_trains_adapters_only_and_saves_merged(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(x).logits, want, atol=1e-5)
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_cached_smollm2_copy_loses_its_gguf_quantization_config(tmp_path):
+    """A dequantised copy saved with quant_method=gguf would reload as a 'GGUF-quantised' model
+    that save_pretrained refuses (checkpoints would fail); the loader heals such a copy."""
+    import json
+
+    from rayunlearn.models import _drop_gguf_quantization
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 576,
+                               "quantization_config": {"dequantize": False, "quant_method": "gguf"}}))
+    _drop_gguf_quantization(cfg)
+    assert json.loads(cfg.read_text()) == {"model_type": "llama", "hidden_size": 576}
+    other = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}
+    cfg.write_text(json.dumps(other))
+    _drop_gguf_quantization(cfg)          # only GGUF's marker is removed
+    assert json.loads(cfg.read_text()) == other

