@@ -278,19 +278,25 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         if not any(c.steps(t) is not None for t in trials["trial_id"]):
             doc.note("cumulative G-effects: not recorded (no effects/<trial>/steps.parquet).")
 
+    def per_trial_series(title, intro, load, draw, name, stem, caption, missing):
+        """One section: per collection, a figure of `load(c, trial)` for the trials that have it."""
+        doc.h(2, title)
+        doc.p(intro)
+        for c in collections:
+            doc.h(3, c.name)
+            rows, note = _series_trials(c, fronts[c.name], lambda t: load(c, t) is not None)
+            if note:
+                doc.note(note)
+            series = {_short(trial_label(r, c.hp_columns)): (load(c, r["trial_id"]), str(r["family"])) for r in rows}
+            doc.img(fig(draw(series, colors, f"{name} — {c.name}", fig_dir / f"{_slug(c.name)}_{stem}.png")),
+                    f"{caption} of {c.name}", missing)
+
     # G-effect curves
-    doc.h(2, "G-effect curves")
-    doc.p("Removal and retention G-effects per recorded step (exact totals from steps.parquet). "
-          "Zero line drawn; removal wants e_u < 0, retention wants e_r ≥ 0.")
-    for c in collections:
-        doc.h(3, c.name)
-        rows, note = _series_trials(c, fronts[c.name], lambda t: c.steps(t) is not None)
-        if note:
-            doc.note(note)
-        series = {_short(trial_label(r, c.hp_columns)): (c.steps(r["trial_id"]), str(r["family"])) for r in rows}
-        doc.img(fig(F.curves_figure(series, colors, f"G-effects per step — {c.name}",
-                                    fig_dir / f"{_slug(c.name)}_geffect_curves.png")),
-                f"G-effect curves of {c.name}", "not recorded (no steps.parquet)")
+    per_trial_series("G-effect curves",
+                     "Removal and retention G-effects per recorded step (exact totals from steps.parquet). "
+                     "Zero line drawn; removal wants e_u < 0, retention wants e_r ≥ 0.",
+                     lambda c, t: c.steps(t), F.curves_figure, "G-effects per step", "geffect_curves", "G-effect curves",
+                     "not recorded (no steps.parquet)")
 
     # Layer groups
     doc.h(2, "Layer groups")
@@ -331,31 +337,17 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
                 f"per-instance G-effects, {c.name}", "not recorded (no instance rows)")
 
     # Trajectories
-    doc.h(2, "Trajectories")
-    doc.p("Forget quality and model utility evaluated every k steps during unlearning (trajectory.jsonl).")
-    for c in collections:
-        doc.h(3, c.name)
-        rows, note = _series_trials(c, fronts[c.name], lambda t: c.trajectory(t) is not None)
-        if note:
-            doc.note(note)
-        series = {_short(trial_label(r, c.hp_columns)): (c.trajectory(r["trial_id"]), str(r["family"])) for r in rows}
-        doc.img(fig(F.trajectories_figure(series, colors, f"trajectories — {c.name}",
-                                          fig_dir / f"{_slug(c.name)}_trajectories.png")),
-                f"trajectories of {c.name}", "not recorded (no trajectory.jsonl)")
+    per_trial_series("Trajectories",
+                     "Forget quality and model utility evaluated every k steps during unlearning (trajectory.jsonl).",
+                     lambda c, t: c.trajectory(t), F.trajectories_figure, "trajectories", "trajectories", "trajectories",
+                     "not recorded (no trajectory.jsonl)")
 
     # Fidelity
-    doc.h(2, "First-order fidelity")
-    doc.p("Predicted (−lr·e) against measured risk change over each recorded step; points on y = x mean the "
-          "linearisation behind the G-effect holds.")
-    for c in collections:
-        doc.h(3, c.name)
-        rows, note = _series_trials(c, fronts[c.name], lambda t: c.steps(t) is not None)
-        if note:
-            doc.note(note)
-        series = {_short(trial_label(r, c.hp_columns)): (c.steps(r["trial_id"]), str(r["family"])) for r in rows}
-        doc.img(fig(F.fidelity_figure(series, colors, f"first-order fidelity — {c.name}",
-                                      fig_dir / f"{_slug(c.name)}_fidelity.png")),
-                f"first-order fidelity of {c.name}", "not recorded (no predicted/measured columns in steps.parquet)")
+    per_trial_series("First-order fidelity",
+                     "Predicted (−lr·e) against measured risk change over each recorded step; points on y = x "
+                     "mean the linearisation behind the G-effect holds.",
+                     lambda c, t: c.steps(t), F.fidelity_figure, "first-order fidelity", "fidelity", "first-order fidelity",
+                     "not recorded (no predicted/measured columns in steps.parquet)")
 
     # Importance
     doc.h(2, "Hyper-parameter importance")
