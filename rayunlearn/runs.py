@@ -1,0 +1,177 @@
+"""The results contract: every directory and file name under ``results/``, the status values of
+runs and trials, the Parquet schemas of the G-effect tables and the trials table, and the light
+error types that cross process boundaries.
+
+Writers (training, sweeps, G-effect sinks, evaluation) and readers (report, benchmarks, tests)
+import their names from here, so the layout has one owner. This module imports no torch: the
+report and the sweep driver read results without loading a model library.
+
+Layout (``docs/ARCHITECTURE.md`` draws it with every field)::
+
+    <results>/
+      data/synthetic/                       the generated benchmark
+      prepared/<settings hash>/             cached models + reference evaluations of a sweep/demo
+        models/{base,target,retain}/        finetuning runs (a run directory each)
+        reference/{target,retain}.json      evaluations of the target and retain models
+      <sweep>/
+        sweep.yaml  trials.parquet  pareto.json
+        reference/{target,retain}.json
+        trials/<trial_id>/                  a run directory (+ trial.json, attempts.jsonl, result.json)
+        effects/<trial_id>/{geffects,steps}.parquet
+        report/                             the report's output
+
+    a run directory: config.yaml  status.json  log.jsonl  metrics.json  raw.json
+                     trajectory.jsonl  tofu_eval/  checkpoints/step-<k>/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+
+from rayunlearn import UserError
+
+# ---------------------------------------------------------------------------------------------
+# names inside a run directory (finetuning run, unlearning run, sweep trial)
+
+CONFIG_FILE = "config.yaml"            # the resolved config; resume refuses a different one
+STATUS_FILE = "status.json"            # {"status": RUNNING|COMPLETED|DIVERGED, "step": ...}
+LOG_FILE = "log.jsonl"                 # one line per optimiser step
+METRICS_FILE = "metrics.json"          # the final evaluation
+RAW_FILE = "raw.json"                  # per-item values behind metrics.json
+TRAJECTORY_FILE = "trajectory.jsonl"   # evaluations every k steps
+TOFU_EVAL_DIR = "tofu_eval"            # the evaluation in the original TOFU log format
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"   # LoRA adapter weights beside the merged model
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer.json"
+
+# names a sweep adds to a trial's run directory
+TRIAL_FILE = "trial.json"              # the search point (family, method, hyper-parameters)
+ATTEMPTS_FILE = "attempts.jsonl"       # one line per start: retries are visible
+RESULT_FILE = "result.json"            # status, error, time, flattened metrics
+
+# names in a sweep directory
+SWEEP_SPACE_FILE = "sweep.yaml"        # the resolved search space
+TRIALS_TABLE_FILE = "trials.parquet"
+PARETO_FILE = "pareto.json"
+TRIALS_DIR = "trials"
+EFFECTS_DIR = "effects"
+REFERENCE_DIR = "reference"
+REPORT_DIR = "report"
+
+# names under the results root
+DATA_DIR = "data"
+PREPARED_DIR = "prepared"
+MODELS_DIR = "models"
+
+EFFECT_TABLES = ("geffects", "steps")
+
+
+def run_dir(out: str | Path, trial_id: Optional[str]) -> Path:
+    """The run directory of an unlearning run: ``out/trials/<trial_id>`` inside a sweep (or any
+    run given a trial id), ``out`` itself otherwise."""
+    return Path(out) / TRIALS_DIR / trial_id if trial_id else Path(out)
+
+
+def trial_dir(sweep_dir: str | Path, trial_id: str) -> Path:
+    return Path(sweep_dir) / TRIALS_DIR / str(trial_id)
+
+
+def effects_table(results_dir: str | Path, trial_id: str, table: str) -> Path:
+    """``<results_dir>/effects/<trial_id>/<table>.parquet``: where every G-effect sink writes."""
+    if table not in EFFECT_TABLES:
+        raise ValueError(f"unknown G-effect table {table!r}; expected one of {EFFECT_TABLES}")
+    return Path(results_dir) / EFFECTS_DIR / str(trial_id) / f"{table}.parquet"
+
+
+def reference_eval(results_dir: str | Path, which: str) -> Path:
+    """``<results_dir>/reference/<which>.json`` (which: "target" or "retain")."""
+    return Path(results_dir) / REFERENCE_DIR / f"{which}.json"
+
+
+def model_dir(root: str | Path, stage: str) -> Path:
+    """``<root>/models/<stage>``: a finetuning run directory (base, target, retain)."""
+    return Path(root) / MODELS_DIR / stage
+
+
+def checkpoint_dir(run: str | Path, step: int) -> Path:
+    return Path(run) / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{int(step)}"
+
+
+def checkpoint_step(path: str | Path) -> Optional[int]:
+    """The step of a ``step-<k>`` directory, None for any other name."""
+    name = Path(path).name
+    if not name.startswith(CHECKPOINT_PREFIX):
+        return None
+    tail = name[len(CHECKPOINT_PREFIX):]
+    return int(tail) if tail.isdigit() else None
+
+
+def list_checkpoints(run: str | Path) -> list[Path]:
+    """The run's checkpoint directories, oldest first (by step)."""
+    root = Path(run) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+# ---------------------------------------------------------------------------------------------
+# statuses: one vocabulary for run status files, trial results and the trials table
+
+RUNNING = "running"        # started, not finished (a killed run stays here until resumed)
+COMPLETED = "completed"    # finished and evaluated
+DIVERGED = "diverged"      # stopped by the divergence guard (deterministic: never retried)
+FAILED = "failed"          # raised an error (its message is in the trial's `error`)
+INCOMPLETE = "incomplete"  # a trial directory without a result (the sweep was interrupted)
+
+STATUSES = (RUNNING, COMPLETED, DIVERGED, FAILED, INCOMPLETE)
+FINISHED_STATUSES = frozenset({COMPLETED, DIVERGED, FAILED})   # a resumed sweep does not rerun these
+UNSUCCESSFUL_STATUSES = frozenset({DIVERGED, FAILED, INCOMPLETE, RUNNING})
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+GEFFECT_SCHEMA = pa.schema([
+    ("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64()), ("risk", pa.string()),
+    ("parameter", pa.string()), ("layer", pa.int64()), ("group", pa.string()), ("kind", pa.string()),
+    ("term", pa.string()), ("instance", pa.int64()), ("value", pa.float64()), ("estimator", pa.string()),
+])
+
+STEP_FIELDS = (
+    "lr", "removal", "retention", "removal_adam", "retention_adam", "cosine_removal",
+    "cosine_retention", "predicted_removal_change", "measured_removal_change",
+    "predicted_retention_change", "measured_retention_change", "risk_removal", "risk_retention",
+    # beyond the ARCHITECTURE minimum
+    "predicted_removal_change_adam", "predicted_retention_change_adam",
+    "cumulative_removal", "cumulative_retention", "cumulative_removal_adam", "cumulative_retention_adam",
+    "removal_forget_terms", "retention_forget_terms", "objective_grad_norm", "every",
+)
+STEPS_SCHEMA = pa.schema([("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64())]
+                         + [(f, pa.float64()) for f in STEP_FIELDS])
+
+EFFECT_SCHEMAS = {"geffects": GEFFECT_SCHEMA, "steps": STEPS_SCHEMA}
+# columns that identify a value (everything but `value`): how rank partial sums are matched
+EFFECT_KEY_COLUMNS = {"geffects": [f.name for f in GEFFECT_SCHEMA if f.name != "value"],
+                      "steps": ["trial_id", "method", "step"]}
+
+# trials.parquet: these columns always, then `hp.<name>` per hyper-parameter and the flattened
+# metrics (`forget.prob`, `mia.privleak`, ...) of the trial's final evaluation.
+TRIALS_FIXED_COLUMNS = ("trial_id", "family", "method", "status", "error", "time_s", "attempts",
+                        "removal", "retention")
+TRIALS_REQUIRED_COLUMNS = ("trial_id", "family", "method", "status", "removal", "retention")
+HP_PREFIX = "hp."
+
+
+# ---------------------------------------------------------------------------------------------
+# errors that cross process boundaries (recognised by type, never by message)
+
+class DivergedError(UserError):
+    """The divergence guard stopped a run: a non-finite loss or gradient norm. Deterministic for a
+    given config and seed, so a sweep records it and does not retry it."""
