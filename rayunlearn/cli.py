@@ -6,7 +6,7 @@
     rayunlearn eval MODEL_OR_RUN [key=value ...]
     rayunlearn effects RUN_DIR [key=value ...]
     rayunlearn tofu-summary EVAL_DIR [--retain RETAIN_DIR] [--json]
-    rayunlearn sweep SPACE.yaml [--resume] [key=value ...]
+    rayunlearn sweep SPACE [--resume] [key=value ...]
     rayunlearn report RESULTS_DIR
     rayunlearn demo [--model tiny|smollm2-135m] [key=value ...]
     rayunlearn bench {effects,eval,sweep,gpu,all}
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true", help="print one JSON object")
 
     sw = sub.add_parser("sweep", help="Ray Tune + Optuna sweep over a search space (YAML)")
-    sw.add_argument("space", metavar="SPACE.yaml")
+    sw.add_argument("space", metavar="SPACE",
+                    help="a search space: a YAML file or the name of a shipped one (tiny, wga_kl, recipes/...)")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     sw.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -122,7 +123,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return summary_command(args.eval_dir, retain_dir=args.retain, as_json=args.json)
     if cmd == "sweep":
-        from rayunlearn.tune import sweep_command
+        from rayunlearn.sweep.driver import sweep_command
 
         return sweep_command(args.space, args.overrides, resume=args.resume)
     if cmd == "report":

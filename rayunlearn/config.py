@@ -239,15 +239,19 @@ def load_config(cls: type, preset: str | Path | None = None, overrides: list[str
                 data: dict | None = None):
     """Build and validate `cls` from a preset (a name in rayunlearn/presets or a YAML path),
     then a dict, then ``key=value`` overrides (dotted keys, YAML-typed values)."""
-    merged: dict = {}
-    if preset is not None:
-        merged = _deep_merge(merged, read_preset(preset))
+    return from_dict(cls, merge_sources(read_preset(preset) if preset is not None else {}, data, overrides))
+
+
+def merge_sources(base: dict, data: dict | None = None, overrides: list[str] | None = None) -> dict:
+    """The layering every config file shares (presets, search spaces): ``base`` (a file's
+    mapping), deep-merged with ``data``, then each ``key=value`` override set at its dotted key."""
+    merged = _deep_merge({}, base)
     if data:
         merged = _deep_merge(merged, data)
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(merged, key, value)
-    return from_dict(cls, merged)
+    return merged
 
 
 def read_preset(preset: str | Path) -> dict:

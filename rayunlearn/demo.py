@@ -6,9 +6,9 @@ On a local Ray instance with the embedded default (the synthetic benchmark and t
    target and retain models (the references): done once, cached under ``<out>/prepared/``;
 2. **study** — the paper's methods (`ga`, `ga+gd`, `ga+kl`, `npo`, `npo+kl`, `wga+kl`, `tnpo+kl`,
    `wtnpo+kl`, `po+kl`, `rmu+kl`) at their default hyper-parameters, with live G-effects and
-   evaluation along the way (``search_spaces/demo_study.yaml``, a Tune grid);
+   evaluation along the way (the shipped space ``demo_study``, a Tune grid);
 3. **sweep** — a multi-objective Optuna sweep over the weighting and KL hyper-parameters of the
-   paper's proposed families (``search_spaces/demo_sweep.yaml``);
+   paper's proposed families (the shipped space ``demo_sweep``);
 4. **report** — ``<out>/report/report.html`` (+ Markdown and PNG figures) with the Pareto frontier,
    the paper-style table, G-effect curves and the findings on the paper's claims.
 
@@ -28,10 +28,9 @@ import shutil
 import time
 from pathlib import Path
 
-from rayunlearn import UserError
+from rayunlearn import UserError, runs
 from rayunlearn.io import read_json, write_json
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 STAGES = ("study", "sweep")
 
 # SmolLM2-135M-Instruct: no base stage (the pretrained model is the base), the plain template
@@ -56,7 +55,7 @@ def demo_command(model: str = "tiny", out: str = "results/demo", overrides: list
     console = Console()
     if model not in ("tiny", "smollm2-135m"):
         raise UserError(f"--model {model!r}: the demo knows 'tiny' (default) and 'smollm2-135m'; for any other "
-                        f"model write a search space (see search_spaces/recipes/) and run `rayunlearn sweep`")
+                        f"model write a search space (see rayunlearn/search_spaces/recipes/) and run `rayunlearn sweep`")
     extra = list(overrides or [])
     if model == "smollm2-135m":
         import importlib.util
@@ -69,11 +68,11 @@ def demo_command(model: str = "tiny", out: str = "results/demo", overrides: list
             out = "results/demo-smollm2"
     out_dir = Path(out).resolve()
     spaces = load_demo_spaces(out_dir, extra)
-    state_path = out_dir / "demo_state.json"
+    state_path = out_dir / runs.DEMO_STATE_FILE
     if fresh:
         for stage in STAGES:
             shutil.rmtree(out_dir / spaces[stage].name, ignore_errors=True)
-        shutil.rmtree(out_dir / "report", ignore_errors=True)
+        shutil.rmtree(out_dir / runs.REPORT_DIR, ignore_errors=True)
         state_path.unlink(missing_ok=True)
     state = read_json(state_path) if state_path.exists() else {}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +122,7 @@ def load_demo_spaces(out_dir: Path, overrides: list[str]):
     for stage in STAGES:
         mine = [o for o in overrides if not o.startswith(tuple(f"{s}." for s in STAGES))]
         mine += [o.split(".", 1)[1] for o in overrides if o.startswith(f"{stage}.")]
-        spaces[stage] = load_space(SPACE_DIR / f"demo_{stage}.yaml", [f"results={out_dir}"] + mine)
+        spaces[stage] = load_space(f"demo_{stage}", [f"results={out_dir}"] + mine)
     keys = {s.prepare_key() for s in spaces.values()}
     if len(keys) != 1:
         raise UserError("the study and the sweep must share data, model, prepare and eval settings (one "
@@ -132,16 +131,13 @@ def load_demo_spaces(out_dir: Path, overrides: list[str]):
 
 
 def _run_stage(space, console) -> dict:
-    from rayunlearn.tune import TUNE_DIR, run_sweep
+    from rayunlearn.sweep.driver import run_sweep
+    from rayunlearn.sweep.tuner import can_restore
 
-    exp = space.sweep_dir().resolve() / TUNE_DIR
-    resume = False
-    if exp.exists():
-        from ray import tune
-
-        resume = tune.Tuner.can_restore(str(exp))
-        if not resume:      # killed before Tune saved anything: start this stage again
-            shutil.rmtree(exp, ignore_errors=True)
+    sweep_dir = space.sweep_dir().resolve()
+    resume = can_restore(sweep_dir)
+    if not resume:      # killed before Tune saved anything: start this stage again
+        shutil.rmtree(sweep_dir / runs.TUNE_DIR, ignore_errors=True)
     _, summary = run_sweep(space, resume=resume, console=console)
     return summary
 

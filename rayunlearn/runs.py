@@ -11,10 +11,13 @@ Layout (``docs/ARCHITECTURE.md`` draws it with every field)::
     <results>/
       data/synthetic/                       the generated benchmark
       prepared/<settings hash>/             cached models + reference evaluations of a sweep/demo
+        done.json                           the stages finished
+        data/                               the synthetic benchmark of these settings
         models/{base,target,retain}/        finetuning runs (a run directory each)
         reference/{target,retain}.json      evaluations of the target and retain models
       <sweep>/
-        sweep.yaml  trials.parquet  pareto.json
+        sweep.yaml  trials.parquet  pareto.json  [STOP]
+        tune/                               Ray Tune's experiment state (--resume)
         reference/{target,retain}.json
         trials/<trial_id>/                  a run directory (+ trial.json, attempts.jsonl, result.json)
         effects/<trial_id>/{geffects,steps}.parquet
@@ -63,11 +66,15 @@ TRIALS_DIR = "trials"
 EFFECTS_DIR = "effects"
 REFERENCE_DIR = "reference"
 REPORT_DIR = "report"
+TUNE_DIR = "tune"                      # Ray Tune's experiment state (what --resume restores)
+STOP_FILE = "STOP"                     # created by anyone: the sweep stops after the running trials
 
 # names under the results root
 DATA_DIR = "data"
 PREPARED_DIR = "prepared"
 MODELS_DIR = "models"
+PREPARED_DONE_FILE = "done.json"       # in prepared/<hash>/: the preparation stages finished
+DEMO_STATE_FILE = "demo_state.json"    # in a demo directory: the stages `rayunlearn demo` finished
 
 EFFECT_TABLES = ("geffects", "steps")
 
@@ -92,6 +99,11 @@ def effects_table(results_dir: str | Path, trial_id: str, table: str) -> Path:
 def reference_eval(results_dir: str | Path, which: str) -> Path:
     """``<results_dir>/reference/<which>.json`` (which: "target" or "retain")."""
     return Path(results_dir) / REFERENCE_DIR / f"{which}.json"
+
+
+def prepared_dir(results: str | Path, key: str) -> Path:
+    """``<results>/prepared/<key>``: the models and reference evaluations of one preparation."""
+    return Path(results) / PREPARED_DIR / key
 
 
 def model_dir(root: str | Path, stage: str) -> Path:

@@ -96,12 +96,9 @@ from rayunlearn.config import (FinetuneConfig, TrainConfig, UnlearnConfig, check
                                from_dict, save_config, to_dict)
 from rayunlearn.forward import IGNORE, RefLogpCache, token_view
 from rayunlearn.io import append_jsonl, read_json, read_jsonl, save_safetensors, seed_everything, write_json
+from rayunlearn.runs import DivergedError  # noqa: F401  (raised here; the sweep recognises its type)
 
 CHECKPOINTS = "checkpoints"
-
-
-class DivergedError(UserError):
-    """The loss or a gradient became NaN/inf; the run stopped and kept its last good checkpoint."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_ray_job_submit_runs_a_sweep(tmp_path):
     try:
         subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
         address = f"http://127.0.0.1:{dash}"
-        space = ROOT / "search_spaces" / "tiny.yaml"
+        space = "tiny"      # a shipped space, by name (package data)
         # the package is installed in this environment: no runtime_env install needed
         cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                "--runtime-env-json", json.dumps({"excludes": [".venv/", "results/", ".git/"]}), "--",

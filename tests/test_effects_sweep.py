@@ -132,27 +132,28 @@ def test_sink_selection_without_ray(tmp_path, monkeypatch):
 
 
 def test_trial_config_names_the_sweep_aggregator(tmp_path):
-    from rayunlearn import tune
     from rayunlearn.sweep.space import load_space
+    from rayunlearn.sweep.trial import TrialContext, trial_config
+    from rayunlearn.sweep.tuner import aggregator_name
 
-    assert tune.AGGREGATOR_ENV == AGGREGATOR_ENV
-    space = load_space("search_spaces/tiny.yaml", [f"results={tmp_path}"])
-    ctx = tune.TrialContext(space={}, sweep_dir=str(tmp_path), target="t", data=None, retain_reference=None,
-                            aggregator="agg-1")
-    cfg = tune._trial_config(space, ctx, "tr1", "ga")
+    space = load_space("tiny", [f"results={tmp_path}"])
+    ctx = TrialContext(space={}, sweep_dir=str(tmp_path), target="t", data=None, retain_reference=None,
+                       aggregator="agg-1")
+    cfg = trial_config(space, ctx, "tr1", "ga")
     assert cfg.effects.aggregator == "agg-1" and cfg.out == str(tmp_path)
     # the actor name does not depend on the process (Python salts str hashes per process), so a
     # resumed sweep gives its trials the same effects.aggregator
     import subprocess
     import sys
 
-    code = ("from pathlib import Path; from rayunlearn import tune; from rayunlearn.sweep.space import load_space; "
-            f"print(tune._aggregator_name(load_space('search_spaces/tiny.yaml'), Path({str(tmp_path)!r})))")
+    code = ("from pathlib import Path; from rayunlearn.sweep.tuner import aggregator_name; "
+            "from rayunlearn.sweep.space import load_space; "
+            f"print(aggregator_name(load_space('tiny'), Path({str(tmp_path)!r})))")
     seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
-    assert other == tune._aggregator_name(space, tmp_path) and other.startswith("rayunlearn-geffects-tiny-")
-    assert tune._aggregator_name(space, tmp_path / "other") != other
+    assert other == aggregator_name(space, tmp_path) and other.startswith("rayunlearn-geffects-tiny-")
+    assert aggregator_name(space, tmp_path / "other") != other
 
 
 # ------------------------------------------------------------------ real runs (Ray last)

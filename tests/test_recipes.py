@@ -1,4 +1,4 @@
-"""Real-model recipes (search_spaces/recipes/*.yaml): they load and validate offline, encode the
+"""Real-model recipes (rayunlearn/search_spaces/recipes/*.yaml): they load and validate offline, encode the
 paper's TOFU recipe, build valid per-trial configs, and starting one offline fails fast with the
 data / model error (no download, no training)."""
 
@@ -76,8 +76,8 @@ def test_recipe_trial_configs_validate(path: Path):
     recipe's worker count (batch 16 divisible by micro-batch x workers) and a GPU."""
     import optuna
 
-    from rayunlearn.sweep.space import decode, define_by_run, method_string
-    from rayunlearn.tune import TrialContext, _trial_config
+    from rayunlearn.sweep.space import decode, define_by_run
+    from rayunlearn.sweep.trial import TrialContext, trial_config
 
     space = load_space(path)
     ctx = TrialContext(space=to_dict(space), sweep_dir="/tmp/sweep", target="/tmp/target", data=None,
@@ -92,7 +92,7 @@ def test_recipe_trial_configs_validate(path: Path):
         consts = fn(trial)                                 # suggests first, then read params
         family, hp = decode(space, {**trial.params, **consts})
         study.tell(trial, [0.0, 0.0])
-        cfg = _trial_config(space, ctx, "t0", method_string(family, hp))
+        cfg = trial_config(space, ctx, "t0", space.parsed_families[family].method_string(hp))
         cfg = from_dict(UnlearnConfig, to_dict(cfg))       # round trip: what a Ray worker receives
         assert cfg.train.num_workers == space.resources.num_workers
         assert cfg.train.use_gpu is True
@@ -107,7 +107,7 @@ def test_recipe_trial_configs_validate(path: Path):
 
 
 def test_recipe_names_resolve_like_shipped_spaces():
-    """`rayunlearn sweep recipes/<name>` finds the file under search_spaces/."""
+    """`rayunlearn sweep recipes/<name>` finds the shipped file under rayunlearn/search_spaces/."""
     assert load_space("recipes/tofu_phi15_wga_kl").name == "tofu_phi15_wga_kl"
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rayunlearn.config import ConfigError
-from rayunlearn.sweep.space import SPACE_DIR, decode, define_by_run, load_space, method_string
+from rayunlearn.sweep.space import SPACE_DIR, decode, define_by_run, load_space
 
 SHIPPED = sorted(SPACE_DIR.glob("*.yaml"))
 GOOD = {"families": {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
@@ -119,7 +119,7 @@ def test_define_by_run_samples_inside_the_distributions():
                 assert d.low <= v <= d.high
             if d.type == "int":
                 assert isinstance(v, int)
-        m = method_string(family, hp)
+        m = space.parsed_families[family].method_string(hp)
         assert m.split("(")[0].split("+")[0] == family.split("+")[0]
         study.tell(trial, [0.0, 0.0])
     assert len(seen) >= 4     # the family is a categorical choice
@@ -127,7 +127,9 @@ def test_define_by_run_samples_inside_the_distributions():
 
 def test_method_string_and_unit_positions():
     space = load_space(data=GOOD)
-    assert method_string("wga+kl", {"wga.alpha": 2.0, "kl.weight": 0.5}) == "wga(alpha=2.0)+kl(mask=answer, weight=0.5)"
+    fam = space.parsed_families["wga+kl"]
+    assert fam.method_string({"wga.alpha": 2.0, "kl.weight": 0.5}) == "wga(alpha=2.0)+kl(mask=answer, weight=0.5)"
+    assert fam.retain_keys({"wga.alpha": 2.0, "kl.weight": 0.5}) == ["kl.weight"]
     d = space.distributions["wga+kl"]
     assert d["wga.alpha"].unit(1.0) == pytest.approx(0.5)          # log-scaled: 1 is the middle of [0.1, 10]
     assert d["kl.weight"].unit(2.55) == pytest.approx(0.5)         # linear

@@ -52,7 +52,7 @@ def _oracle(alpha, weight):
 
 
 def test_tiny_sweep_writes_tables_and_pareto(tmp_path, ray_local):
-    from rayunlearn.tune import run_sweep
+    from rayunlearn.sweep.driver import run_sweep
 
     space = _space(tmp_path, "tables", num_samples=4,
                    trainable_options={"diverge_above": 0.55})
@@ -99,7 +99,7 @@ def test_tiny_sweep_writes_tables_and_pareto(tmp_path, ray_local):
 
 def test_resume_does_not_rerun_finished_trials(tmp_path, ray_local):
     from rayunlearn import UserError
-    from rayunlearn.tune import run_sweep
+    from rayunlearn.sweep.driver import run_sweep
 
     # a graceful stop after the 2nd finished trial (the trial writes <sweep>/STOP)
     space = _space(tmp_path, "resume", num_samples=4, max_concurrent=1,
@@ -120,7 +120,7 @@ def test_resume_does_not_rerun_finished_trials(tmp_path, ray_local):
 
 def test_resume_refuses_a_changed_space(tmp_path, ray_local):
     from rayunlearn.config import ConfigError
-    from rayunlearn.tune import run_sweep
+    from rayunlearn.sweep.driver import run_sweep
 
     space = _space(tmp_path, "changed", num_samples=1)
     run_sweep(space)
@@ -129,7 +129,7 @@ def test_resume_refuses_a_changed_space(tmp_path, ray_local):
 
 
 def test_killed_trial_worker_is_retried(tmp_path, ray_local):
-    from rayunlearn.tune import run_sweep
+    from rayunlearn.sweep.driver import run_sweep
 
     space = _space(tmp_path, "crash", num_samples=1, max_failures=1,
                    trainable_options={"crash_once": True})

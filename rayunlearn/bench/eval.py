@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rayunlearn.config import DataConfig, EvalConfig, ModelConfig
+from rayunlearn.config import DataConfig, EvalConfig, FinetuneConfig, ModelConfig
 
 
 def _synthetic_benchmark():
@@ -36,7 +36,7 @@ def _load(name: str):
 
     bench = _synthetic_benchmark()
     if name == "tiny":
-        target = Path("results/models/target")
+        target = Path(FinetuneConfig().out)     # where `rayunlearn finetune` writes the target model
         if (target / "config.json").exists():
             model, tok = load_model(ModelConfig(), str(target))
             return model, tok, bench, f"tiny (trained, {target})"

@@ -3,7 +3,7 @@ trials vs the same N runs one after another in-process; (b) search quality: Pare
 after 24 trials, Optuna's multi-objective sampler (the sweep's TPE, and NSGA-II) vs random
 search, over 3 seeds.
 
-(a) uses ``search_spaces/tiny.yaml``: its models are prepared once (about a minute on two busy
+(a) uses the shipped space ``tiny``: its models are prepared once (about a minute on two busy
 cores; cached under ``results/bench_sweep/prepared/``, reused by later runs and not timed), then
 every trial is a real ``unlearn_trial`` (WGA+KL on the tiny model, G-effects every 2 steps, a
 final TOFU evaluation) with ``unlearn.train.epochs`` raised so that one trial is a few seconds of
@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+from rayunlearn import runs
 from rayunlearn.bench.common import print_table
 
 FAMILY = {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
@@ -47,7 +48,7 @@ def _trial_times(sweep_dir: Path) -> dict[str, tuple[str, float, str]]:
     from rayunlearn.io import read_json
 
     out = {}
-    for res in sorted(sweep_dir.glob("trials/*/result.json")):
+    for res in sorted((sweep_dir / runs.TRIALS_DIR).glob(f"*/{runs.RESULT_FILE}")):
         r = read_json(res)
         out[r["trial_id"]] = (r["method"], float(r.get("time_s", float("nan"))), r.get("status", ""))
     return out
@@ -59,13 +60,13 @@ def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str], thread
 
     from rayunlearn.config import to_dict
     from rayunlearn.sweep.prepare import copy_references
+    from rayunlearn.sweep.trial import TrialContext, trial_config
     from rayunlearn.train import unlearn_trial
-    from rayunlearn.tune import TrialContext, _trial_config
 
     shutil.rmtree(sweep_dir, ignore_errors=True)
     copy_references(prepared, sweep_dir)
     ctx = TrialContext(space=to_dict(space), sweep_dir=str(sweep_dir), target=prepared.target,
-                       data=to_dict(prepared.data), retain_reference=str(sweep_dir / "reference" / "retain.json"),
+                       data=to_dict(prepared.data), retain_reference=str(runs.reference_eval(sweep_dir, "retain")),
                        aggregator=None)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -74,7 +75,7 @@ def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str], thread
         t_all = time.perf_counter()
         for i, method in enumerate(methods):
             t0 = time.perf_counter()
-            unlearn_trial(_trial_config(space, ctx, f"seq{i:02d}", method))
+            unlearn_trial(trial_config(space, ctx, f"seq{i:02d}", method))
             times.append(time.perf_counter() - t0)
         return time.perf_counter() - t_all, times
     finally:
@@ -87,8 +88,8 @@ def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
     import ray
     from rich.console import Console
 
+    from rayunlearn.sweep.driver import run_sweep
     from rayunlearn.sweep.prepare import prepare
-    from rayunlearn.tune import run_sweep
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     root = Path(root).resolve()
@@ -136,7 +137,7 @@ def bench_quality(trials: int = 24, seeds=(0, 1, 2)) -> dict:
     from rayunlearn.pareto import hypervolume_2d
     from rayunlearn.sweep.space import decode, define_by_run, load_space
     from rayunlearn.sweep.synthetic import synthetic_objectives
-    from rayunlearn.tune import make_sampler
+    from rayunlearn.sweep.tuner import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out: dict[str, list[float]] = {}
@@ -167,7 +168,7 @@ def main(quick: bool = False) -> None:
     n, epochs = (4, 20) if quick else (8, 40)    # a few / several seconds of work per trial here
     load0 = os.getloadavg()[0]
     r = bench_parallel(n, epochs)
-    print_table(f"sweep (a): {n} real tiny unlearning trials (search_spaces/tiny.yaml, wga+kl, "
+    print_table(f"sweep (a): {n} real tiny unlearning trials (the shipped space tiny, wga+kl, "
                 f"unlearn.train.epochs={epochs}), 2 CPUs; load avg {load0:.2f} before, {r['load'][0]:.2f} after",
                 ["run", "wall (s)", "mean time in a trial (s)", "ratio Tune / this"],
                 [["Ray Tune, 2 concurrent, 1 thread each", f"{r['tune_s']:.1f}", f"{r['tune_trial_mean_s']:.2f}", ""],

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rayunlearn import runs
 from rayunlearn.io import write_json, write_text
 from rayunlearn.report import figures as F
 from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, TABLE_COLUMNS, front_of, group_effects,
@@ -170,7 +171,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     returns the path of report.html. Default ``out_dir``: ``<results_dir>/report``."""
     root = Path(results_dir)
     collections = discover(root)
-    out = Path(out_dir) if out_dir is not None else root / "report"
+    out = Path(out_dir) if out_dir is not None else root / runs.REPORT_DIR
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):

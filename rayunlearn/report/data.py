@@ -1,7 +1,9 @@
 """Reading a results directory for the report: discovery of sub-results directories, strict
 validation of every file the report reads, and lazy per-trial loading.
 
-The layout is the one in ``docs/ARCHITECTURE.md`` ("Results layout"). Optional files that are
+The layout and the trials table's columns are ``rayunlearn.runs``'s (the writers' own names), and a
+trial counts as completed when its status is ``runs.COMPLETED`` and both objectives are finite
+(what the sweep's Pareto front uses). Optional files that are
 missing are reported as ``None`` (the report skips the section with a note); files that exist
 but are malformed raise :class:`ReportDataError` naming the file and what is wrong.
 """
@@ -18,14 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rayunlearn import UserError
+from rayunlearn import UserError, runs
 from rayunlearn.io import read_jsonl
 
-TRIALS_REQUIRED = ("trial_id", "family", "method", "status", "removal", "retention")
+# the columns of the G-effect tables the report reads (a subset of runs.STEPS_SCHEMA / GEFFECT_SCHEMA)
 STEPS_REQUIRED = ("step", "removal", "retention")
 GEFFECTS_REQUIRED = ("step", "risk", "kind", "value")
-FAILED_STATUSES = {"error", "errored", "failed", "fail", "diverged", "pruned", "running", "pending", "terminated_error"}
-REPORT_DIRNAME = "report"
 
 
 class ReportDataError(UserError):
@@ -100,15 +100,15 @@ class Collection:
 
     @cached_property
     def completed(self) -> pd.DataFrame:
-        """Trials that finished: status not a failure and both objectives finite."""
+        """Trials that completed (``runs.COMPLETED``) with both objectives finite."""
         t = self.trials
-        ok = ~t["status"].astype(str).str.lower().isin(FAILED_STATUSES)
-        ok &= np.isfinite(t["removal"].to_numpy(float)) & np.isfinite(t["retention"].to_numpy(float))
+        ok = (t["status"] == runs.COMPLETED).to_numpy(bool) & np.isfinite(t["removal"].to_numpy(float)) \
+            & np.isfinite(t["retention"].to_numpy(float))
         return t[ok].reset_index(drop=True)
 
     @property
     def hp_columns(self) -> list[str]:
-        return [c for c in self.trials.columns if c.startswith("hp.")]
+        return [c for c in self.trials.columns if c.startswith(runs.HP_PREFIX)]
 
     def _load(self, key: str, trial_id: str, loader):
         ck = (key, trial_id)
@@ -117,26 +117,26 @@ class Collection:
         return self._cache[ck]
 
     def trial_dir(self, trial_id: str) -> Path:
-        return self.path / "trials" / str(trial_id)
+        return runs.trial_dir(self.path, trial_id)
 
     def metrics(self, trial_id: str) -> dict | None:
-        p = self.trial_dir(trial_id) / "metrics.json"
+        p = self.trial_dir(trial_id) / runs.METRICS_FILE
         return self._load("metrics", trial_id, lambda: check_metrics(read_json_file(p), p) if p.exists() else None)
 
     def log(self, trial_id: str) -> pd.DataFrame | None:
-        p = self.trial_dir(trial_id) / "log.jsonl"
-        return self._load("log", trial_id, lambda: _jsonl_frame(p, "log.jsonl"))
+        p = self.trial_dir(trial_id) / runs.LOG_FILE
+        return self._load("log", trial_id, lambda: _jsonl_frame(p, runs.LOG_FILE))
 
     def trajectory(self, trial_id: str) -> pd.DataFrame | None:
-        p = self.trial_dir(trial_id) / "trajectory.jsonl"
-        return self._load("trajectory", trial_id, lambda: _jsonl_frame(p, "trajectory.jsonl"))
+        p = self.trial_dir(trial_id) / runs.TRAJECTORY_FILE
+        return self._load("trajectory", trial_id, lambda: _jsonl_frame(p, runs.TRAJECTORY_FILE))
 
     def steps(self, trial_id: str) -> pd.DataFrame | None:
-        p = self.path / "effects" / str(trial_id) / "steps.parquet"
+        p = runs.effects_table(self.path, trial_id, "steps")
         return self._load("steps", trial_id, lambda: _sorted(read_parquet(p, STEPS_REQUIRED)) if p.exists() else None)
 
     def geffects(self, trial_id: str) -> pd.DataFrame | None:
-        p = self.path / "effects" / str(trial_id) / "geffects.parquet"
+        p = runs.effects_table(self.path, trial_id, "geffects")
         return self._load("geffects", trial_id, lambda: _prefer_exact(read_parquet(p, GEFFECTS_REQUIRED)) if p.exists() else None)
 
     def metric(self, row: pd.Series, path: tuple[str, ...]) -> float:
@@ -148,7 +148,7 @@ class Collection:
             if v is not None:
                 if path[-1] == "ks_n":
                     return v
-                return as_float(v, f"{self.trial_dir(row['trial_id'])}/metrics.json:{'.'.join(path)}")
+                return as_float(v, f"{self.trial_dir(row['trial_id']) / runs.METRICS_FILE}:{'.'.join(path)}")
         for sep in (".", "_", "/"):
             for prefix in ("", "metrics."):
                 col = prefix + sep.join(path)
@@ -159,7 +159,7 @@ class Collection:
                     try:
                         return float(v)
                     except (TypeError, ValueError):
-                        raise ReportDataError(f"{self.path}/trials.parquet: column {col!r} of trial "
+                        raise ReportDataError(f"{self.path / runs.TRIALS_TABLE_FILE}: column {col!r} of trial "
                                               f"{row['trial_id']} is not numeric: {v!r}")
         return math.nan
 
@@ -191,28 +191,29 @@ def _jsonl_frame(path: Path, what: str) -> pd.DataFrame | None:
 
 def load_collection(path: Path, root: Path) -> Collection:
     """Load one sub-results directory (it holds trials.parquet)."""
-    trials = read_parquet(path / "trials.parquet", TRIALS_REQUIRED)
+    table = path / runs.TRIALS_TABLE_FILE
+    trials = read_parquet(table, runs.TRIALS_REQUIRED_COLUMNS)
     trials = trials.copy()
     trials["trial_id"] = trials["trial_id"].astype(str)
     for col in ("removal", "retention"):
         try:
             trials[col] = pd.to_numeric(trials[col], errors="raise").astype(float)
         except (TypeError, ValueError) as exc:
-            raise ReportDataError(f"{path / 'trials.parquet'}: column '{col}' must be numeric ({exc})") from exc
+            raise ReportDataError(f"{table}: column '{col}' must be numeric ({exc})") from exc
     if trials["trial_id"].duplicated().any():
         dup = trials.loc[trials["trial_id"].duplicated(), "trial_id"].tolist()
-        raise ReportDataError(f"{path / 'trials.parquet'}: duplicate trial ids {dup}")
+        raise ReportDataError(f"{table}: duplicate trial ids {dup}")
     reference: dict[str, dict] = {}
     for which in ("target", "retain"):
         for base in (path, *path.parents):
-            p = base / "reference" / f"{which}.json"
+            p = runs.reference_eval(base, which)
             if p.exists():
                 reference[which] = check_metrics(read_json_file(p), p)
                 break
             if base == root:
                 break
     pareto_file = None
-    pp = path / "pareto.json"
+    pp = path / runs.PARETO_FILE
     if pp.exists():
         pareto_file = read_json_file(pp)
         if not isinstance(pareto_file, dict) or not isinstance(pareto_file.get("trials", []), list):
@@ -228,12 +229,12 @@ def discover(results_dir: str | Path) -> list[Collection]:
     if not root.is_dir():
         raise ReportDataError(f"{root}: no such results directory; pass the directory a sweep, a study "
                               "or `rayunlearn demo` wrote (e.g. results/demo)")
-    if (root / "trials.parquet").exists():
+    if (root / runs.TRIALS_TABLE_FILE).exists():
         dirs = [root]
     else:
-        dirs = sorted({p.parent for p in root.rglob("trials.parquet")
-                       if "trials" not in p.parent.relative_to(root).parts
-                       and REPORT_DIRNAME not in p.parent.relative_to(root).parts[:1]})
+        dirs = sorted({p.parent for p in root.rglob(runs.TRIALS_TABLE_FILE)
+                       if runs.TRIALS_DIR not in p.parent.relative_to(root).parts
+                       and runs.REPORT_DIR not in p.parent.relative_to(root).parts[:1]})
     if not dirs:
         raise ReportDataError(f"{root}: no trials.parquet here or below; the report reads the results of "
                               "a sweep or study (run `rayunlearn sweep` or `rayunlearn demo` first)")

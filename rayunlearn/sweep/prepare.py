@@ -1,8 +1,9 @@
 """Everything a sweep needs before its first trial, done once and cached.
 
 ``<results>/prepared/<key>/`` with key = a hash of the data, model, preparation and evaluation
-settings (:meth:`SearchSpace.prepare_key`):
+settings (:meth:`SearchSpace.prepare_key`); names from ``rayunlearn.runs``:
 
+    done.json                the stages finished (a rerun skips them)
     data/                    the synthetic benchmark (when data.benchmark = synthetic)
     models/{base,target,retain}/   via rayunlearn.train.finetune (each resumable, skipped when done)
     reference/{retain,target}.json (+ .raw.json)   their TOFU evaluations (retain first: the
@@ -17,6 +18,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from rayunlearn import runs
 from rayunlearn.config import FinetuneConfig, SynthConfig
 from rayunlearn.io import read_json, write_json
 from rayunlearn.sweep.space import SearchSpace, stage_train
@@ -33,7 +35,7 @@ class Prepared:
 def prepared_data_config(space: SearchSpace, root: Path):
     data = dataclasses.replace(space.data)
     if data.benchmark == "synthetic" and data.synth.out == SynthConfig().out:
-        data.synth = dataclasses.replace(data.synth, out=str((root / "data").resolve()))
+        data.synth = dataclasses.replace(data.synth, out=str((root / runs.DATA_DIR).resolve()))
     return data
 
 
@@ -42,42 +44,39 @@ def prepare(space: SearchSpace, console=None) -> Prepared:
     from rayunlearn.train import finetune
 
     key = space.prepare_key()
-    root = (Path(space.results) / "prepared" / key).resolve()
+    root = runs.prepared_dir(space.results, key).resolve()
     data = prepared_data_config(space, root)
     say = console.print if console is not None else print
-    done_path = root / "done.json"
+    done_path = root / runs.PREPARED_DONE_FILE
     done = read_json(done_path) if done_path.exists() else {}
-    models = root / "models"
     p = space.prepare
     _fail_fast(space, data)
     given = {"target": p.target_path, "retain": p.retain_path}
     stages = (("base", None), ("target", "base"), ("retain", "base")) if p.train_base else \
         (("target", None), ("retain", None))
     for stage, init in stages:
-        out = models / stage
+        out = runs.model_dir(root, stage)
         if done.get(stage) or given.get(stage):
             continue
         say(f"[prepare {key}] training the {stage} model -> {out}")
-        cfg = FinetuneConfig(stage=stage, init=str(models / init) if init else None, out=str(out),
+        cfg = FinetuneConfig(stage=stage, init=str(runs.model_dir(root, init)) if init else None, out=str(out),
                              replay_world=p.replay_world, data=data, model=space.model,
                              train=stage_train(space, stage))
         finetune(cfg)
         done[stage] = True
         write_json(done_path, done)
-    model_dir = {s: Path(given[s]) if given.get(s) else models / s for s in ("target", "retain")}
+    model_dirs = {s: Path(given[s]) if given.get(s) else runs.model_dir(root, s) for s in ("target", "retain")}
     retain_ref = None
     if space.prepare.reference_eval:
-        ref_dir = root / "reference"
+        retain_ref = str(runs.reference_eval(root, "retain"))
         for stage in ("retain", "target"):
-            path = ref_dir / f"{stage}.json"
             if not done.get(f"eval_{stage}"):
                 say(f"[prepare {key}] evaluating the {stage} model (reference)")
-                _evaluate(space, data, model_dir[stage], path,
-                          retain_reference=str(ref_dir / "retain.json") if stage == "target" else None)
+                _evaluate(space, data, model_dirs[stage], runs.reference_eval(root, stage),
+                          retain_reference=retain_ref if stage == "target" else None)
                 done[f"eval_{stage}"] = True
                 write_json(done_path, done)
-        retain_ref = str(ref_dir / "retain.json")
-    return Prepared(root=root, data=data, target=str(model_dir["target"]), retain_reference=retain_ref)
+    return Prepared(root=root, data=data, target=str(model_dirs["target"]), retain_reference=retain_ref)
 
 
 def _fail_fast(space: SearchSpace, data) -> None:
@@ -133,10 +132,10 @@ def self_referenced(result: dict) -> dict:
 
 def copy_references(prepared: Prepared, sweep_dir: Path) -> None:
     """Copy the prepared reference evaluations into ``<sweep>/reference/``."""
-    src = prepared.root / "reference"
+    src = prepared.root / runs.REFERENCE_DIR
     if not src.exists():
         return
-    dst = sweep_dir / "reference"
+    dst = sweep_dir / runs.REFERENCE_DIR
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.glob("*.json"):
         shutil.copyfile(f, dst / f.name)

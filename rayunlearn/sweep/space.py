@@ -1,9 +1,14 @@
-"""Search spaces as data: ``search_spaces/*.yaml`` -> a validated :class:`SearchSpace`.
+"""Search spaces as data: a YAML file -> a validated :class:`SearchSpace`, its method families
+parsed once (:class:`Family`), and the Optuna define-by-run function that samples them.
+
+A space is named by a file path or by the bare name of a space shipped with the package
+(``rayunlearn/search_spaces/<name>.yaml``; ``recipes/<name>`` for the real-model recipes), so
+``rayunlearn sweep wga_kl`` works from any directory and any install.
 
 A search space says what is prepared (benchmark, model, the finetuning of the base / target /
 retain models), how each trial unlearns (``unlearn:`` = UnlearnConfig's train / effects / eval
 sections), which method families are searched and the distributions of their hyper-parameters,
-and how Ray Tune runs the trials. Example (``search_spaces/wga_kl.yaml``)::
+and how Ray Tune runs the trials. Example (the shipped ``wga_kl``)::
 
     name: wga_kl
     families:
@@ -31,17 +36,19 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
 from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
-                               ModelConfig, TrainConfig, _deep_merge, _set_dotted, from_dict,
-                               parse_override, to_dict)
+                               ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
+                               read_preset, to_dict)
 
-SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"   # package data
 DIST_TYPES = ("uniform", "loguniform", "int", "choice", "fixed")
+OBJECTIVES = ("removal", "retention")    # what every trial reports and the sweep optimises
 
 
 @dataclass
@@ -189,7 +196,6 @@ class SearchSpace:
     trainable: str = "rayunlearn.train:unlearn_trial"
     trainable_options: dict = field(default_factory=dict)
 
-    # filled by validate(): family -> {key: Distribution}
     def validate(self) -> None:
         if self.num_samples < 1:
             raise ConfigError("num_samples: must be >= 1")
@@ -200,7 +206,7 @@ class SearchSpace:
         if ":" not in self.trainable:
             raise ConfigError(f"trainable: expected 'module:function', got {self.trainable!r}")
         objs = self.objectives
-        if not isinstance(objs, dict) or set(objs) != {"removal", "retention"}:
+        if not isinstance(objs, dict) or set(objs) != set(OBJECTIVES):
             raise ConfigError(f"objectives: must name exactly removal and retention "
                               f"(e.g. {{removal: max, retention: max}}), got {objs!r}")
         for k, v in objs.items():
@@ -208,10 +214,10 @@ class SearchSpace:
                 raise ConfigError(f"objectives.{k}: must be max or min, got {v!r}")
         if self.resources.num_workers * self.unlearn.train.micro_batch_size == 0:  # pragma: no cover
             raise ConfigError("resources.num_workers: must be >= 1")
-        dists = parse_families(self.families)
+        families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
-            for fam, params in dists.items():
-                for key, dist in params.items():
+            for fam, parsed in families.items():
+                for key, dist in parsed.dists.items():
                     if dist.type != "fixed":
                         raise ConfigError(f"families.{fam}.{key}: sampler 'grid' runs each family once at "
                                           f"fixed values; give a value instead of a {dist.type} distribution")
@@ -222,9 +228,14 @@ class SearchSpace:
         return len(self.families) if self.sampler == "grid" else self.num_samples
 
     # ----------------------------------------------------------------------------------------
+    @cached_property
+    def parsed_families(self) -> dict[str, "Family"]:
+        """Every family parsed once (validate() fills this; not a field, so not in sweep.yaml)."""
+        return parse_families(self.families)
+
     @property
     def distributions(self) -> dict[str, dict[str, Distribution]]:
-        return parse_families(self.families)
+        return {name: fam.dists for name, fam in self.parsed_families.items()}
 
     @property
     def multi_family(self) -> bool:
@@ -232,7 +243,7 @@ class SearchSpace:
 
     @property
     def maximize(self) -> tuple[bool, bool]:
-        return (self.objectives["removal"] == "max", self.objectives["retention"] == "max")
+        return tuple(self.objectives[k] == "max" for k in OBJECTIVES)
 
     def sweep_dir(self) -> Path:
         return Path(self.results) / self.name
@@ -263,18 +274,36 @@ def parse_family(family: str):
         raise ConfigError(f"families.{family}: {exc}") from None
 
 
-def family_terms(family: str) -> list[str]:
-    """Term labels of a family string (``wga+kl`` -> ["wga", "kl"])."""
-    return [t.label for t in parse_family(family).terms]
+@dataclass(frozen=True)
+class Family:
+    """A method family parsed once: its :class:`rayunlearn.objectives.Method` and the
+    distributions of its hyper-parameters ({term.param: Distribution})."""
+
+    name: str
+    method: Any          # rayunlearn.objectives.Method (imported lazily: objectives imports torch)
+    dists: dict
+
+    def method_string(self, hp: dict[str, Any]) -> str:
+        """The canonical method string of this family with hyper-parameters ``hp`` ({term.param})."""
+        return str(self.method.with_params(dict(hp)))
+
+    def retain_keys(self, hp: dict[str, Any]) -> list[str]:
+        """The keys of ``hp`` (term.param) that belong to a retain-side term."""
+        retain = {t.label for t in self.method.terms if t.side == "retain"}
+        return [k for k in hp if k.split(".")[0] in retain]
+
+    def unit(self, hp: dict[str, Any]) -> dict[str, float]:
+        """Positions in [0, 1] of the sampled (not fixed) values of ``hp``."""
+        return {k: self.dists[k].unit(v) for k, v in hp.items() if self.dists[k].type != "fixed"}
 
 
-def parse_families(families: dict) -> dict[str, dict[str, Distribution]]:
-    """Validate ``families`` ({family: {term.param: distribution}}) -> Distribution objects."""
+def parse_families(families: dict) -> dict[str, Family]:
+    """Validate ``families`` ({family: {term.param: distribution}}) -> parsed :class:`Family`."""
     if not isinstance(families, dict) or not families:
         raise ConfigError("families: give at least one method family with its hyper-parameter "
                           "distributions, e.g. families: {wga+kl: {wga.alpha: {type: loguniform, "
                           "low: 0.1, high: 10}}}")
-    out: dict[str, dict[str, Distribution]] = {}
+    out: dict[str, Family] = {}
     for family, params in families.items():
         method = parse_family(family)
         terms = [t.label for t in method.terms]
@@ -305,25 +334,28 @@ def parse_families(families: dict) -> dict[str, dict[str, Distribution]]:
             except ConfigError as exc:
                 msg = str(exc)
                 raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-        out[family] = dists
+        out[family] = Family(name=family, method=method, dists=dists)
     return out
 
 
-def read_space(path: str | Path) -> dict:
-    """The raw mapping of a space file (a path, or a name in search_spaces/)."""
+def space_path(path: str | Path) -> Path:
+    """The file of a search space: ``path`` itself when it exists, else the shipped space of that
+    bare name (``wga_kl``, ``recipes/tofu_phi15_wga_kl``)."""
     p = Path(path)
-    if not p.exists() and not p.suffix and (SPACE_DIR / f"{path}.yaml").exists():
-        p = SPACE_DIR / f"{path}.yaml"
-    if not p.exists():
-        shipped = sorted(q.stem for q in SPACE_DIR.glob("*.yaml")) if SPACE_DIR.exists() else []
-        raise ConfigError(f"search space {str(path)!r} not found. Shipped spaces "
-                          f"(search_spaces/): {', '.join(shipped) or 'none'}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a search space must be a mapping of keys to values")
+    if p.is_file():
+        return p
+    shipped = SPACE_DIR / f"{path}.yaml"
+    if not p.suffix and shipped.is_file():
+        return shipped
+    names = sorted(q.relative_to(SPACE_DIR).with_suffix("").as_posix() for q in SPACE_DIR.rglob("*.yaml"))
+    raise ConfigError(f"search space {str(path)!r} not found: give a YAML file or the name of a "
+                      f"shipped space ({', '.join(names) or 'none'})")
+
+
+def read_space(path: str | Path) -> dict:
+    """The raw mapping of a space file (a path or a shipped name); ``name`` defaults to its stem."""
+    p = space_path(path)
+    raw = read_preset(p)
     raw.setdefault("name", p.stem)
     return raw
 
@@ -332,18 +364,13 @@ def load_space(path: str | Path | None = None, overrides: list[str] | None = Non
                data: dict | None = None) -> SearchSpace:
     """Load and validate a search space: a YAML file (or a shipped name) and/or a dict, then
     ``key=value`` overrides (e.g. ``num_samples=4``, ``unlearn.train.epochs=1``)."""
-    merged: dict = {}
-    if path is not None:
-        merged = read_space(path)
-    if data:
-        merged = _deep_merge(merged, copy.deepcopy(data))
-    for item in overrides or []:
-        key, value = parse_override(item)
-        if key.startswith("families."):
-            # family names contain dots only in their parameter keys: families.<fam>.<term>.<p>.<field>
-            _set_family_override(merged, key, value)
-        else:
-            _set_dotted(merged, key, value)
+    # families.<fam>.<term>.<param>[.<field>]: the key <term>.<param> holds a dot of its own, so
+    # these overrides are set here rather than at a plain dotted key
+    family_items = [o for o in overrides or [] if o.strip().startswith("families.")]
+    merged = merge_sources(read_space(path) if path is not None else {}, copy.deepcopy(data),
+                           [o for o in overrides or [] if o not in family_items])
+    for item in family_items:
+        _set_family_override(merged, *parse_override(item))
     space = from_dict(SearchSpace, merged)
     for stage in ("base", "target", "retain"):
         stage_train(space, stage)      # validates prepare.<stage> overrides
@@ -370,7 +397,7 @@ def _set_family_override(merged: dict, key: str, value) -> None:
 def stage_train(space: SearchSpace, stage: str) -> TrainConfig:
     """TrainConfig of a preparation stage: FinetuneConfig's default overridden by prepare.<stage>."""
     base = to_dict(FinetuneConfig().train)
-    return from_dict(TrainConfig, _deep_merge(base, getattr(space.prepare, stage) or {}),
+    return from_dict(TrainConfig, merge_sources(base, getattr(space.prepare, stage) or {}),
                      f"prepare.{stage}.")
 
 
@@ -392,11 +419,11 @@ class DefineByRun:
     pickle): the family (a categorical when there are several), then that family's parameters.
     Returns the constants (fixed values, and the family when there is one) as Tune config."""
 
-    def __init__(self, families: dict):
-        self.families = families
+    def __init__(self, distributions: dict[str, dict[str, Distribution]]):
+        self.distributions = distributions
 
     def __call__(self, trial):
-        dists = parse_families(self.families)
+        dists = self.distributions
         names = list(dists)
         multi = len(names) > 1
         family = trial.suggest_categorical("family", names) if multi else names[0]
@@ -414,7 +441,7 @@ class DefineByRun:
 
 def define_by_run(space: SearchSpace) -> DefineByRun:
     """The space's Optuna define-by-run function (see :class:`DefineByRun`)."""
-    return DefineByRun(space.families)
+    return DefineByRun(space.distributions)
 
 
 def decode(space: SearchSpace, config: dict) -> tuple[str, dict[str, Any]]:
@@ -428,24 +455,11 @@ def decode(space: SearchSpace, config: dict) -> tuple[str, dict[str, Any]]:
     return family, hp
 
 
-def method_string(family: str, hp: dict[str, Any]) -> str:
-    """The canonical method string of ``family`` with hyper-parameters ``hp`` ({term.param})."""
-    from rayunlearn.objectives import build_method
-
-    return str(build_method(family, dict(hp)))
-
-
-def is_retain_term(family: str, key: str) -> bool:
-    """True if hyper-parameter ``key`` (term.param) belongs to a retain-side term of ``family``."""
-    label = key.split(".")[0]
-    return any(t.label == label and t.side == "retain" for t in parse_family(family).terms)
-
-
 def dumps_space(space: SearchSpace) -> str:
     return yaml.safe_dump(space_to_dict(space), sort_keys=False)
 
 
-__all__ = ["Distribution", "SearchSpace", "load_space", "read_space", "parse_families",
-           "family_terms", "define_by_run", "decode", "method_string", "space_to_dict",
-           "stage_train", "dumps_space"]
+__all__ = ["Distribution", "Family", "SearchSpace", "OBJECTIVES", "load_space", "read_space",
+           "space_path", "parse_families", "define_by_run", "decode", "space_to_dict", "stage_train",
+           "dumps_space"]
 

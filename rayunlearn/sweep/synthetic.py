@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
+from rayunlearn import runs
 from rayunlearn.io import read_json, write_json
 
 
@@ -51,8 +51,8 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
                     diverge_above: float | None = None, stop_after: int | None = None) -> dict:
     """Compute the synthetic objectives of the trial described by ``<run dir>/trial.json``
     (written by the sweep before calling) and write ``metrics.json`` like a real run."""
-    run_dir = Path(cfg.out) / "trials" / cfg.trial_id if cfg.trial_id else Path(cfg.out)
-    rec = read_json(run_dir / "trial.json")
+    run_dir = runs.run_dir(cfg.out, cfg.trial_id)
+    rec = read_json(run_dir / runs.TRIAL_FILE)
     if crash_once:
         marker = run_dir / ".crashed_once"
         if not marker.exists():
@@ -64,17 +64,15 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
         _burn(work)
     removal, retention = synthetic_objectives(rec["unit"], rec["retain_keys"])
     if diverge_above is not None and removal > diverge_above:
-        from rayunlearn.train import DivergedError
-
-        raise DivergedError(f"training diverged at step 1: loss=nan (synthetic, removal {removal:.3f} "
+        raise runs.DivergedError(f"training diverged at step 1: loss=nan (synthetic, removal {removal:.3f} "
                             f"> {diverge_above})")
     metrics = {"step": 1, "removal": removal, "retention": retention,
                "forget": {"prob": 1.0 - removal}, "retain": {"prob": retention}}
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / runs.METRICS_FILE, metrics)
     if report is not None:
         report({"step": 1, "removal": removal, "retention": retention, "done": True})
     if stop_after is not None:
-        done = len(list(run_dir.parent.glob("*/metrics.json")))
+        done = len(list(run_dir.parent.glob(f"*/{runs.METRICS_FILE}")))
         if done == int(stop_after):   # once: a resumed sweep goes past it
-            (run_dir.parent.parent / "STOP").write_text("stop requested by synthetic_trial\n")
+            (run_dir.parent.parent / runs.STOP_FILE).write_text("stop requested by synthetic_trial\n")
     return metrics

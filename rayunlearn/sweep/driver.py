@@ -1,0 +1,119 @@
+"""``rayunlearn sweep``: search space -> trials -> ``<results>/<sweep>/``.
+
+    rayunlearn sweep wga_kl [key=value ...] [--resume]        (a shipped space, or a YAML file)
+
+Follow one trial:
+
+1. :func:`sweep_command` loads and validates the space (``rayunlearn.sweep.space``; every method
+   family is parsed once) and calls :func:`run_sweep`, which saves the resolved space as
+   ``<sweep>/sweep.yaml`` (a later run into the same directory must use the same space).
+2. Preparation (``rayunlearn.sweep.prepare``), once per data/model setting and cached under
+   ``<results>/prepared/<hash>/``: the synthetic benchmark, the base, target and retain models and
+   their reference evaluations, copied to ``<sweep>/reference/``.
+3. The Ray side (``rayunlearn.sweep.tuner``): Ray is started or joined, the sweep's G-effect
+   aggregator actor started, and a Tune experiment built: ``OptunaSearch`` with both objectives
+   (``removal``, ``retention``), sampler TPE (multi-objective), NSGA-II or random, seeded, inside
+   ``ConcurrencyLimiter(max_concurrent)``; ``num_samples`` trials (``sampler: grid``: each family
+   once, no Optuna).
+4. Each trial is ``rayunlearn.sweep.trial.sweep_trial``: it decodes the sampled point, writes
+   ``trials/<id>/trial.json``, runs the per-trial function (``rayunlearn.train.unlearn_trial``)
+   and writes ``trials/<id>/result.json``.
+5. The tables (``rayunlearn.sweep.tables``): ``trials.parquet`` from every ``result.json`` and
+   ``pareto.json`` (the non-dominated completed trials), then a summary on the console.
+
+Faults. A trial whose worker dies is retried up to ``max_failures`` times; the retry reuses the
+trial directory, so the unlearning run resumes from its last checkpoint. A diverging run is not an
+error for Tune: the trial reports ``status=diverged`` and NaN objectives and the sweep goes on.
+
+Interrupt and resume. Ctrl-C, a killed driver, or ``touch <sweep>/STOP`` (a graceful stop after
+the running trials report) leave Tune's experiment state in ``<sweep>/tune/``; ``--resume``
+restores it (the Optuna searcher's state included) and runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rayunlearn import UserError, runs
+from rayunlearn.config import check_resume_config, to_dict
+from rayunlearn.io import write_text
+from rayunlearn.sweep.space import SearchSpace, dumps_space, load_space
+from rayunlearn.sweep.tables import print_summary, write_tables
+from rayunlearn.sweep.trial import TrialContext
+from rayunlearn.sweep.tuner import (build_tuner, can_restore, init_ray, make_trainable, restore_tuner,
+                                    start_aggregator, stop_aggregator)
+
+
+def sweep_command(space_path: str, overrides: list[str] | None = None, resume: bool = False) -> int:
+    """CLI: load the space (a file or a shipped name, + ``key=value`` overrides), run or resume
+    the sweep. Exit status 1 when no trial completed, 130 when the sweep stopped early."""
+    space = load_space(space_path, overrides)
+    sweep_dir, summary = run_sweep(space, resume=resume)
+    if summary["finished"] and not summary["counts"].get(runs.COMPLETED):
+        print(f"no trial completed; see the error column of {sweep_dir / runs.TRIALS_TABLE_FILE}")
+        return 1
+    if summary.get("interrupted"):
+        print(f"the sweep stopped before its {space.total_trials} trials finished; continue it with "
+              f"`rayunlearn sweep {space_path} {' '.join(overrides or [])} --resume`".replace("  ", " "))
+        return 130
+    return 0
+
+
+def run_sweep(space: SearchSpace, resume: bool = False, console=None) -> tuple[Path, dict]:
+    """Run (or resume) the sweep described by ``space``; returns (sweep dir, summary) where the
+    summary counts trials by status and lists the Pareto trial ids."""
+    from rich.console import Console
+
+    console = console or Console()
+    sweep_dir = space.sweep_dir().resolve()
+    check_sweep_dir(space, sweep_dir, resume)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_text(sweep_dir / runs.SWEEP_SPACE_FILE, dumps_space(space))
+    (sweep_dir / runs.STOP_FILE).unlink(missing_ok=True)
+
+    prepared = None
+    if space.prepare.enabled:
+        from rayunlearn.sweep.prepare import copy_references, prepare
+
+        prepared = prepare(space, console=console)
+        copy_references(prepared, sweep_dir)
+
+    init_ray(space)
+    aggregator = start_aggregator(space, sweep_dir)
+    ctx = TrialContext(space=to_dict(space), sweep_dir=str(sweep_dir),
+                       target=prepared.target if prepared else "",
+                       data=to_dict(prepared.data) if prepared else None,
+                       retain_reference=(str(runs.reference_eval(sweep_dir, "retain"))
+                                         if prepared and prepared.retain_reference else None),
+                       aggregator=aggregator[0] if aggregator else None)
+    trainable = make_trainable(space, ctx)
+    if resume:
+        console.print(f"[bold]resuming[/] the sweep in {sweep_dir}")
+        tuner = restore_tuner(trainable, sweep_dir)
+    else:
+        tuner = build_tuner(space, trainable, sweep_dir)
+    t0 = time.time()
+    try:
+        grid = tuner.fit()
+    finally:
+        stop_aggregator(aggregator)
+    summary = write_tables(space, sweep_dir, grid=grid)
+    summary["wall_s"] = time.time() - t0
+    summary["interrupted"] = (summary["finished"] < space.total_trials)
+    print_summary(space, sweep_dir, summary, console)
+    return sweep_dir, summary
+
+
+def check_sweep_dir(space: SearchSpace, sweep_dir: Path, resume: bool) -> None:
+    """A new sweep needs a directory without a Tune experiment; a resumed one needs the
+    experiment and the same resolved space."""
+    if resume:
+        if not can_restore(sweep_dir):
+            raise UserError(f"nothing to resume in {sweep_dir} (no Tune experiment in "
+                            f"{sweep_dir / runs.TUNE_DIR}); run the sweep without --resume")
+        check_resume_config(space, sweep_dir / runs.SWEEP_SPACE_FILE, ignore=())
+        return
+    if (sweep_dir / runs.TUNE_DIR).exists():
+        raise UserError(f"{sweep_dir} already holds a sweep; continue it with --resume, or choose "
+                        f"another name (name=...) or results directory (results=...)")

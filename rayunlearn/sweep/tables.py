@@ -1,0 +1,140 @@
+"""A sweep's tables: ``trials.parquet`` (one row per trial directory, built from the
+``result.json`` each trial writes), ``pareto.json`` (the non-dominated completed trials) and the
+summary printed at the end.
+
+trials.parquet holds ``rayunlearn.runs.TRIALS_FIXED_COLUMNS`` (trial_id, family, method, status,
+error, time_s, attempts, removal, retention), then ``hp.<term>.<param>`` per hyper-parameter and
+every flattened scalar metric of the trial's final evaluation (``forget.prob``, ...). A trial
+directory without a result is ``incomplete`` (the sweep was interrupted) or, when Tune reported
+an error for it (a worker killed beyond ``max_failures``), ``failed`` with Tune's error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+
+from rayunlearn import runs
+from rayunlearn.io import read_json, write_json, write_parquet
+from rayunlearn.pareto import hypervolume_2d, pareto_front
+from rayunlearn.sweep.space import OBJECTIVES, SearchSpace
+from rayunlearn.sweep.trial import short_error
+from rayunlearn.sweep.tuner import fmt
+
+
+def write_tables(space: SearchSpace, sweep_dir: Path, grid=None) -> dict:
+    """Write ``trials.parquet`` and ``pareto.json`` (``grid``: Tune's ResultGrid, for the errors
+    of trials that died without a result); return a summary (counts by status, finished trials,
+    Pareto trial ids, rows, hypervolume)."""
+    rows = collect_rows(sweep_dir, grid)
+    columns: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in columns:
+                columns.append(k)
+    table = pa.table({c: _column([r.get(c) for r in rows]) for c in columns or runs.TRIALS_FIXED_COLUMNS})
+    write_parquet(sweep_dir / runs.TRIALS_TABLE_FILE, table)
+    pareto = pareto_json(space, rows)
+    write_json(sweep_dir / runs.PARETO_FILE, pareto)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    finished = sum(v for k, v in counts.items() if k in runs.FINISHED_STATUSES)
+    return {"counts": counts, "finished": finished, "pareto": pareto["trials"], "rows": rows,
+            "hypervolume": pareto["hypervolume"]}
+
+
+def collect_rows(sweep_dir: Path, grid=None) -> list[dict]:
+    """One row per trial directory: from ``result.json`` (written by the trial), with Tune's
+    error for trials that died without one (a worker killed beyond ``max_failures``)."""
+    errors: dict[str, str] = {}
+    if grid is not None:
+        for r in grid:
+            if r.error is not None:
+                tid = (r.metrics or {}).get("trial_id") or _trial_id_from_path(sweep_dir, r.path)
+                if tid:
+                    errors[tid] = short_error(r.error)
+    rows = []
+    for trial_file in sorted((sweep_dir / runs.TRIALS_DIR).glob(f"*/{runs.TRIAL_FILE}")):
+        tdir = trial_file.parent
+        rec = read_json(trial_file)
+        res = read_json(tdir / runs.RESULT_FILE) if (tdir / runs.RESULT_FILE).exists() else {}
+        tid = rec["trial_id"]
+        status = res.get("status")
+        error = res.get("error", "")
+        if status is None:
+            status, error = (runs.FAILED, errors[tid]) if tid in errors else (runs.INCOMPLETE, "")
+        elif status == runs.FAILED and tid in errors:
+            error = errors[tid]
+        attempts_file = tdir / runs.ATTEMPTS_FILE
+        attempts = len(attempts_file.read_text().splitlines()) if attempts_file.exists() else 0
+        row = {"trial_id": tid, "family": rec["family"], "method": rec["method"], "status": status,
+               "error": error, "time_s": float(res.get("time_s", float("nan"))), "attempts": attempts}
+        for k, v in rec["hp"].items():
+            row[f"{runs.HP_PREFIX}{k}"] = v
+        metrics = res.get("metrics", {})
+        for k in OBJECTIVES:
+            row[k] = metrics.get(k, float("nan"))
+        for k, v in metrics.items():
+            if k not in row:
+                row[k] = v
+        rows.append(row)
+    return rows
+
+
+def _trial_id_from_path(sweep_dir: Path, path: Optional[str]) -> Optional[str]:
+    """The trial directory whose id is part of Tune's trial path (Tune names it after the id)."""
+    if not path:
+        return None
+    name = Path(path).name
+    for d in (sweep_dir / runs.TRIALS_DIR).glob("*"):
+        if d.name in name:
+            return d.name
+    return None
+
+
+def _column(vals: list) -> pa.Array:
+    """A Parquet column: float64 for numbers, bool for flags, else strings (JSON for the rest)."""
+    present = [v for v in vals if v is not None]
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return pa.array([float(v) if v is not None else None for v in vals], pa.float64())
+    if present and all(isinstance(v, bool) for v in present):
+        return pa.array(vals, pa.bool_())
+    return pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in vals],
+                    pa.string())
+
+
+def pareto_json(space: SearchSpace, rows: list[dict]) -> dict:
+    """The non-dominated completed trials (``rayunlearn.pareto.pareto_front``) and the
+    hypervolume with reference point (0, 0) (both objectives are scores in [0, 1])."""
+    done = [r for r in rows if r["status"] == runs.COMPLETED]
+    points = [[r["removal"], r["retention"]] for r in done]
+    front = pareto_front(points, maximize=space.maximize)
+    front = sorted(front, key=lambda i: (points[i][0], points[i][1]))
+    hv = hypervolume_2d(points, ref=(0.0, 0.0), maximize=space.maximize) if all(space.maximize) else None
+    return {"objectives": list(OBJECTIVES), "maximize": list(space.maximize),
+            "trials": [done[i]["trial_id"] for i in front],
+            "points": [points[i] for i in front],
+            "methods": [done[i]["method"] for i in front],
+            "hypervolume": hv, "hypervolume_reference": [0.0, 0.0],
+            "num_completed": len(done), "num_trials": len(rows)}
+
+
+def print_summary(space: SearchSpace, sweep_dir: Path, summary: dict, console) -> None:
+    """The trials sorted by removal, the Pareto front starred."""
+    from rich.table import Table
+
+    front = set(summary["pareto"])
+    table = Table(title=f"sweep {space.name}: {summary['counts']}  (Pareto front: *)")
+    for c in ("", "trial", "status", "removal", "retention", "method"):
+        table.add_column(c)
+    for r in sorted(summary["rows"], key=lambda r: -(r["removal"] if math.isfinite(r["removal"]) else -1e9)):
+        table.add_row("*" if r["trial_id"] in front else "", r["trial_id"], r["status"], fmt(r["removal"]),
+                      fmt(r["retention"]), r["method"] if r["status"] != runs.FAILED else r["error"][:60])
+    console.print(table)
+    console.print(f"wrote {sweep_dir / runs.TRIALS_TABLE_FILE} and {runs.PARETO_FILE} "
+                  f"(hypervolume {fmt(summary['hypervolume'])})")

@@ -1,0 +1,159 @@
+"""One sweep trial, top to bottom: :func:`sweep_trial` is the Ray Tune function trainable.
+
+Tune calls it with the sampled point (``config``, from ``rayunlearn.sweep.space.define_by_run``)
+and the sweep's :class:`TrialContext`. It
+
+1. decodes the point into a family and its hyper-parameters and builds the method string
+   (the family was parsed once, when the space was loaded);
+2. writes ``trials/<trial_id>/trial.json`` (the search point) and appends one line to
+   ``attempts.jsonl`` (a retried trial shows every start);
+3. builds the trial's :class:`~rayunlearn.config.UnlearnConfig` (:func:`trial_config`: the space's
+   ``unlearn`` sections, the prepared target model and data, ``effects.aggregator`` = the sweep's
+   G-effect aggregator actor) and calls the per-trial function (``space.trainable``, by default
+   ``rayunlearn.train:unlearn_trial``), which writes the run directory and sends its G-effect rows;
+4. writes ``result.json`` (status, error, time, the flattened metrics) and reports the objectives
+   to Tune. A :class:`rayunlearn.runs.DivergedError` is a result (status ``diverged``, NaN
+   objectives), not an error: divergence is deterministic, so Tune must not retry it.
+
+``rayunlearn.sweep.tables`` turns the ``result.json`` files into ``trials.parquet``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import time
+from typing import Any, Optional
+
+from rayunlearn import runs
+from rayunlearn.config import ConfigError, UnlearnConfig, from_dict, to_dict
+from rayunlearn.io import append_jsonl, write_json
+from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, decode
+
+
+@dataclasses.dataclass
+class TrialContext:
+    """What every trial needs besides its sampled hyper-parameters (plain data, picklable)."""
+
+    space: dict                       # the resolved SearchSpace as a dict
+    sweep_dir: str
+    target: str                       # the prepared target model ("" without preparation)
+    data: Optional[dict]              # the prepared DataConfig (None: the space's own)
+    retain_reference: Optional[str]   # <sweep>/reference/retain.json, for forget quality
+    aggregator: Optional[str]         # the name of the sweep's G-effect aggregator actor
+
+
+def sweep_trial(config: dict, ctx: TrialContext) -> None:
+    """The Tune function trainable: one unlearning run with the sampled hyper-parameters (see the
+    module docstring for the files it writes)."""
+    from ray import tune
+
+    space = from_dict(SearchSpace, ctx.space)
+    trial_id = tune.get_context().get_trial_id()
+    family_name, hp = decode(space, config)
+    family = space.parsed_families[family_name]
+    method = family.method_string(hp)
+    run_dir = runs.trial_dir(ctx.sweep_dir, trial_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / runs.TRIAL_FILE, {
+        "trial_id": trial_id, "family": family_name, "method": method, "hp": hp,
+        "unit": family.unit(hp), "retain_keys": family.retain_keys(hp),
+    })
+    append_jsonl(run_dir / runs.ATTEMPTS_FILE, {"time": time.time(), "pid": os.getpid()})
+    cfg = trial_config(space, ctx, trial_id, method)
+    if space.resources.torch_threads and space.resources.num_workers == 1:
+        import torch
+
+        torch.set_num_threads(space.resources.torch_threads)
+    fn = import_trainable(space.trainable)
+    base = {"trial_id": trial_id, "family": family_name, "method": method,
+            **{f"{runs.HP_PREFIX}{k}": v for k, v in hp.items()}}
+
+    def report(metrics: dict) -> None:
+        if metrics.get("done"):
+            return      # the final result is reported below, once, with its status
+        tune.report({**base, **_nan_objectives(flatten_metrics(metrics)), "status": runs.RUNNING, "error": ""})
+
+    t0 = time.time()
+    try:
+        metrics = fn(cfg, report=report, **space.trainable_options)
+        status, error = str(metrics.get("status", runs.COMPLETED)), str(metrics.get("error", ""))
+        if status == "complete":     # a trainable's spelling of completed
+            status = runs.COMPLETED
+    except Exception as exc:   # noqa: BLE001 - recorded, then re-raised unless it is a divergence
+        if not isinstance(exc, runs.DivergedError):
+            write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp),
+                                                    "status": runs.FAILED, "error": short_error(exc),
+                                                    "time_s": time.time() - t0})
+            raise
+        metrics, status, error = {}, runs.DIVERGED, short_error(exc)
+    flat = _nan_objectives(flatten_metrics(metrics))
+    write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp), "status": status,
+                                            "error": error, "time_s": time.time() - t0, "metrics": flat})
+    tune.report({**base, **flat, "status": status, "error": error})
+
+
+def trial_config(space: SearchSpace, ctx: TrialContext, trial_id: str, method: str) -> UnlearnConfig:
+    """The UnlearnConfig of one trial: the space's ``unlearn`` sections with the trial's method,
+    its run directory (``<sweep>/trials/<trial_id>``), the prepared target model and data, the
+    retain reference and the sweep's aggregator actor."""
+    unlearn = to_dict(space.unlearn)
+    unlearn["train"]["num_workers"] = space.resources.num_workers
+    unlearn["train"]["use_gpu"] = bool(space.resources.gpus > 0)
+    if ctx.retain_reference:
+        unlearn["eval"]["retain_reference"] = ctx.retain_reference
+    if ctx.aggregator:
+        unlearn["effects"]["aggregator"] = ctx.aggregator
+    values = {"method": method, "out": ctx.sweep_dir, "trial_id": trial_id, "target": ctx.target,
+              "data": ctx.data if ctx.data is not None else to_dict(space.data),
+              "model": to_dict(space.model), **unlearn}
+    return from_dict(UnlearnConfig, values)
+
+
+def import_trainable(spec: str):
+    """The per-trial function named ``module:function``."""
+    mod, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"trainable: cannot import {spec!r} ({exc})") from None
+
+
+def _result_base(trial_id: str, family: str, method: str, hp: dict) -> dict:
+    return {"trial_id": trial_id, "family": family, "method": method, "hp": hp}
+
+
+def short_error(exc: BaseException) -> str:
+    """``Type: message``, cut to 500 characters (a table cell, not a traceback)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
+    """Scalar leaves of a metrics dict with dotted keys (``forget.prob``); the fingerprint, lists
+    and the ``done`` flag are dropped."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if k in ("fingerprint", "raw", "done") and not prefix:
+            continue
+        if isinstance(v, dict):
+            out.update(flatten_metrics(v, key + "."))
+        elif isinstance(v, bool):
+            out[key] = float(v)
+        elif isinstance(v, (int, float)):
+            out[key] = float(v)
+        elif isinstance(v, str) and k not in ("status", "error"):
+            out[key] = v
+    return out
+
+
+def _nan_objectives(flat: dict) -> dict:
+    """Objectives that are missing or not finite become NaN (Optuna records such a trial as failed)."""
+    for k in OBJECTIVES:
+        v = flat.get(k)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            flat[k] = float("nan")
+    return flat

@@ -1,0 +1,251 @@
+"""The Ray side of a sweep: connecting to Ray, the Tune experiment (OptunaSearch with both
+objectives inside a ConcurrencyLimiter, or a grid for a study), restoring it, the STOP file, the
+progress lines, and the life cycle of the sweep's G-effect aggregator actor.
+
+Resources. A trial runs the per-trial function in-process inside the Tune trial when
+``resources.num_workers == 1`` (the trial reserves ``resources.cpus``/``gpus``); with more
+workers the per-trial function launches a nested Ray Train ``TorchTrainer`` whose workers hold
+the resources, so the trial itself reserves no CPU.
+
+The aggregator. When effects are recorded, one named ``GEffectAggregator`` actor per sweep
+collects every trial's G-effect rows and writes ``<sweep>/effects/<trial_id>/*.parquet``. Its name
+reaches the trials through one channel: the trial config's ``effects.aggregator``
+(``rayunlearn.sweep.trial.trial_config``). The driver holds the actor's handle for the whole
+sweep and flushes and ends it in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from rayunlearn import runs
+from rayunlearn.config import ConfigError
+from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, define_by_run
+from rayunlearn.sweep.trial import TrialContext, sweep_trial
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(space: SearchSpace) -> None:
+    """An existing cluster when ``ray.address`` or ``RAY_ADDRESS`` is set (``ray job submit``
+    sets it), else a local instance with ``ray.num_cpus``; nothing when Ray is running already."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = space.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address if address.startswith(("ray://", "auto")) or ":" in address else "auto",
+                 log_to_driver=True)
+    else:
+        ray.init(num_cpus=space.ray.num_cpus, num_gpus=space.ray.num_gpus, include_dashboard=False,
+                 log_to_driver=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the Tune experiment
+
+
+def make_sampler(name: str, seed: int):
+    """The Optuna sampler of a space's ``sampler`` setting."""
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"sampler: {name!r} is not one of tpe, nsga2, random (grid uses no Optuna sampler)")
+
+
+def make_search_alg(space: SearchSpace):
+    """OptunaSearch (multi-objective, define-by-run space) inside a ConcurrencyLimiter."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    modes = [space.objectives[k] for k in OBJECTIVES]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # optuna's ExperimentalWarning for multivariate/constant_liar
+        searcher = OptunaSearch(space=define_by_run(space), metric=list(OBJECTIVES), mode=modes,
+                                sampler=make_sampler(space.sampler, space.seed), seed=space.seed)
+    return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
+
+
+def make_trainable(space: SearchSpace, ctx: TrialContext):
+    """:func:`rayunlearn.sweep.trial.sweep_trial` bound to the sweep's context, with the
+    resources one trial reserves."""
+    from ray import tune
+
+    fn = tune.with_parameters(sweep_trial, ctx=ctx)
+    if space.resources.num_workers > 1:
+        return tune.with_resources(fn, {"cpu": 0})      # the nested TorchTrainer's workers hold resources
+    res = {"cpu": space.resources.cpus}
+    if space.resources.gpus:
+        res["gpu"] = space.resources.gpus
+    return tune.with_resources(fn, res)
+
+
+def build_tuner(space: SearchSpace, trainable, sweep_dir: Path):
+    """A new Tune experiment in ``<sweep>/tune/``: Optuna's ``num_samples`` trials, or under
+    ``sampler: grid`` every family once (Tune's grid search, no Optuna)."""
+    from ray import tune
+
+    run_config = tune.RunConfig(
+        name=runs.TUNE_DIR, storage_path=str(sweep_dir),
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+        stop=_stop_file_stopper(sweep_dir), callbacks=[_progress_callback(space.total_trials)], verbose=1)
+    if space.sampler == "grid":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        tune_config = tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=space.max_concurrent),
+                                      num_samples=1, reuse_actors=False)
+        return tune.Tuner(trainable, param_space={"family": tune.grid_search(list(space.families))},
+                          tune_config=tune_config, run_config=run_config)
+    tune_config = tune.TuneConfig(search_alg=make_search_alg(space), num_samples=space.num_samples,
+                                  reuse_actors=False)
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def can_restore(sweep_dir: Path) -> bool:
+    """Whether ``<sweep>/tune/`` holds a Tune experiment that ``--resume`` can restore."""
+    from ray import tune
+
+    exp = sweep_dir / runs.TUNE_DIR
+    return exp.exists() and tune.Tuner.can_restore(str(exp))
+
+
+def restore_tuner(trainable, sweep_dir: Path):
+    """The interrupted experiment of ``<sweep>/tune/`` (the Optuna searcher's state included),
+    set to run only what is missing: finished trials are never re-run."""
+    from ray import tune
+
+    exp_dir = sweep_dir / runs.TUNE_DIR
+    _unfinish_search(exp_dir, sweep_dir)
+    return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+
+
+def _unfinish_search(exp_dir: Path, sweep_dir: Path) -> None:
+    """A graceful stop (the STOP file: Tune's ``Stopper.stop_all``) marks the search generator
+    finished in its saved state, and a restored experiment would then start no new trial. Clear
+    that flag in the newest ``search_gen_state-*.json`` (cloudpickle, written by Tune) when
+    samples remain, and count only the finished trials as generated. Ctrl-C does not set it.
+    (Relies on Tune's saved-state layout, checked by tests/test_sweep.py.)"""
+    import ray.cloudpickle as cloudpickle
+
+    paths = sorted(glob.glob(str(exp_dir / "search_gen_state-*.json")))
+    if not paths:
+        return
+    with open(paths[-1], "rb") as fh:
+        state = cloudpickle.load(fh)
+    if isinstance(state, dict) and state.get("finished") and state.get("counter", 0) < state.get("total_samples", 0):
+        state["finished"] = False
+        # trials the stop terminated before they reported count as generated: generate again
+        # until num_samples trials have finished
+        finished = len(list((sweep_dir / runs.TRIALS_DIR).glob(f"*/{runs.RESULT_FILE}")))
+        state["counter"] = min(state["counter"], finished)
+        # trials cut by the stop never complete in the limiter's eyes: forget them, or the
+        # limiter would wait for them forever
+        lim = state.get("name:ConcurrencyLimiter")
+        if isinstance(lim, dict):
+            lim["live_trials"] = set()
+            lim["num_unfinished_live_trials"] = 0
+            lim["cached_results"] = {}
+        tmp = paths[-1] + ".tmp"
+        with open(tmp, "wb") as fh:
+            cloudpickle.dump(state, fh)
+        os.replace(tmp, paths[-1])
+
+
+def _stop_file_stopper(sweep_dir: Path):
+    """A Tune stopper: the whole experiment stops when ``<sweep>/STOP`` exists."""
+    from ray.tune.stopper import Stopper
+
+    class StopFile(Stopper):
+        def __init__(self, path: str):
+            self.path = path
+
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return os.path.exists(self.path)
+
+    return StopFile(str(sweep_dir / runs.STOP_FILE))
+
+
+def _progress_callback(total: int):
+    """A Tune callback printing one line per finished trial."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            r = trial.last_result or {}
+            print(f"[sweep] trial {trial.trial_id} {r.get('status', '?')} ({self.done}/{total}): "
+                  f"removal={fmt(r.get('removal'))} retention={fmt(r.get('retention'))} "
+                  f"{r.get('method', '')}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            print(f"[sweep] trial {trial.trial_id} {runs.FAILED} ({self.done}/{total})", flush=True)
+
+    return Progress()
+
+
+def fmt(v) -> str:
+    """A number with 4 decimals, anything else as text."""
+    return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
+
+
+# --------------------------------------------------------------------------------------------
+# the G-effect aggregator actor
+
+
+def start_aggregator(space: SearchSpace, sweep_dir: Path):
+    """One named G-effect aggregator actor per sweep (``rayunlearn.effects.make_aggregator``,
+    writing ``<sweep>/effects/<trial_id>/*.parquet``) when effects are recorded, else None;
+    returns (name, handle). The driver keeps the handle so the actor lives as long as the sweep;
+    trials find it by the name in their ``effects.aggregator``."""
+    if space.unlearn.effects.every <= 0:
+        return None
+    from rayunlearn.effects import make_aggregator
+
+    name = aggregator_name(space, sweep_dir)
+    return name, make_aggregator(str(sweep_dir), name=name)
+
+
+def aggregator_name(space: SearchSpace, sweep_dir: Path) -> str:
+    """The sweep's aggregator actor name: deterministic (not Python's salted ``hash``), so a
+    resumed sweep gives its trials the same ``effects.aggregator`` and their saved config.yaml
+    still matches."""
+    return f"rayunlearn-geffects-{space.name}-{hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:10]}"
+
+
+def stop_aggregator(agg: Optional[tuple]) -> None:
+    """Write every G-effect table the sweep's aggregator still holds, then end the actor (called
+    in a ``finally``: also when the sweep is interrupted)."""
+    if not agg:
+        return
+    import ray
+
+    name, actor = agg
+    try:
+        ray.get(actor.close.remote(), timeout=120)
+    except Exception as exc:  # noqa: BLE001 - report, and still end the actor
+        print(f"warning: could not flush the G-effect aggregator {name}: {exc}")
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
