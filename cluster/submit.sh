@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Submit a sweep to a running Ray cluster as a Ray job.
 #
-#   cluster/submit.sh SPACE.yaml [key=value ...]
+#   cluster/submit.sh SPACE [key=value ...]
+#
+# SPACE: the name of a search space shipped with the package (tiny, families, recipes/...), or a
+# YAML file (a path relative to the repository root, which is uploaded as the job's working dir).
 #
 # Environment:
 #   RAY_ADDRESS   the cluster's dashboard / job server (default http://127.0.0.1:8265;
@@ -16,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-  sed -n '2,16p' "$0"; exit 2
+  sed -n '2,18p' "$0"; exit 2
 fi
 SPACE="$1"; shift
 export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
