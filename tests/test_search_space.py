@@ -33,6 +33,34 @@ def test_shipped_space_loads(path):
         assert set(dists) == set(raw["families"][family])
 
 
+def test_a_space_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
+    """A bare name finds the package's own file from any working directory; an existing file of
+    that name wins; an unknown name lists the shipped ones."""
+    monkeypatch.chdir(tmp_path)
+    assert load_space("wga_kl").families == load_space(SPACE_DIR / "wga_kl.yaml").families
+    assert load_space("recipes/tofu_phi15_wga_kl").model.name == "microsoft/phi-1_5"
+    (tmp_path / "wga_kl.yaml").write_text(yaml.safe_dump({**GOOD, "num_samples": 3}))
+    assert load_space("wga_kl.yaml").num_samples == 3 and load_space("wga_kl.yaml").name == "t"
+    with pytest.raises(ConfigError, match=r"'nope' not found.*tiny"):
+        load_space("nope")
+
+
+def test_shipped_spaces_are_package_data():
+    """A non-editable install carries every shipped space and preset: each file matches one of
+    pyproject.toml's package-data patterns."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["rayunlearn"]
+    package = root / "rayunlearn"
+    files = [p for p in SPACE_DIR.rglob("*") if p.is_file()] + list((package / "presets").glob("*"))
+    assert len(files) > len(SHIPPED)
+    for f in files:
+        rel = f.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, pat) and rel.count("/") == pat.count("/") for pat in patterns), rel
+
+
 def _bad(tmp_path, data: dict, *overrides):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(data))
