@@ -23,7 +23,6 @@ from rayunlearn.io import read_json, write_json, write_parquet
 from rayunlearn.pareto import hypervolume_2d, pareto_front
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace
 from rayunlearn.sweep.trial import short_error
-from rayunlearn.sweep.tuner import fmt
 
 
 def write_tables(space: SearchSpace, sweep_dir: Path, grid=None) -> dict:
@@ -122,6 +121,11 @@ def pareto_json(space: SearchSpace, rows: list[dict]) -> dict:
             "methods": [done[i]["method"] for i in front],
             "hypervolume": hv, "hypervolume_reference": [0.0, 0.0],
             "num_completed": len(done), "num_trials": len(rows)}
+
+
+def fmt(v) -> str:
+    """A number with 4 decimals, anything else as text."""
+    return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
 
 
 def print_summary(space: SearchSpace, sweep_dir: Path, summary: dict, console) -> None:

@@ -26,6 +26,7 @@ from typing import Optional
 from rayunlearn import runs
 from rayunlearn.config import ConfigError
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, define_by_run
+from rayunlearn.sweep.tables import fmt
 from rayunlearn.sweep.trial import TrialContext, sweep_trial
 
 
@@ -202,11 +203,6 @@ def _progress_callback(total: int):
             print(f"[sweep] trial {trial.trial_id} {runs.FAILED} ({self.done}/{total})", flush=True)
 
     return Progress()
-
-
-def fmt(v) -> str:
-    """A number with 4 decimals, anything else as text."""
-    return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
 
 
 # --------------------------------------------------------------------------------------------
