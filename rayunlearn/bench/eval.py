@@ -66,9 +66,9 @@ def _load(name: str):
 @torch.no_grad()
 def one_at_a_time(model, evaluator):
     """The reference loop: one full forward per sequence, one `generate` per prompt."""
-    from rayunlearn.eval.probe import IGNORE, SeqScore, _device
+    from rayunlearn.eval.probe import IGNORE, SeqScore
 
-    dev = _device(model)
+    dev = next(model.parameters()).device      # a plain HF model here (no wrapper to look through)
     scores = []
     for p in evaluator.probes:
         ids = torch.tensor([p.input_ids], device=dev)
