@@ -55,7 +55,7 @@ def test_retain_reference_is_its_own_forget_quality_reference():
     `removal` (forget quality 1, KS statistic 0, privleak 0) is on the trials' scale."""
     from rayunlearn.config import EvalConfig
     from rayunlearn.eval.evaluate import evaluate_model
-    from rayunlearn.eval.testing import data_config, tiny_setup
+    from conftest import data_config, tiny_setup
     from rayunlearn.sweep.prepare import self_referenced
 
     model, tok, bench = tiny_setup(seed=3)

@@ -8,8 +8,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_effects_support import (brute_force, forget_retain_batches, hooks_state, perturbed_copy,
-                                  tiny_llama)
+from conftest import perturbed_copy
+from test_effects_support import brute_force, effects_llama, forget_retain_batches, hooks_state
 
 from rayunlearn import UserError
 from rayunlearn.effects import EffectsError, gradient_effects, groups
@@ -23,8 +23,8 @@ METHODS = BASE + [m + "+kl" for m in BASE] + [m + "+gd" for m in BASE] + ["po+kl
 
 @pytest.fixture(scope="module")
 def models():
-    untied = tiny_llama(layers=2, kv_heads=2, tied=False, seed=0)        # GQA
-    tied = tiny_llama(layers=3, kv_heads=4, tied=True, seed=3)
+    untied = effects_llama(layers=2, kv_heads=2, tied=False, seed=0)        # GQA
+    tied = effects_llama(layers=3, kv_heads=4, tied=True, seed=3)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     return {"untied_gqa": (untied, perturbed_copy(untied)), "tied": (tied, perturbed_copy(tied, seed=5))}
 
@@ -219,7 +219,7 @@ def test_fallback_for_unhandled_modules(models, monkeypatch):
 
 
 def test_gradient_checkpointing_per_instance():
-    model = tiny_llama(layers=2, kv_heads=2, seed=7)
+    model = effects_llama(layers=2, kv_heads=2, seed=7)
     forget, retain = forget_retain_batches()
     plain = gradient_effects(model, "wga+gd", forget, retain)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -10,7 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_effects_support import forget_retain_batches, perturbed_copy, tiny_llama
+from conftest import perturbed_copy
+from test_effects_support import effects_llama, forget_retain_batches
 
 from rayunlearn.config import EffectsConfig
 from rayunlearn.effects import gradient_effects
@@ -41,7 +42,7 @@ def _sends(res):
 
 @pytest.fixture(scope="module")
 def result():
-    model = tiny_llama(layers=2, kv_heads=2)
+    model = effects_llama(layers=2, kv_heads=2)
     forget, retain = forget_retain_batches()
     return gradient_effects(model, "npo+kl", forget, retain, reference=perturbed_copy(model))
 
@@ -92,7 +93,7 @@ def test_local_sink_and_ray_actor_write_identical_exact_rows(tmp_path, result):
 
 
 def test_recorder_in_a_small_adamw_loop(tmp_path):
-    model = tiny_llama(layers=2, kv_heads=2, seed=4)
+    model = effects_llama(layers=2, kv_heads=2, seed=4)
     ref = perturbed_copy(model, scale=0.0)
     forget, retain = forget_retain_batches()
     from rayunlearn.objectives import parse_method
@@ -136,7 +137,7 @@ def test_recorder_in_a_small_adamw_loop(tmp_path):
 
 
 def test_recorder_ema_estimator_rows(tmp_path):
-    model = tiny_llama(layers=2, kv_heads=2, seed=4)
+    model = effects_llama(layers=2, kv_heads=2, seed=4)
     forget, retain = forget_retain_batches()
     cfg = EffectsConfig(every=1, probe="fixed", estimator="ema")
     sink = LocalSink(tmp_path)
@@ -168,7 +169,7 @@ def test_recorder_train_loop_callback_interface(tmp_path):
     from rayunlearn.forward import token_view
     from rayunlearn.objectives import parse_method
 
-    model = tiny_llama(layers=2, kv_heads=2, seed=4)
+    model = effects_llama(layers=2, kv_heads=2, seed=4)
     forget, retain = forget_retain_batches()
     method = parse_method("ga+gd")
     cfg = UnlearnConfig(method="ga+gd", effects=EffectsConfig(every=2, probe="step"))
@@ -201,7 +202,7 @@ def test_replay_on_saved_checkpoints(tmp_path):
     from rayunlearn.effects.replay import replay
     from rayunlearn.io import save_safetensors
 
-    target = tiny_llama(layers=2, kv_heads=2, seed=2)
+    target = effects_llama(layers=2, kv_heads=2, seed=2)
     forget, retain = forget_retain_batches()
     states = {}
     m = copy.deepcopy(target)

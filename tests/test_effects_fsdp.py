@@ -10,7 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_effects_support import forget_retain_batches, perturbed_copy, tiny_llama
+from conftest import perturbed_copy
+from test_effects_support import effects_llama, forget_retain_batches
 
 METHOD = "npo+kl"
 
@@ -32,7 +33,7 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = tiny_llama(layers=2, kv_heads=2, seed=0)
+        model = effects_llama(layers=2, kv_heads=2, seed=0)
         ref = perturbed_copy(model)
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
@@ -57,7 +58,7 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
 
     from rayunlearn.effects import gradient_effects
 
-    model = tiny_llama(layers=2, kv_heads=2, seed=0)
+    model = effects_llama(layers=2, kv_heads=2, seed=0)
     ref = perturbed_copy(model)
     forget, retain = forget_retain_batches()
     single = gradient_effects(model, METHOD, forget, retain, reference=ref, per_instance=False)

@@ -15,7 +15,7 @@ from rayunlearn import UserError
 from rayunlearn.config import EvalConfig
 from rayunlearn.eval.evaluate import (Evaluator, ReferenceMismatchError, evaluate_model, load_reference,
                                       metrics_from_raw, trajectory_record, write_eval)
-from rayunlearn.eval.testing import data_config, tiny_setup
+from conftest import data_config, tiny_setup
 
 
 @pytest.fixture(scope="module")

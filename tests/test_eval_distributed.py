@@ -17,7 +17,7 @@ from rayunlearn.config import EvalConfig
 from rayunlearn.eval import distributed as D
 from rayunlearn.eval.evaluate import Evaluator, evaluate_model
 from rayunlearn.eval.probe import MAX_TOKENS, generate_batch, plan_batches
-from rayunlearn.eval.testing import data_config, tiny_setup
+from conftest import data_config, tiny_setup
 
 # 7 items per split -> forget 2, retain 7, real 3, world 3, holdout 2 items; 71 scored sequences
 # and 15 prompts -> 15 and 3 batches of <= 5: odd counts, so the two ranks get uneven shares.

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_effects_support import brute_force, forget_retain_batches, perturbed_copy, tiny_llama
+from conftest import perturbed_copy
+from test_effects_support import brute_force, effects_llama, forget_retain_batches
 
 from rayunlearn.config import FinetuneConfig, ModelConfig, UnlearnConfig, from_dict
 from rayunlearn.io import read_jsonl
@@ -35,7 +36,7 @@ def _lora_model(seed=0):
     which would make every A gradient vanish) and its frozen reference (the base, perturbed)."""
     from rayunlearn.models import apply_lora
 
-    base = tiny_llama(layers=2, kv_heads=2, seed=seed)
+    base = effects_llama(layers=2, kv_heads=2, seed=seed)
     ref = perturbed_copy(base)
     model = apply_lora(base, ModelConfig(lora_r=4, lora_alpha=8))
     g = torch.Generator().manual_seed(seed + 10)

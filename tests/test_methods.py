@@ -1,7 +1,6 @@
 """Methods: method-string parsing and its errors, canonical round trip, parameters for sweeps,
 presets, needs, the weighted loss, and batch-size invariance on a tiny float64 Llama."""
 
-import copy
 import math
 import os
 import warnings
@@ -10,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+
+from conftest import make_batch, perturbed_copy, tiny_llama
 
 from rayunlearn import UserError
 from rayunlearn.forward import IGNORE, TokenView, token_view
@@ -213,45 +214,17 @@ def test_loss_is_weighted_sum_of_terms():
 # ------------------------------------------------------------------------------------------
 # batch-size invariance on a tiny float64 Llama
 
-EOS, PAD, T = 2, 0, 10
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=32)
-    model = LlamaForCausalLM(cfg).to(D)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ref.requires_grad_(False)
-    return model, ref
-
-
-def _batch(prompts, answers, seed, row0=0):
-    g = torch.Generator().manual_seed(seed)
-    B = len(prompts)
-    ids = torch.full((B, T), PAD, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, :p + a] = torch.randint(3, 64, (p + a,), generator=g)
-        ids[i, p + a] = EOS
-        att[i, :p + a + 1] = 1
-        labels[i, p:p + a + 1] = ids[i, p:p + a + 1]
-    return {"input_ids": ids, "attention_mask": att, "labels": labels, "row_ids": torch.arange(row0, row0 + B)}
+T = 10
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model, ref = _tiny_llama()
+    model = tiny_llama(seed=0)
+    ref = perturbed_copy(model)
     prompts = [3, 2, 4, 2, 5, 3, 2, 4]
-    batches = {"forget": _batch(prompts, [5, 3, 4, 6, 2, 5, 1, 3], seed=1),
-               "idk": _batch(prompts, [2, 4, 3, 3, 2, 4, 5, 2], seed=2),
-               "retain": _batch([2, 3, 4, 2, 3, 5, 2, 3], [6, 5, 3, 4, 2, 4, 7, 5], seed=3, row0=100)}
+    batches = {"forget": make_batch(prompts, [5, 3, 4, 6, 2, 5, 1, 3], seed=1, T=T),
+               "idk": make_batch(prompts, [2, 4, 3, 3, 2, 4, 5, 2], seed=2, T=T),
+               "retain": make_batch([2, 3, 4, 2, 3, 5, 2, 3], [6, 5, 3, 4, 2, 4, 7, 5], seed=3, T=T, row0=100)}
     return model, ref, batches
 
 

@@ -1,7 +1,6 @@
 """Objectives: hand-computed values on hand-made float64 token views, the paper's identities,
 and a contract test over every registered objective on a tiny random float64 Llama."""
 
-import copy
 import math
 import os
 
@@ -9,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+
+from conftest import make_batch, perturbed_copy, tiny_llama
 
 from rayunlearn.forward import IGNORE, TokenView, token_view
 from rayunlearn.objectives import (MissingViewError, ObjectiveContext, ObjectiveError, get, names,
@@ -410,57 +411,21 @@ def test_missing_need_and_bad_params():
 # ------------------------------------------------------------------------------------------
 # contract over every registered objective, on a tiny random float64 Llama
 
-EOS, PAD = 2, 0
 T = 11
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=32)
-    model = LlamaForCausalLM(cfg).to(D)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return model, ref
-
-
-def make_batch(prompts, answers, seed, row0=0):
-    """Right-padded batch: prompt tokens (labels -100), answer tokens + one EOS (scored), padding."""
-    g = torch.Generator().manual_seed(seed)
-    B = len(prompts)
-    ids = torch.full((B, T), PAD, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        toks = torch.randint(3, 64, (p + a,), generator=g)
-        n = p + a + 1
-        ids[i, :p + a] = toks
-        ids[i, p + a] = EOS
-        att[i, :n] = 1
-        labels[i, p:n] = ids[i, p:n]
-    return {"input_ids": ids, "attention_mask": att, "labels": labels,
-            "row_ids": torch.arange(row0, row0 + B)}
-
-
 PROMPTS = [3, 4, 2, 5]
 
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny_llama()
+    model = tiny_llama(seed=0)
+    return model, perturbed_copy(model)
 
 
 @pytest.fixture(scope="module")
 def batches():
-    return {"forget": make_batch(PROMPTS, [6, 3, 5, 4], seed=1),
-            "idk": make_batch(PROMPTS, [2, 4, 3, 5], seed=2),
-            "retain": make_batch([2, 3, 4, 3], [7, 5, 2, 6], seed=3, row0=100)}
+    return {"forget": make_batch(PROMPTS, [6, 3, 5, 4], seed=1, T=T),
+            "idk": make_batch(PROMPTS, [2, 4, 3, 5], seed=2, T=T),
+            "retain": make_batch([2, 3, 4, 3], [7, 5, 2, 6], seed=3, T=T, row0=100)}
 
 
 def _sub(batch, i):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rayunlearn.eval.probe import IGNORE, Probe, QAEncoder, generate_greedy, score_probes
-from rayunlearn.eval.testing import tiny_setup
+from conftest import tiny_setup
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def greedy_oracle(model, prompt, eos, max_new):
 
 def test_batched_greedy_generation_equals_unbatched_loop(setup64):
     model, tok, enc, _, _ = setup64
-    from rayunlearn.eval.testing import toy_benchmark
+    from conftest import toy_benchmark
 
     bench = toy_benchmark(seed=3)
     qs = [r["question"] for name in ("forget01_perturbed", "retain_perturbed", "world_facts_perturbed")

@@ -311,14 +311,14 @@ def test_gradient_checkpointing_same_weights_and_geffects(root, tmp_path, monkey
 def test_gradient_checkpointing_is_active_in_the_engine():
     """The engine's per-instance hooks see the recomputed forward: values equal the plain ones
     and the checkpoint function really ran (once per block per forward/recompute)."""
-    from test_effects_support import forget_retain_batches, tiny_llama
+    from test_effects_support import effects_llama, forget_retain_batches
 
     from rayunlearn.effects import gradient_effects
 
-    model = tiny_llama(layers=2, kv_heads=2, seed=4)
+    model = effects_llama(layers=2, kv_heads=2, seed=4)
     forget, retain = forget_retain_batches()
     model.train()
-    plain = gradient_effects(model, "npo+gd", forget, retain, reference=tiny_llama(layers=2, kv_heads=2, seed=5))
+    plain = gradient_effects(model, "npo+gd", forget, retain, reference=effects_llama(layers=2, kv_heads=2, seed=5))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     calls = {"n": 0}
     for layer in model.model.layers:
@@ -329,7 +329,7 @@ def test_gradient_checkpointing_is_active_in_the_engine():
             return _real(*a, **k)
 
         layer._gradient_checkpointing_func = counted
-    ckpt = gradient_effects(model, "npo+gd", forget, retain, reference=tiny_llama(layers=2, kv_heads=2, seed=5))
+    ckpt = gradient_effects(model, "npo+gd", forget, retain, reference=effects_llama(layers=2, kv_heads=2, seed=5))
     assert calls["n"] >= 4                       # 2 blocks x (forget, retain) forwards
     for risk in ("removal", "retention"):
         p, c = getattr(plain, risk), getattr(ckpt, risk)

@@ -131,7 +131,7 @@ def test_round_trip_our_evaluation(tmp_path):
     """our evaluation -> original format -> summarize_tofu_dir gives the same numbers."""
     from rayunlearn.config import EvalConfig
     from rayunlearn.eval.evaluate import evaluate_model
-    from rayunlearn.eval.testing import data_config, tiny_setup
+    from conftest import data_config, tiny_setup
 
     target, tok, bench = tiny_setup(seed=0)
     retain_model = tiny_setup(seed=1)[0]
