@@ -3,7 +3,7 @@
 `make_fake_results(root)` writes ``root/study`` (the paper's ten methods at default
 hyper-parameters, one trial each, family = method string) and ``root/sweep`` (an Optuna sweep
 over wga+kl and npo+kl with one failed trial; G-effects recorded for only some trials).
-Numbers are built to show the paper's claims (GEFFECT.md 1-6):
+Numbers are built to show the paper's claims (docs/spec/GEFFECT.md, claims 1-6):
 GA removal < 0 at every step with retention strongly negative; GA's mean 1/p grows; NPO weights
 start at 1 and shrink and its G-effects are ~10x smaller than GA's; WGA/TNPO retention ~ 0;
 shallow > middle > deep per layer, embedding ~1%; ga+kl keeps more utility than ga+gd.

@@ -1,4 +1,4 @@
-"""The embedded default benchmark: fictitious authors in TOFU's format (spec/BENCHMARK_DATA.md).
+"""The embedded default benchmark: fictitious authors in TOFU's format (docs/spec/BENCHMARK_DATA.md).
 
 Everything is drawn from one local ``random.Random(cfg.seed)`` (never the global RNG), so a
 seed gives byte-identical files. What is generated:

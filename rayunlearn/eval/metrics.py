@@ -1,4 +1,4 @@
-"""Pure TOFU / unlearning metric functions over numpy arrays (spec/TOFU_METRICS.md).
+"""Pure TOFU / unlearning metric functions over numpy arrays (docs/spec/TOFU_METRICS.md).
 
 Nothing here touches a model: every function takes the per-item numbers a probing pass already
 produced (per-token mean NLLs, token log-probs, argmax-correct flags, generated text) and returns

@@ -4,7 +4,7 @@ written as method strings such as ``"npo(beta=0.1)+kl(weight=0.5)"``.
 
 Everything is minimised. Each term returns per-example terms l_i (a (B,) tensor) whose sum is
 its batch loss; token means divide by ``view.token_count`` and sequence means by
-``view.seq_count`` (batch-size invariance). See ``spec/OBJECTIVES.md``.
+``view.seq_count`` (batch-size invariance). See ``docs/spec/OBJECTIVES.md``.
 """
 
 from rayunlearn.objectives.base import (MissingViewError, Objective, ObjectiveContext,

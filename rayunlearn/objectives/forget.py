@@ -1,7 +1,7 @@
 """Forget terms: the objectives the paper studies (GA, WGA, NPO, TNPO, WTNPO, PO, RMU) and the
 ones open-unlearning adds (SimNPO, IdK-DPO, SatImp, UNDIAL).
 
-Notation (``spec/OBJECTIVES.md``): on answer tokens, ``lp_t = log p_θ(y_t | x, y_<t)`` (the
+Notation (``docs/spec/OBJECTIVES.md``): on answer tokens, ``lp_t = log p_θ(y_t | x, y_<t)`` (the
 view's ``logps``), token NLL ``ℓ_t = −lp_t``, ``p_t = exp(lp_t)``; sequence NLL ``L = Σ_t ℓ_t``
 and ``log π(y|x) = −L``. ``N`` = ``view.token_count``, ``S`` = ``view.seq_count``; ``sg`` is
 stop-gradient (``.detach()``). Every term is **minimised**; a forget term is minimised by making
@@ -159,9 +159,10 @@ def simnpo(forget: TokenView, *, beta: float = 4.5, delta: float = 0.0) -> TermO
     l_i = −(2/β)·log σ(β·(L_i/|y_i| − δ)) / S with L_i the summed answer NLL and |y_i| the
     number of answer tokens.
 
-    Minimising raises the per-token NLL (the spec table writes σ(−β(·)) with L read as a
-    log-likelihood; this is the same loss as open-unlearning's). Gradient = GA's per-token mean
-    of sequence i weighted by 2σ(−β(L_i/|y_i| − δ)). Defaults β = 4.5, δ = 0 (open-unlearning).
+    Minimising raises the per-token NLL (the table of ``docs/spec/OBJECTIVES.md`` writes
+    σ(−β(·)) with L read as a log-likelihood; this is the same loss as open-unlearning's).
+    Gradient = GA's per-token mean of sequence i weighted by 2σ(−β(L_i/|y_i| − δ)). Defaults
+    β = 4.5, δ = 0 (open-unlearning).
     Stats: ``weight_mean``.
     """
     lengths = forget.mask.sum(-1).clamp(min=1)
