@@ -18,8 +18,13 @@ import pytest
 PACKAGE = "rayunlearn"
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 
-LOWER = ["objectives", "eval", "data", "models", "forward", "effects"]
-UPPER = ["train", "sweep", "report", "demo", "cli"]
+# layer -> the layers it must never import, directly or through other modules of the package.
+# `tune` is the sweep's former home: listed so that it cannot come back under its old name.
+ENTRY_POINTS = ["train", "sweep", "tune", "report", "demo", "cli"]
+NEVER_IMPORTS = {layer: ENTRY_POINTS for layer in ["objectives", "eval", "data", "models", "forward"]}
+NEVER_IMPORTS["effects"] = ["train", "sweep", "tune", "report", "cli"]
+# layers that must exist (an entry that matches no module would make its rule pass vacuously)
+REQUIRED = list(NEVER_IMPORTS) + ["train", "sweep", "report", "demo", "cli"]
 TORCH_FREE = ["report", "runs"]
 # importing any of these imports torch
 TORCH = ["torch", "transformers", "peft", "deepspeed", "accelerate", "safetensors.torch"]
@@ -231,7 +236,7 @@ def _modules_of(graph, layer: str) -> list[str]:
 
 
 def test_every_module_parses_and_the_layers_exist(graph):
-    for layer in LOWER + UPPER + TORCH_FREE:
+    for layer in REQUIRED + TORCH_FREE:
         _modules_of(graph, layer)
 
 
@@ -239,9 +244,9 @@ def test_no_import_cycle(graph):
     assert cycles(graph) == []
 
 
-@pytest.mark.parametrize("layer", LOWER)
+@pytest.mark.parametrize("layer", list(NEVER_IMPORTS))
 def test_lower_layers_never_import_upper_ones(graph, layer):
-    upper = [f"{PACKAGE}.{u}" for u in UPPER]
+    upper = [f"{PACKAGE}.{u}" for u in NEVER_IMPORTS[layer]]
     bad = {m: p for m in _modules_of(graph, layer) if (p := import_path(graph, m, upper))}
     assert bad == {}
 
