@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Single-GPU check (issue 8 item 5): bf16 unlearning steps with live G-effects on a
+# Single-GPU check: bf16 unlearning steps with live G-effects on a
 # SmolLM2-135M-shaped and a ~1B Llama-3.2-1B-shaped model configured from scratch (no hub),
 # FSDP2 and DeepSpeed ZeRO-3 on one GPU, then the G-effect and evaluation benches on CUDA.
 # Timings and peak memory are printed. Runs in a few minutes on one H100/H200-class GPU.

@@ -1,4 +1,4 @@
-"""`rayunlearn bench gpu`: the single-GPU check (issue 8 item 5).
+"""`rayunlearn bench gpu`: the single-GPU check.
 
 Runs in a few minutes on one GPU and prints timings and peak memory for
 - bf16 unlearning steps (`npo+kl`) with and without live G-effects on a SmolLM2-135M-shaped

@@ -2,7 +2,7 @@
 front, the paper-style results table, cumulative / per-group / per-instance G-effects,
 hyper-parameter importances (Optuna evaluators on a rebuilt in-memory study).
 
-Sign convention (GEFFECT.md): e = ∇R · ∇L; removal wants e_u < 0, retention wants e_r ≥ 0;
+Sign convention (docs/spec/GEFFECT.md): e = ∇R · ∇L; removal wants e_u < 0, retention wants e_r ≥ 0;
 the first-order risk change of one step is -lr·e.
 """
 

@@ -1,7 +1,7 @@
 """Assemble the report: sections of blocks (headings, text, notes, figures, tables) rendered to
 one self-contained ``report.html`` (PNGs embedded as base64) and ``report.md``; PNGs go to
 ``figures/`` and the machine-readable answers (Pareto fronts, verdicts) to ``summary.json``.
-Reads results files only — no Ray, no model (DESIGN.md principle 7).
+Reads results files only — no Ray, no model: a report can be rebuilt anywhere the files are.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
 
     # Overview
     doc.h(2, "Overview")
-    doc.p("Sign convention (GEFFECT.md): the G-effect is e = ∇R·∇L for a risk R and the objective L; one step "
+    doc.p("Sign convention (docs/spec/GEFFECT.md): the G-effect is e = ∇R·∇L for a risk R and the objective L; one step "
           "changes R by about −lr·e. Removal wants e_u < 0 (forget risk rises); retention wants e_r ≥ 0 "
           "(a negative retention G-effect is collateral damage). Removal and retention scalars are both maximised.")
     for c in collections:
@@ -210,7 +210,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     doc.h(2, "Findings")
     held = [f.claim for f in findings if f.verdict == HELD]
     failed_claims = [f.claim for f in findings if f.verdict == FAILED]
-    doc.p(f"The paper's claims (GEFFECT.md, claims 1–6) checked on these results: held {held or 'none'}; "
+    doc.p(f"The paper's claims (docs/spec/GEFFECT.md, claims 1–6) checked on these results: held {held or 'none'}; "
           f"did not hold {failed_claims or 'none'}; not testable "
           f"{[f.claim for f in findings if f.verdict not in (HELD, FAILED)] or 'none'}.")
     doc.findings(findings)

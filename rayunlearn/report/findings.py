@@ -1,4 +1,4 @@
-"""Check the paper's claims (GEFFECT.md, "Claims a correct implementation reproduces") on the
+"""Check the paper's claims (docs/spec/GEFFECT.md, "Claims a correct implementation reproduces") on the
 results just produced. Each check returns HELD / DID NOT HOLD / NOT TESTABLE with the numbers
 it used and the thresholds, stated in words.
 
@@ -265,6 +265,6 @@ def claim6(p: Picker) -> Finding:
 
 
 def check_claims(collections: list[Collection]) -> list[Finding]:
-    """Verdicts on GEFFECT.md claims 1-6, with the numbers used."""
+    """Verdicts on docs/spec/GEFFECT.md claims 1-6, with the numbers used."""
     p = Picker(collections)
     return [claim1(p), claim2(p), claim3(p), claim4(p), claim5(p.collections), claim6(p)]
