@@ -294,6 +294,18 @@ def load_config(cls: type, preset: str | Path | None = None, overrides: list[str
     return from_dict(cls, merge_sources(read_preset(preset) if preset is not None else {}, data, overrides))
 
 
+def load_data_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> DataConfig:
+    """The DataConfig of ``rayunlearn data check``, with its keys spelt as in every other config
+    (``data.benchmark=tofu data.tofu_dir=DIR``; bare ``benchmark=tofu`` works too), from a data
+    preset or the ``data`` section of an unlearn/finetune preset. Errors name ``data.<key>``."""
+    base = read_preset(preset) if preset is not None else {}
+    if isinstance(base.get("data"), dict):
+        base = base["data"]
+    items = [o if o.strip().startswith("data.") or "=" not in o else f"data.{o.strip()}"
+             for o in overrides or []]
+    return from_dict(DataConfig, merge_sources({"data": base}, None, items)["data"], "data.")
+
+
 def merge_sources(base: dict, data: dict | None = None, overrides: list[str] | None = None) -> dict:
     """The layering every config file shares (presets, search spaces): ``base`` (a file's
     mapping), deep-merged with ``data``, then each ``key=value`` override set at its dotted key."""
