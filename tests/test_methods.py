@@ -242,6 +242,8 @@ def test_describe_lists_everything():
     for k in PRESETS:
         assert k in text
     assert "beta=0.5" in text and "mask=answer" in text and "ref_logps" in text
+    assert "\n  npo.beta: a finite number > 0\n" in text and "\n  wga.alpha: a finite number >= 0\n" in text
+    assert "Every weight must be a finite number > 0" in text
 
 
 # ------------------------------------------------------------------------------------------

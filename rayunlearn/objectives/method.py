@@ -399,7 +399,12 @@ def describe() -> str:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
     lines += ["", "Method strings: terms joined by '+', each 'name' or 'name(key=value, ...)';",
               "'weight' is the term's coefficient, e.g. 'npo(beta=0.1)+kl(weight=0.5, mask=all)'.",
-              "", "Presets (usable wherever a method string is):"]
+              f"Every weight must be {WEIGHT_DOMAIN.describe()}; a method needs a forget term.",
+              "", "Hyper-parameter domains (checked when a method string or search space loads):"]
+    for n in names():
+        for k, d in get(n).domains.items():
+            lines.append(f"  {n}.{k}: {d.describe()}")
+    lines += ["", "Presets (usable wherever a method string is):"]
     w = max(len(k) for k in PRESETS)
     for k, v in PRESETS.items():
         lines.append(f"  {k.ljust(w)}  = {parse_method(v)}")
