@@ -1,8 +1,10 @@
 """Typed, validated configuration: dataclasses per stage, YAML presets, ``key=value`` overrides.
 
 Unknown keys, wrong types and impossible values fail at load time with a :class:`ConfigError`
-that names the key (dotted path). Every numeric field has a domain in its class's ``DOMAINS``
-table (``rayunlearn.domains``), checked before the class's cross-field ``validate()``.  The resolved config is saved with every run
+that names the key (dotted path) and what it accepts: every numeric field has a domain in its
+class's ``DOMAINS`` table (``rayunlearn.domains``), checked before the class's cross-field
+``validate()``; the method string is parsed (``rayunlearn.objectives``) and ``model.name``
+resolved (``model_name_problem``) at load too. The resolved config is saved with every run
 (``config.yaml`` in the run directory) and a run refuses to resume into a directory whose saved
 config differs in anything but bookkeeping fields.
 

@@ -112,7 +112,6 @@ def choice(*values) -> Domain:
 
 POSITIVE = number(0, low_open=True)          # a finite number > 0
 NONNEGATIVE = number(0)                      # a finite number >= 0
-ANY_NUMBER = number()                        # any finite number
 BOOL = Domain("bool")
 LAYER = Domain("layer")
 COUNT = integer(1)                           # an integer >= 1
