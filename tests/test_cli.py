@@ -79,6 +79,13 @@ def test_readme_data_check_line_runs_as_written(tmp_path):
     bad = subprocess.run(["rayunlearn", "data", "check", "data.benchmark=tofu", "data.max_length=2"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr == "error: data.max_length: must be an integer >= 8 (got 2)\n"
+    # the default (synthetic) benchmark, generated into the working directory, passes the same checks
+    synth = subprocess.run(["rayunlearn", "data", "check"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert synth.returncode == 0, synth.stderr
+    counts = {ln.split()[0]: int(ln.split()[1]) for ln in synth.stdout.splitlines()
+              if len(ln.split()) > 1 and ln.split()[1].isdigit()}
+    assert "benchmark synthetic  (source: results/data/synthetic)" in synth.stdout
+    assert counts["forget10_perturbed"] == counts["forget10"] > 0
 
 
 def test_data_check_takes_bare_keys_and_an_unlearn_preset(tmp_path, capsys):
