@@ -1,6 +1,7 @@
 """Command line: subcommands -> config -> API call; nothing else.
 
     rayunlearn data synth [--config PRESET] [key=value ...]
+    rayunlearn data check [--config PRESET] [data.key=value ...]
     rayunlearn finetune   [--config PRESET] [key=value ...]
     rayunlearn unlearn    [--config PRESET] [key=value ...]
     rayunlearn eval MODEL_OR_RUN [key=value ...]
@@ -94,7 +95,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.data_command == "check":
             from rayunlearn.data import describe_benchmark, load_benchmark
 
-            cfg = C.load_config(C.DataConfig, args.config, args.overrides)
+            cfg = C.load_data_config(args.config, args.overrides)
             print(describe_benchmark(load_benchmark(cfg)))
             return 0
         raise UserError("usage: rayunlearn data {synth,check} [key=value ...]")

@@ -1,7 +1,10 @@
 """Typed, validated configuration: dataclasses per stage, YAML presets, ``key=value`` overrides.
 
 Unknown keys, wrong types and impossible values fail at load time with a :class:`ConfigError`
-that names the key (dotted path).  The resolved config is saved with every run
+that names the key (dotted path) and what it accepts: every numeric field has a domain in its
+class's ``DOMAINS`` table (``rayunlearn.domains``), checked before the class's cross-field
+``validate()``; the method string is parsed (``rayunlearn.objectives``) and ``model.name``
+resolved (``model_name_problem``) at load too. The resolved config is saved with every run
 (``config.yaml`` in the run directory) and a run refuses to resume into a directory whose saved
 config differs in anything but bookkeeping fields.
 
@@ -11,15 +14,19 @@ config differs in anything but bookkeeping fields.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
 from rayunlearn import UserError
+from rayunlearn.domains import (COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, DomainError,
+                                integer, number)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -44,14 +51,18 @@ class SynthConfig:
     num_world_facts: int = 240   # world knowledge learned by the base model before finetuning
     retain_perturbed_size: int = 400
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "seed": NONNEGATIVE_INT,
+        "num_authors": integer(10),          # forget01 needs >= 1 author
+        "min_qa_per_author": COUNT,
+        "max_qa_per_author": integer(1, 20),  # the generator has 20 fact slots per author
+        "num_world_facts": integer(10),
+        "retain_perturbed_size": COUNT,
+    }
+
     def validate(self) -> None:
-        _check(self.num_authors >= 10, "num_authors", "must be >= 10 (forget01 needs >= 1 author)")
-        _check(1 <= self.min_qa_per_author <= self.max_qa_per_author, "min_qa_per_author",
-               "must be >= 1 and <= max_qa_per_author")
-        _check(self.max_qa_per_author <= 20, "max_qa_per_author",
-               "must be <= 20 (the generator has 20 fact slots per author)")
-        _check(self.num_world_facts >= 10, "num_world_facts", "must be >= 10")
-        _check(self.retain_perturbed_size >= 1, "retain_perturbed_size", "must be >= 1")
+        _check(self.min_qa_per_author <= self.max_qa_per_author, "min_qa_per_author",
+               "must be <= max_qa_per_author")
 
 
 @dataclass
@@ -67,8 +78,7 @@ class DataConfig:
     max_length: int = 256
     synth: SynthConfig = field(default_factory=SynthConfig)
 
-    def validate(self) -> None:
-        _check(self.max_length >= 8, "max_length", "must be >= 8")
+    DOMAINS: ClassVar[dict[str, Domain]] = {"max_length": integer(8)}
 
 
 @dataclass
@@ -96,13 +106,25 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "hidden_size": COUNT,
+        "num_layers": COUNT,
+        "num_heads": COUNT,
+        "num_kv_heads": COUNT,
+        "intermediate_size": COUNT,
+        "vocab_size": integer(300),           # byte-level BPE needs 256 bytes + specials
+        "max_position_embeddings": integer(8),
+        "init_seed": NONNEGATIVE_INT,
+        "lora_r": NONNEGATIVE_INT,
+        "lora_alpha": COUNT,
+        "lora_dropout": number(0, 1, high_open=True),
+    }
+
     def validate(self) -> None:
+        problem = model_name_problem(self.name)
+        _check(problem is None, "name", problem or "")
         _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
         _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
-        _check(self.num_layers >= 1, "num_layers", "must be >= 1")
-        _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (byte-level BPE needs 256 bytes + specials)")
-        _check(self.lora_r >= 0, "lora_r", "must be >= 0")
-        _check(self.max_position_embeddings >= 8, "max_position_embeddings", "must be >= 8")
 
 
 @dataclass
@@ -130,19 +152,29 @@ class TrainConfig:
     shard_reference: bool = False
     progress: bool = True
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "epochs": POSITIVE,
+        "max_steps": NONNEGATIVE_INT,          # 0 = run all epochs
+        "batch_size": COUNT,
+        "micro_batch_size": COUNT,
+        "lr": POSITIVE,
+        "warmup_epochs": NONNEGATIVE,
+        "weight_decay": NONNEGATIVE,
+        # a negative clip coefficient flips the gradient (the model would learn the forget set)
+        "max_grad_norm": number(0, low_open=True, nullable=True),
+        "seed": NONNEGATIVE_INT,
+        "checkpoint_every": NONNEGATIVE_INT,   # 0 = only at the end
+        "log_every": COUNT,
+        "num_workers": COUNT,
+    }
+
     def validate(self) -> None:
-        _check(self.epochs > 0, "epochs", "must be > 0")
-        _check(self.lr > 0, "lr", "must be > 0")
-        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.batch_size % (self.micro_batch_size * self.num_workers) == 0, "batch_size",
                f"must be a multiple of micro_batch_size*num_workers "
                f"({self.micro_batch_size}*{self.num_workers})")
-        _check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        _check(self.num_workers >= 1, "num_workers", "must be >= 1")
-        _check(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = run all epochs)")
+        # the schedule clips warm-up to the run's length: a longer warm-up never decays the lr
+        _check(self.max_steps > 0 or self.warmup_epochs <= self.epochs, "warmup_epochs",
+               f"must be <= epochs ({self.epochs:g}), got {self.warmup_epochs:g}")
 
 
 @dataclass
@@ -158,9 +190,7 @@ class EffectsConfig:
     fidelity: bool = True          # measured risk change after the step next to -lr*e
     aggregator: Optional[str] = None   # name of a running sweep's G-effect aggregator Ray actor (set by the sweep)
 
-    def validate(self) -> None:
-        _check(self.every >= 0, "every", "must be >= 0")
-        _check(self.probe_size >= 1, "probe_size", "must be >= 1")
+    DOMAINS: ClassVar[dict[str, Domain]] = {"every": NONNEGATIVE_INT, "probe_size": COUNT}
 
 
 @dataclass
@@ -177,12 +207,13 @@ class EvalConfig:
     mia_min_k: float = 0.4         # k of Min-K% / Min-K%++ (fraction of lowest-scoring tokens)
     fast_trajectory: bool = True   # in-loop evaluations (every k steps) skip generation/ROUGE
 
-    def validate(self) -> None:
-        _check(self.every >= 0, "every", "must be >= 0")
-        _check(self.max_items is None or self.max_items >= 1, "max_items", "must be >= 1 or null")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        _check(0.0 < self.mia_min_k <= 1.0, "mia_min_k", "must be in (0, 1]")
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "every": NONNEGATIVE_INT,
+        "max_items": integer(1, nullable=True),
+        "batch_size": COUNT,
+        "max_new_tokens": COUNT,
+        "mia_min_k": number(0, 1, low_open=True),
+    }
 
 
 @dataclass
@@ -203,9 +234,6 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=3e-3, warmup_epochs=0.5,
                                                                    batch_size=32, micro_batch_size=32))
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
 class UnlearnConfig:
@@ -221,9 +249,35 @@ class UnlearnConfig:
     effects: EffectsConfig = field(default_factory=EffectsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     evaluate: bool = True          # TOFU evaluation at the end (and every eval.every steps)
+    # a method without a forget term (kl, gd) unlearns nothing; true runs one anyway (a control)
+    allow_no_forget: bool = False
 
     def validate(self) -> None:
         _check(bool(self.method.strip()), "method", "must be a method string such as 'npo+kl'")
+        # the objectives import torch: only an unlearning config pays for it
+        from rayunlearn.objectives import parse_method
+
+        try:
+            parse_method(self.method, allow_no_forget=self.allow_no_forget)
+        except UserError as exc:
+            raise ConfigError(f"method: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# model names (resolved by rayunlearn.models.load_model; checked here without importing torch)
+
+MODEL_PRESETS = ("tiny", "smollm2-135m")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def model_name_problem(name: str) -> str | None:
+    """None when ``name`` can name a model: a preset, an existing local directory, or a hub id
+    ``org/name``; else what is wrong with it (a run given a target model never loads
+    ``model.name``, so a typo there would otherwise pass unnoticed)."""
+    if name in MODEL_PRESETS or Path(name).expanduser().is_dir() or _HUB_ID.fullmatch(name):
+        return None
+    return (f"{name!r} is not a model preset ({', '.join(MODEL_PRESETS)}), an existing local model "
+            f"directory, or a hub id such as 'HuggingFaceTB/SmolLM2-135M'; give one of those")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +294,18 @@ def load_config(cls: type, preset: str | Path | None = None, overrides: list[str
     """Build and validate `cls` from a preset (a name in rayunlearn/presets or a YAML path),
     then a dict, then ``key=value`` overrides (dotted keys, YAML-typed values)."""
     return from_dict(cls, merge_sources(read_preset(preset) if preset is not None else {}, data, overrides))
+
+
+def load_data_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> DataConfig:
+    """The DataConfig of ``rayunlearn data check``, with its keys spelt as in every other config
+    (``data.benchmark=tofu data.tofu_dir=DIR``; bare ``benchmark=tofu`` works too), from a data
+    preset or the ``data`` section of an unlearn/finetune preset. Errors name ``data.<key>``."""
+    base = read_preset(preset) if preset is not None else {}
+    if isinstance(base.get("data"), dict):
+        base = base["data"]
+    items = [o if o.strip().startswith("data.") or "=" not in o else f"data.{o.strip()}"
+             for o in overrides or []]
+    return from_dict(DataConfig, merge_sources({"data": base}, None, items)["data"], "data.")
 
 
 def merge_sources(base: dict, data: dict | None = None, overrides: list[str] | None = None) -> dict:
@@ -339,15 +405,30 @@ def from_dict(cls: type, values: dict, prefix: str = ""):
 
 
 def validate(obj, prefix: str = "") -> None:
+    """Nested dataclasses first, then each field's domain (the class's ``DOMAINS``), then the
+    class's own ``validate()`` (cross-field checks); errors name the dotted key."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{f.name}.")
+    for name, domain in getattr(obj, "DOMAINS", {}).items():
+        value = getattr(obj, name)
+        try:
+            setattr(obj, name, domain.check(value))
+        except DomainError as exc:
+            raise ConfigError(f"{prefix}{name}: {exc} (got {_shown(value)})") from None
     if hasattr(obj, "validate"):
         try:
             obj.validate()
         except ConfigError as exc:
             raise ConfigError(f"{prefix}{exc}") from None
+
+
+def _shown(value) -> str:
+    """A value as the user wrote it: -1 rather than -1.0, nan, inf, 'text'."""
+    if isinstance(value, float) and (value.is_integer() or not math.isfinite(value)):
+        return f"{value:g}"
+    return repr(value)
 
 
 def _coerce(tp, value, key: str):
@@ -425,7 +506,8 @@ def check_resume_config(obj, path: str | Path, ignore: tuple[str, ...] = ("progr
     path = Path(path)
     if not path.exists():
         return
-    saved = yaml.safe_load(path.read_text()) or {}
+    # a field added since the run was saved compares at its default
+    saved = _deep_merge(to_dict(type(obj)()), yaml.safe_load(path.read_text()) or {})
     now = to_dict(obj)
     diffs = _diff(saved, now, "", ignore)
     if diffs:

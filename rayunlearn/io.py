@@ -1,11 +1,16 @@
 """Atomic file writing, JSON / JSON-lines helpers, seeding. Everything a user may receive is
 written as JSON, safetensors or Parquet, never pickle, and always atomically (write to a
-temporary file in the same directory, fsync, rename)."""
+temporary file in the same directory, fsync, rename).
+
+The JSON written is strict JSON: a non-finite number (NaN, ±inf: a diverged loss, a metric
+without a reference) is written as ``null``, never as Python's ``NaN`` / ``Infinity`` tokens,
+which other JSON readers reject."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -37,8 +42,26 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj``: non-finite floats become null (numpy scalars, arrays, paths
+    and dataclasses are converted first)."""
+    return json.dumps(finite(obj), indent=indent, sort_keys=False, ensure_ascii=False, default=_default,
+                      allow_nan=False)
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False, default=_default) + "\n")
+    write_text(path, dumps(obj, indent=indent) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -51,7 +74,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=_default) + "\n")
+        fh.write(dumps(record) + "\n")
         fh.flush()
 
 
@@ -107,9 +130,9 @@ def _default(obj: Any):
         import numpy as np
 
         if isinstance(obj, np.generic):
-            return obj.item()
+            return finite(obj.item())
         if isinstance(obj, np.ndarray):
-            return obj.tolist()
+            return finite(obj.tolist())
     except ImportError:  # pragma: no cover
         pass
     if isinstance(obj, Path):
@@ -117,5 +140,5 @@ def _default(obj: Any):
     if hasattr(obj, "__dataclass_fields__"):
         import dataclasses
 
-        return dataclasses.asdict(obj)
+        return finite(dataclasses.asdict(obj))
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -225,3 +225,30 @@ def test_benchmark_corpus(gen):
         assert rec["question"] in s and rec["answer"] in s and set(rec["perturbed_answer"]) <= s
     assert set(refusals) <= s
     assert splits["full"][0]["paraphrased_question"] in s
+
+
+def test_default_benchmark_passes_validation_for_every_forget_split(gen):
+    """The generator's output satisfies the loader's checks (non-blank texts, every forget
+    question once in its perturbed split), for each forget split."""
+    from rayunlearn.data.schema import FORGET_SPLITS, Benchmark, validate_benchmark
+    from rayunlearn.data.tofu import required_splits
+
+    splits, refusals, _ = gen
+    for forget in FORGET_SPLITS:
+        validate_benchmark(Benchmark("synthetic", "memory", splits, refusals), required=required_splits(forget))
+        assert Counter(r["question"] for r in splits[f"{forget}_perturbed"]) == \
+            Counter(r["question"] for r in splits[forget])
+
+
+def test_loading_synthetic_files_validates_them(tmp_path):
+    """A synthetic benchmark on disk goes through the same validation as any directory: an
+    answer blanked in its file is refused although meta.json still matches the config."""
+    cfg = DataConfig(forget_split="forget05", synth=SynthConfig(out=str(tmp_path / "syn"), num_authors=20,
+                                                                num_world_facts=24))
+    load_benchmark(cfg)
+    path = tmp_path / "syn" / "forget05.json"
+    records = json.loads(path.read_text())
+    records[1]["answer"] = " "
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"forget05\.json: split 'forget05', record 1: field 'answer' is empty"):
+        load_benchmark(cfg)

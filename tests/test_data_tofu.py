@@ -220,3 +220,84 @@ def test_read_refusals_formats(tmp_path):
     assert tofu.read_refusals(p) == ["I do not know.", "No clue.", "Quoted.", "42"]
     p.write_text('["A.", "B."]')
     assert tofu.read_refusals(p) == ["A.", "B."]
+
+
+# ------------------------------------------------------------------------------------------
+# empty texts and perturbed splits that do not cover their forget split
+
+
+@pytest.mark.parametrize("split, index, mutate, message", [
+    ("forget01", 0, lambda r: r.update(answer=""),
+     "forget01.json: split 'forget01', record 0: field 'answer' is empty ('')"),
+    ("full", 2, lambda r: r.update(question="  \t"),
+     "full.json: split 'full', record 2: field 'question' is empty ('  \\t')"),
+    ("forget01_perturbed", 1, lambda r: r.update(paraphrased_answer=" "),
+     "forget01_perturbed.json: split 'forget01_perturbed', record 1: field 'paraphrased_answer' is empty (' ')"),
+    ("retain_perturbed", 0, lambda r: r.update(paraphrased_question=""),
+     "retain_perturbed.json: split 'retain_perturbed', record 0: field 'paraphrased_question' is empty ('')"),
+    ("forget01_perturbed", 0, lambda r: r.update(perturbed_answer=["Cy Dorn has fact 11.", ""]),
+     "forget01_perturbed.json: split 'forget01_perturbed', record 0: perturbed_answer[1] is empty ('')"),
+    ("world_facts_perturbed", 0, lambda r: r.update(perturbed_answer=["\n"]),
+     "world_facts_perturbed.json: split 'world_facts_perturbed', record 0: perturbed_answer[0] is empty ('\\n')"),
+    ("forget01_perturbed", 1, lambda r: r.update(perturbed_answer=[]),
+     "forget01_perturbed.json: record 1: field 'perturbed_answer' must be a non-empty list of strings, got []"),
+])
+def test_empty_texts_are_refused_naming_file_split_and_record(tmp_path, split, index, mutate, message):
+    d = _broken(tmp_path, split, index, mutate)
+    with pytest.raises(DataError) as err:
+        load_benchmark(_cfg(d))
+    assert str(err.value).startswith(f"{d}/{message}"), str(err.value)
+
+
+def _forget_splits(n_authors: int = 2, per_author: int = 5) -> dict[str, list[dict]]:
+    """A forget01 of 10 records (the last 2 of 12 authors x 5 QA) with a full perturbed set."""
+    full = [_qa(f"Author {a}", i) for a in range(12) for i in range(1, per_author + 1)]
+    forget = full[-n_authors * per_author:]
+    splits = _tofu_splits()
+    splits["full"] = [{"question": r["question"], "answer": r["answer"]} for r in full]
+    splits["forget01"] = [{"question": r["question"], "answer": r["answer"]} for r in forget]
+    splits["forget01_perturbed"] = forget
+    splits["retain_perturbed"] = full[:2]
+    del splits["retain99"]
+    return splits
+
+
+def test_perturbed_split_must_cover_every_forget_record_once(tmp_path):
+    good = _forget_splits()
+    assert len(load_benchmark(_cfg(_write_dir(tmp_path / "ok", good))).split("forget01_perturbed")) == 10
+
+    incomplete = _forget_splits()
+    incomplete["forget01_perturbed"] = incomplete["forget01_perturbed"][:3]
+    d = _write_dir(tmp_path / "incomplete", incomplete)
+    with pytest.raises(DataError) as err:
+        load_benchmark(_cfg(d))
+    assert str(err.value) == (
+        f"{d / 'forget01_perturbed.json'}: forget01_perturbed covers 3 of the 10 records of forget01 "
+        f"({d / 'forget01.json'}); missing 7, e.g. question 'What is fact 4 about Author 10?'; "
+        f"forget01_perturbed must hold every forget01 question exactly once")
+
+    duplicated = _forget_splits()
+    duplicated["forget01_perturbed"] = duplicated["forget01_perturbed"][:9] + [duplicated["forget01_perturbed"][2]]
+    d = _write_dir(tmp_path / "duplicated", duplicated)
+    with pytest.raises(DataError) as err:
+        load_benchmark(_cfg(d))
+    assert str(err.value) == (
+        f"{d / 'forget01_perturbed.json'}: record 9 (question 'What is fact 3 about Author 10?') duplicates "
+        f"a record (the question appears 1 time(s) in forget01); forget01_perturbed must hold every "
+        f"forget01 question exactly once")
+
+    foreign = _forget_splits()
+    foreign["forget01_perturbed"][4] = _qa("Author 0", 1)
+    d = _write_dir(tmp_path / "foreign", foreign)
+    with pytest.raises(DataError, match=r"forget01_perturbed\.json: record 4 \(question 'What is fact 1 about "
+                                        r"Author 0\?'\) is not a question of forget01"):
+        load_benchmark(_cfg(d))
+
+
+def test_the_evaluation_toy_benchmark_passes_validation():
+    from rayunlearn.data.schema import Benchmark, validate_benchmark
+    from rayunlearn.eval.testing import toy_benchmark
+
+    toy = toy_benchmark()
+    validate_benchmark(Benchmark(toy.name, toy.source, toy.splits, toy.refusals),
+                       required=tofu.required_splits("forget01"))

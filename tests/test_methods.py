@@ -39,15 +39,15 @@ def test_parse_whitespace_values_and_types():
     assert isinstance(m.terms[0].params["beta"], float)
     assert m.terms[1].params == {"c": 3.0, "layer": -1, "normalize": True}
     assert m.terms[2].params == {"mask": "all"}
-    assert parse_method("kl(mask='all')") == parse_method('kl(mask="all")') == parse_method("kl(mask=all)")
+    assert parse_method("ga+kl(mask='all')") == parse_method('ga+kl(mask="all")') == parse_method("ga+kl(mask=all)")
     assert parse_method("rmu(layer=middle)") == parse_method("rmu")
     assert parse_method("ga()") == parse_method("ga")
 
 
 @pytest.mark.parametrize("text", [
     "ga", "ga+gd", "npo(beta=0.1)+kl(weight=0.5)", "wga(alpha=2.5)+kl(mask=all, weight=1e-3)",
-    "tnpo(eps=1e-05)+rr(layer=-1, weight=2)", "rmu(c=20, layer=1, normalize=true)+kl(weight=0)",
-    "po+kl+kl(mask=all, weight=0.25)", "idk_dpo(beta=0.2)+gd(weight=-1.5)", "undial+kl",
+    "tnpo(eps=1e-05)+rr(layer=-1, weight=2)", "rmu(c=20, layer=1, normalize=true)+kl(weight=0.01)",
+    "po+kl+kl(mask=all, weight=0.25)", "idk_dpo(beta=0.2)+gd(weight=1.5)", "undial+kl",
     "simnpo(delta=0.5)", "satimp(beta1=1, beta2=0)",
 ])
 def test_canonical_round_trip(text):
@@ -105,15 +105,76 @@ def test_syntax_errors_show_where(text, where, what):
     assert lines[1] == f"  {text}" and lines[2] == "  " + " " * (where - 1) + "^"
 
 
-@pytest.mark.parametrize("text, match", [
-    ("npo(beta=0)", "must be > 0"), ("wga(alpha=-1)", "must be >= 0"),
-    ("kl(mask=some)", "must be one of answer, all"), ("rmu(normalize=1)", "true or false"),
-    ("rmu(layer=1.5)", "block index"), ("npo(beta=fast)", "finite number"),
-    ("kl(weight=abc)", "weight='abc'"),
+@pytest.mark.parametrize("text, key, domain", [
+    ("npo(beta=0)", "npo.beta=0", "must be a finite number > 0"),
+    ("wga(alpha=-1)", "wga.alpha=-1", "must be a finite number >= 0"),
+    ("tnpo(beta=-2)", "tnpo.beta=-2", "must be a finite number > 0"),
+    ("tnpo(eps=-1e-5)", "tnpo.eps=-1e-05", "must be a finite number >= 0"),
+    ("wtnpo(alpha=-0.5)", "wtnpo.alpha=-0.5", "must be a finite number >= 0"),
+    ("rmu(c=0)", "rmu.c=0", "must be a finite number > 0"),
+    ("rmu(layer=1.5)", "rmu.layer=1.5", "block index"),
+    ("rmu(layer=top)", "rmu.layer='top'", "or 'middle'"),
+    ("rmu(normalize=1)", "rmu.normalize=1", "must be true or false"),
+    ("simnpo(delta=-0.1)", "simnpo.delta=-0.1", "must be a finite number >= 0"),
+    ("idk_dpo(beta=0)", "idk_dpo.beta=0", "must be a finite number > 0"),
+    ("satimp(beta1=-1)", "satimp.beta1=-1", "must be a finite number >= 0"),
+    ("satimp(beta2=-1)", "satimp.beta2=-1", "must be a finite number >= 0"),
+    ("undial(beta=-0.1)", "undial.beta=-0.1", "must be a finite number >= 0"),
+    ("npo(beta=fast)", "npo.beta='fast'", "must be a finite number > 0"),
+    ("ga+kl(mask=some)", "kl.mask='some'", "must be one of answer, all"),
+    ("ga+rr(layer=x)", "rr.layer='x'", "or 'middle'"),
+    ("ga+kl(weight=abc)", "kl.weight='abc'", "must be a finite number > 0"),
 ])
-def test_bad_values(text, match):
-    with pytest.raises(ObjectiveError, match=match):
+def test_bad_values_name_the_key_and_domain(text, key, domain):
+    with pytest.raises(ObjectiveError) as e:
         parse_method(text)
+    msg = str(e.value)
+    assert msg.startswith(key) and domain in msg
+
+
+@pytest.mark.parametrize("text, key", [
+    ("ga(weight=-1)", "ga.weight=-1"), ("ga(weight=0)", "ga.weight=0"),
+    ("npo+kl(weight=-0.5)", "kl.weight=-0.5"), ("ga(weight=nan)", "ga.weight='nan'"),
+    ("ga(weight=1e400)", "ga.weight=inf"),
+])
+def test_weights_must_be_positive_and_finite(text, key):
+    # a negative forget weight makes the model learn the forget set; zero silently drops the term
+    with pytest.raises(ObjectiveError) as e:
+        parse_method(text)
+    assert str(e.value).startswith(key) and "must be a finite number > 0" in str(e.value)
+    with pytest.raises(ObjectiveError, match=r"^wga\.weight=-2: must be a finite number > 0"):
+        parse_method("wga+kl").with_params({"wga.weight": -2})
+
+
+@pytest.mark.parametrize("text", ["kl", "gd", "gd+kl(mask=all)", "rr"])
+def test_method_without_forget_term_is_refused_unless_allowed(text):
+    with pytest.raises(ObjectiveError, match="has no forget term.*allow_no_forget=true"):
+        parse_method(text)
+    with pytest.raises(ObjectiveError, match="has no forget term"):
+        build_method(text)
+    m = parse_method(text, allow_no_forget=True)
+    assert all(t.side == "retain" for t in m.terms)
+    assert parse_method(m, allow_no_forget=True) is m
+    with pytest.raises(ObjectiveError, match="has no forget term"):
+        parse_method(m)
+
+
+def test_every_hyper_parameter_has_a_public_domain():
+    from rayunlearn.objectives import WEIGHT_DOMAIN, check_value, get, names
+
+    for n in names():
+        o = get(n)
+        assert set(o.domains) == set(o.defaults)
+        for key, default in o.defaults.items():
+            assert check_value(n, key, default) == default
+    assert check_value("npo", "beta", 2) == 2.0 and isinstance(check_value("npo", "beta", 2), float)
+    assert get("wga").domain("alpha").describe() == "a finite number >= 0"
+    assert get("kl").domain("mask").describe() == "one of answer, all"
+    assert WEIGHT_DOMAIN.describe() == "a finite number > 0" and get("ga").domain("weight") is WEIGHT_DOMAIN
+    with pytest.raises(ObjectiveError, match=r"^wga\.alpha=-1: must be a finite number >= 0"):
+        check_value("wga", "alpha", -1)
+    with pytest.raises(ObjectiveError, match="no hyper-parameter 'alpa'.*Did you mean 'alpha'"):
+        check_value("wga", "alpa", 1.0)
 
 
 def test_duplicates_get_labels_and_identical_ones_warn():
@@ -153,7 +214,7 @@ def test_build_method_and_with_params():
     with pytest.raises(ObjectiveError) as e:
         build_method("wga+kl", {"wga.beta": 1.0})
     assert "'wga.beta'" in str(e.value) and "wga.weight, wga.alpha, kl.weight, kl.mask" in str(e.value)
-    with pytest.raises(ObjectiveError, match="must be > 0"):
+    with pytest.raises(ObjectiveError, match=r"^npo\.beta=-1\.0 .*must be a finite number > 0"):
         build_method("npo", {"npo.beta": -1.0})
     assert parse_method("npo") == parse_method("npo")        # with_params returns new methods
     with pytest.raises(ObjectiveError, match="at least one term"):
@@ -182,6 +243,8 @@ def test_describe_lists_everything():
     for k in PRESETS:
         assert k in text
     assert "beta=0.5" in text and "mask=answer" in text and "ref_logps" in text
+    assert "\n  npo.beta: a finite number > 0\n" in text and "\n  wga.alpha: a finite number >= 0\n" in text
+    assert "Every weight must be a finite number > 0" in text
 
 
 # ------------------------------------------------------------------------------------------

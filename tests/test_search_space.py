@@ -162,3 +162,89 @@ def test_method_string_and_unit_positions():
     assert d["wga.alpha"].unit(1.0) == pytest.approx(0.5)          # log-scaled: 1 is the middle of [0.1, 10]
     assert d["kl.weight"].unit(2.55) == pytest.approx(0.5)         # linear
     assert math.isclose(d["wga.alpha"].unit(10.0), 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# domains: a range reaching outside a hyper-parameter's domain fails when the space loads
+
+
+@pytest.mark.parametrize("family, key, spec, message", [
+    ("wga+kl", "wga.alpha", {"type": "uniform", "low": -5, "high": -1},
+     "families.wga+kl.wga.alpha: uniform [-5, -1] reaches outside the domain of wga.alpha, which must be "
+     "a finite number >= 0 (e.g. -5.0); narrow the distribution"),
+    ("npo+kl", "npo.beta", {"type": "uniform", "low": 0, "high": 2},
+     "families.npo+kl.npo.beta: uniform [0, 2] reaches outside the domain of npo.beta, which must be "
+     "a finite number > 0 (e.g. 0.0); narrow the distribution"),
+    ("wga+kl", "kl.weight", {"type": "uniform", "low": -1, "high": 1},
+     "families.wga+kl.kl.weight: uniform [-1, 1] reaches outside the domain of kl.weight, which must be "
+     "a finite number > 0 (e.g. -1.0); narrow the distribution"),
+    ("wga+kl", "wga.weight", 0,
+     "families.wga+kl.wga.weight: fixed 0 reaches outside the domain of wga.weight, which must be "
+     "a finite number > 0 (e.g. 0); narrow the distribution"),
+    ("tnpo+kl", "tnpo.eps", {"type": "choice", "values": [0, 1e-5, -1e-5]},
+     "families.tnpo+kl.tnpo.eps: choice [0, 1e-05, -1e-05] reaches outside the domain of tnpo.eps, which "
+     "must be a finite number >= 0 (e.g. -1e-05); narrow the distribution"),
+    ("ga+kl", "kl.mask", {"type": "choice", "values": ["answer", "none"]},
+     "families.ga+kl.kl.mask: choice ['answer', 'none'] reaches outside the domain of kl.mask, which "
+     "must be one of answer, all (e.g. 'none'); narrow the distribution"),
+    ("rmu+kl", "rmu.layer", {"type": "uniform", "low": 0, "high": 3},
+     "families.rmu+kl.rmu.layer: uniform [0, 3] reaches outside the domain of rmu.layer, which must be "
+     "a block index (negative counts from the last block) or 'middle' (e.g. 0.0); narrow the distribution"),
+    ("satimp+gd", "satimp.beta2", {"type": "int", "low": -2, "high": 3},
+     "families.satimp+gd.satimp.beta2: int [-2, 3] reaches outside the domain of satimp.beta2, which must "
+     "be a finite number >= 0 (e.g. -2); narrow the distribution"),
+])
+def test_distribution_outside_the_domain_names_the_key_and_domain(tmp_path, family, key, spec, message):
+    assert _bad(tmp_path, {"name": "t", "families": {family: {key: spec}}}) == message
+
+
+def test_distribution_at_the_domain_edge_and_integer_layers_load(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "families": {
+        "wga+kl": {"wga.alpha": {"type": "uniform", "low": 0, "high": 2}},      # alpha = 0 is GA
+        "rmu+kl": {"rmu.layer": {"type": "int", "low": -2, "high": 3}, "rmu.c": 4}}}))
+    space = load_space(p)
+    assert space.distributions["rmu+kl"]["rmu.layer"].extremes() == [-2, 3]
+
+
+def test_family_without_forget_term_needs_allow_no_forget(tmp_path):
+    msg = _bad(tmp_path, {"name": "t", "families": {"gd+kl": {"kl.weight": 1}}})
+    assert msg.startswith("families.gd+kl: method") and "has no forget term" in msg
+    p = tmp_path / "ok.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "families": {"gd+kl": {"kl.weight": 1}},
+                                 "unlearn": {"allow_no_forget": True}}))
+    space = load_space(p)
+    assert [t.side for t in space.parsed_families["gd+kl"].method.terms] == ["retain", "retain"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"resources": {"cpus": 0}}, "resources.cpus: must be a finite number > 0 (got 0)"),
+    ({"resources": {"gpus": -1}}, "resources.gpus: must be a finite number >= 0 (got -1)"),
+    ({"resources": {"num_workers": 0}}, "resources.num_workers: must be an integer >= 1 (got 0)"),
+    ({"resources": {"torch_threads": -1}}, "resources.torch_threads: must be an integer >= 0 (got -1)"),
+    ({"ray": {"num_cpus": 0}}, "ray.num_cpus: must be an integer >= 1 or null (got 0)"),
+    ({"ray": {"num_gpus": -1}}, "ray.num_gpus: must be an integer >= 0 or null (got -1)"),
+    ({"num_samples": 0}, "num_samples: must be an integer >= 1 (got 0)"),
+    ({"max_concurrent": 0}, "max_concurrent: must be an integer >= 1 (got 0)"),
+    ({"max_failures": -1}, "max_failures: must be an integer >= 0 (got -1)"),
+    ({"seed": -3}, "seed: must be an integer >= 0 (got -3)"),
+    ({"unlearn": {"train": {"max_grad_norm": -1}}},
+     "unlearn.train.max_grad_norm: must be a finite number > 0 or null (got -1)"),
+])
+def test_resource_and_count_domains(tmp_path, data, message):
+    assert _bad(tmp_path, {**GOOD, **data}) == message
+
+
+def test_every_numeric_space_field_has_a_domain():
+    import dataclasses
+    import typing
+
+    from rayunlearn.sweep.space import Distribution, RaySettings, Resources, SearchSpace
+
+    for cls in (Resources, RaySettings, SearchSpace):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if {int, float} & ({hints[f.name]} | set(typing.get_args(hints[f.name]))):
+                assert f.name in cls.DOMAINS, f"{cls.__name__}.{f.name} has no domain"
+    # a distribution's bounds are checked against the hyper-parameter's own domain instead
+    assert not hasattr(Distribution, "DOMAINS")

@@ -91,8 +91,8 @@ def describe_benchmark(b: Benchmark) -> str:
     if b.meta.get("authors"):
         a = b.meta["authors"]
         lines.append("authors: " + ", ".join(f"{k} {v}" for k, v in a.items()))
-    lines.append("valid: all splits have their TOFU fields; forget splits are subsets of full; "
-                 "retain = full - forget")
+    lines.append("valid: all splits have their TOFU fields and no empty texts; forget splits are subsets "
+                 "of full; retain = full - forget; each forget split's perturbed set holds its questions once")
     return "\n".join(lines)
 
 

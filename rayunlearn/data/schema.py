@@ -4,7 +4,10 @@ Records use TOFU's field names: ``question``, ``answer`` everywhere; the forget/
 evaluation sets (``forgetXX_perturbed``, ``retain_perturbed``) add ``paraphrased_answer`` and
 ``perturbed_answer`` (a non-empty list of wrong answers; ``paraphrased_question`` is checked
 when present); ``real_authors_perturbed`` and ``world_facts_perturbed`` add
-``perturbed_answer``. Extra keys (the synthetic ``author``, ``attribute``) are allowed.
+``perturbed_answer``. Extra keys (the synthetic ``author``, ``attribute``) are allowed. Every
+text is non-blank: an empty answer would be "unlearned" by its end-of-sequence token alone, an
+empty perturbed answer makes the truth ratio meaningless. A forget split's ``_perturbed`` set
+(what the forget metrics are computed on) holds every forget question exactly once.
 
 Validation errors are :class:`DataError` messages that name the file, the record index and the
 field, so a user can open the file and fix the record.
@@ -86,16 +89,23 @@ def validate_records(split: str, records, where: str) -> None:
                 raise DataError(f"{where}: record {i} is missing field {key!r} "
                                 f"(split {split!r} needs {', '.join(need)})")
         for key in ("question", "answer") + _OPTIONAL_STR:
-            if key not in rec or isinstance(rec[key], str):
+            if key not in rec or (rec[key] is None and key not in need):   # optional fields may be null
                 continue
-            if key in need or rec[key] is not None:   # optional fields may be null
+            if not isinstance(rec[key], str):
                 raise DataError(f"{where}: record {i}: field {key!r} must be a string, "
                                 f"got {type(rec[key]).__name__} {str(rec[key])[:60]!r}")
+            if not rec[key].strip():
+                raise DataError(f"{where}: split {split!r}, record {i}: field {key!r} is empty "
+                                f"({rec[key]!r}); give the text or remove the record")
         if "perturbed_answer" in need:
             pa = rec["perturbed_answer"]
             if not isinstance(pa, list) or not pa or not all(isinstance(x, str) for x in pa):
                 raise DataError(f"{where}: record {i}: field 'perturbed_answer' must be a non-empty "
                                 f"list of strings, got {str(pa)[:80]}")
+            blank = [j for j, x in enumerate(pa) if not x.strip()]
+            if blank:
+                raise DataError(f"{where}: split {split!r}, record {i}: perturbed_answer[{blank[0]}] is "
+                                f"empty ({pa[blank[0]]!r}); every perturbed answer needs its text")
 
 
 def qa_key(rec: dict) -> tuple[str, str]:
@@ -136,6 +146,33 @@ def validate_relations(splits: dict[str, list[dict]], files: dict[str, str]) -> 
             missing = sum((expected - rcount).values())
             raise DataError(f"{rwhere}: {retain} lacks {missing} record(s) of full that are not in "
                             f"{forget}; {retain} must be exactly full minus {forget}")
+    for forget in FORGET_SPLITS:
+        if forget in splits and f"{forget}_perturbed" in splits:
+            validate_perturbed_cover(forget, splits, files)
+
+
+def validate_perturbed_cover(forget: str, splits: dict[str, list[dict]], files: dict[str, str]) -> None:
+    """``<forget>_perturbed`` must hold every question of ``forget`` exactly once (as many times
+    as ``forget`` does): the forget metrics are computed on it, so a subset or duplicates would
+    evaluate another set than the one unlearned."""
+    perturbed = f"{forget}_perturbed"
+    where = files.get(perturbed, perturbed)
+    expected = Counter(r["question"] for r in splits[forget])
+    seen: Counter = Counter()
+    for i, rec in enumerate(splits[perturbed]):
+        q = rec["question"]
+        seen[q] += 1
+        if seen[q] > expected.get(q, 0):
+            what = (f"duplicates a record (the question appears {expected[q]} time(s) in {forget})"
+                    if q in expected else f"is not a question of {forget} ({files.get(forget, forget)})")
+            raise DataError(f"{where}: record {i} (question {q[:80]!r}) {what}; {perturbed} must hold "
+                            f"every {forget} question exactly once")
+    missing = list((expected - seen).elements())
+    if missing:
+        raise DataError(f"{where}: {perturbed} covers {sum(seen.values())} of the {sum(expected.values())} "
+                        f"records of {forget} ({files.get(forget, forget)}); missing {len(missing)}, e.g. "
+                        f"question {missing[0][:80]!r}; {perturbed} must hold every {forget} question "
+                        f"exactly once")
 
 
 def validate_benchmark(b: Benchmark, required: Iterable[str] = ()) -> None:

@@ -12,23 +12,27 @@ invariance) and per-instance gradient effects are well defined.
 
 Registration carries the metadata as data::
 
-    @objective("npo", side="forget", needs={"forget": ("ref_logps",)}, positive=("beta",))
+    @objective("npo", side="forget", needs={"forget": ("ref_logps",)}, domains={"beta": POSITIVE})
     def npo(forget: TokenView, *, beta: float = 0.5) -> TermOutput: ...
 
-The hyper-parameters and their defaults are the function's keyword-only arguments.
+The hyper-parameters and their defaults are the function's keyword-only arguments; every one
+declares its :class:`rayunlearn.domains.Domain`, checked when a method string is parsed (and
+against search-space ranges). A term's ``weight`` (its coefficient in a method) has the domain
+``WEIGHT_DOMAIN``: a finite number > 0, since a negative weight turns a forget term into learning
+the forget set and a zero weight silently removes the term.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 
 from rayunlearn import UserError
+from rayunlearn.domains import POSITIVE, Domain, DomainError
 from rayunlearn.forward import NEEDS, TokenView
 from rayunlearn.registry import Registry
 
@@ -36,6 +40,7 @@ VIEWS = ("forget", "retain", "idk")
 SIDES = ("forget", "retain")
 
 REGISTRY: Registry["Objective"] = Registry("objective")
+WEIGHT_DOMAIN = POSITIVE
 
 
 class ObjectiveError(UserError):
@@ -85,18 +90,15 @@ class Objective:
 
     ``needs`` maps each token view the term reads ("forget", "retain", "idk") to the
     token-view needs (``rayunlearn.forward.NEEDS``) it requires on that view. ``defaults`` are
-    the hyper-parameters; ``choices`` restricts string-valued ones; ``positive`` names those that
-    must be > 0 and ``nonnegative`` those that must be >= 0."""
+    the hyper-parameters and ``domains`` the values each accepts."""
 
     name: str
     side: str
     needs: Mapping[str, frozenset]
     defaults: Mapping[str, Any]
     fn: Callable[..., TermOutput]
+    domains: Mapping[str, Domain]
     uses_refusal: bool = False
-    choices: Mapping[str, tuple] = field(default_factory=dict)
-    positive: tuple = ()
-    nonnegative: tuple = ()
     summary: str = ""
 
     @property
@@ -111,8 +113,20 @@ class Objective:
     def view_needs(self, view: str) -> frozenset:
         return self.needs.get(view, frozenset())
 
+    def domain(self, key: str) -> Domain:
+        """The domain of hyper-parameter ``key``, or of ``"weight"`` (the term's coefficient)."""
+        if key == "weight":
+            return WEIGHT_DOMAIN
+        if key not in self.domains:
+            keys = ["weight", *self.defaults]
+            close = difflib.get_close_matches(key, keys, n=2, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ObjectiveError(f"{self.name!r} has no hyper-parameter {key!r}.{hint} "
+                                 f"Valid keywords for {self.name!r}: {', '.join(keys)}.")
+        return self.domains[key]
+
     def resolve_params(self, params: Mapping[str, Any] | None = None, where: str = "") -> dict:
-        """Defaults overridden by ``params``, each checked and coerced to its default's type."""
+        """Defaults overridden by ``params``, each checked against its domain."""
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
@@ -124,40 +138,16 @@ class Objective:
                 f"Valid keywords for {self.name!r}: {', '.join(keys) or '(none)'}.")
         out = dict(self.defaults)
         for k, v in params.items():
-            out[k] = self._coerce(k, v, where)
+            out[k] = self.check_value(k, v, where)
         return out
 
-    def _coerce(self, key: str, value: Any, where: str) -> Any:
-        default = self.defaults[key]
-        bad = f"{self.name}.{key}={value!r}{where}"
-        if key in self.choices:
-            allowed = self.choices[key]
-            if isinstance(value, bool) or value not in allowed:
-                raise ObjectiveError(f"{bad}: must be one of {', '.join(map(str, allowed))}.")
-            return value
-        if key == "layer":
-            if value == "middle" or (isinstance(value, int) and not isinstance(value, bool)):
-                return value
-            raise ObjectiveError(f"{bad}: must be a block index (negative counts from the last "
-                                 f"block) or 'middle'.")
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ObjectiveError(f"{bad}: must be true or false.")
-            return value
-        if isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ObjectiveError(f"{bad}: must be an integer.")
-            return value
-        if isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ObjectiveError(f"{bad}: must be a finite number.")
-            value = float(value)
-            if key in self.positive and not value > 0:
-                raise ObjectiveError(f"{bad}: must be > 0.")
-            if key in self.nonnegative and not value >= 0:
-                raise ObjectiveError(f"{bad}: must be >= 0.")
-            return value
-        return value
+    def check_value(self, key: str, value: Any, where: str = "") -> Any:
+        """``value`` of hyper-parameter ``key`` (or ``"weight"``) coerced to its domain, or an
+        :class:`ObjectiveError` naming ``<name>.<key>`` and the domain."""
+        try:
+            return self.domain(key).check(value)
+        except DomainError as exc:
+            raise ObjectiveError(f"{self.name}.{key}={value!r}{where}: {exc}.") from None
 
     def __call__(self, views: Mapping[str, TokenView], ctx: ObjectiveContext | None = None,
                  **params) -> TermOutput:
@@ -185,10 +175,10 @@ def _takes_ctx(fn) -> bool:
 
 
 def objective(name: str, *, side: str, needs: Mapping[str, tuple | list] | None = None,
-              uses_refusal: bool = False, choices: Mapping[str, tuple] | None = None,
-              positive: tuple = (), nonnegative: tuple = ()):
+              uses_refusal: bool = False, domains: Mapping[str, Domain] | None = None):
     """Register ``fn`` as objective ``name``; its keyword-only arguments are the
-    hyper-parameters (their defaults the defaults)."""
+    hyper-parameters (their defaults the defaults), each with its domain in ``domains``."""
+    domains = dict(domains or {})
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     needs = {v: frozenset(ns) for v, ns in (needs or {}).items()}
@@ -206,11 +196,16 @@ def objective(name: str, *, side: str, needs: Mapping[str, tuple | list] | None 
             raise ValueError(f"{name!r}: positional arguments {view_args} must be the views {list(needs)}")
         if "weight" in defaults:
             raise ValueError(f"{name!r}: 'weight' is reserved for the method coefficient")
+        if set(domains) != set(defaults):
+            raise ValueError(f"{name!r}: declare a domain for every hyper-parameter "
+                             f"{sorted(defaults)} (got domains for {sorted(domains)})")
+        for key, default in defaults.items():
+            if not domains[key].contains(default):
+                raise ValueError(f"{name!r}: default {key}={default!r} is not {domains[key].describe()}")
         doc = inspect.getdoc(fn) or ""
         REGISTRY.register(name, Objective(
-            name=name, side=side, needs=needs, defaults=defaults, fn=fn,
-            uses_refusal=uses_refusal, choices=dict(choices or {}), positive=tuple(positive),
-            nonnegative=tuple(nonnegative), summary=doc.splitlines()[0] if doc else ""))
+            name=name, side=side, needs=needs, defaults=defaults, fn=fn, domains=domains,
+            uses_refusal=uses_refusal, summary=doc.splitlines()[0] if doc else ""))
         return fn
 
     return wrap
@@ -225,6 +220,13 @@ def get(name: str) -> Objective:
 def names() -> list[str]:
     """Sorted names of every registered objective."""
     return REGISTRY.names()
+
+
+def check_value(term: str, key: str, value: Any) -> Any:
+    """``value`` for hyper-parameter ``key`` (or ``"weight"``) of objective ``term``, checked
+    against its domain (e.g. ``check_value("wga", "alpha", -1)`` raises an
+    :class:`ObjectiveError` naming ``wga.alpha`` and "a finite number >= 0")."""
+    return get(term).check_value(key, value)
 
 
 # --------------------------------------------------------------------------------------------

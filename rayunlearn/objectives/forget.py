@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rayunlearn.domains import BOOL, LAYER, NONNEGATIVE, POSITIVE
 from rayunlearn.forward import TokenView
 from rayunlearn.objectives.base import (MissingViewError, ObjectiveContext, TermOutput,
                                         layer_states, masked_mean, objective, seq_logp,
@@ -49,7 +50,7 @@ def ga(forget: TokenView) -> TermOutput:
     return TermOutput(token_mean_terms(lp, forget), stats)
 
 
-@objective("wga", side="forget", needs={"forget": ()}, nonnegative=("alpha",))
+@objective("wga", side="forget", needs={"forget": ()}, domains={"alpha": NONNEGATIVE})
 def wga(forget: TokenView, *, alpha: float = 1.0) -> TermOutput:
     """Weighted gradient ascent (paper Eq. 2): token mean of −sg(p_t^α)·ℓ_t.
 
@@ -64,7 +65,7 @@ def wga(forget: TokenView, *, alpha: float = 1.0) -> TermOutput:
     return TermOutput(token_mean_terms(w * lp, forget), stats)
 
 
-@objective("npo", side="forget", needs={"forget": ("ref_logps",)}, positive=("beta",))
+@objective("npo", side="forget", needs={"forget": ("ref_logps",)}, domains={"beta": POSITIVE})
 def npo(forget: TokenView, *, beta: float = 0.5) -> TermOutput:
     """Negative preference optimisation (paper Eq. 3), sequence mean.
 
@@ -85,8 +86,8 @@ def npo(forget: TokenView, *, beta: float = 0.5) -> TermOutput:
     return TermOutput(per_example, stats)
 
 
-@objective("tnpo", side="forget", needs={"forget": ("ref_logps",)}, positive=("beta",),
-           nonnegative=("eps",))
+@objective("tnpo", side="forget", needs={"forget": ("ref_logps",)},
+           domains={"beta": POSITIVE, "eps": NONNEGATIVE})
 def tnpo(forget: TokenView, *, beta: float = 4.0, eps: float = 0.0) -> TermOutput:
     """Token-wise NPO (paper Eq. 6): token mean of −sg(w_t)·ℓ_t,
     w_t = 2 p_t^β / (p_t^β + (p_t^ref)^β + eps).
@@ -101,8 +102,8 @@ def tnpo(forget: TokenView, *, beta: float = 4.0, eps: float = 0.0) -> TermOutpu
     return TermOutput(token_mean_terms(w * lp, forget), {"weight_mean": masked_mean(w, forget.mask)})
 
 
-@objective("wtnpo", side="forget", needs={"forget": ("ref_logps",)}, positive=("beta",),
-           nonnegative=("alpha", "eps"))
+@objective("wtnpo", side="forget", needs={"forget": ("ref_logps",)},
+           domains={"beta": POSITIVE, "alpha": NONNEGATIVE, "eps": NONNEGATIVE})
 def wtnpo(forget: TokenView, *, beta: float = 4.0, alpha: float = 1.5, eps: float = 0.0) -> TermOutput:
     """Weighted token-wise NPO: token mean of −sg(p_t^α·w_t)·ℓ_t with w_t TNPO's weight, i.e.
     sg(2 p_t^(β+α) / (p_t^β + (p_t^ref)^β + eps)).
@@ -129,7 +130,9 @@ def po(idk: TokenView) -> TermOutput:
                       {"nll_mean": masked_mean(-idk.logps, idk.mask)})
 
 
-@objective("rmu", side="forget", needs={"forget": ("hidden",)}, nonnegative=("c",))
+# c = 0 would steer every representation to the origin, not to a random direction
+@objective("rmu", side="forget", needs={"forget": ("hidden",)},
+           domains={"c": POSITIVE, "layer": LAYER, "normalize": BOOL})
 def rmu(forget: TokenView, *, ctx: ObjectiveContext, c: float = 2.0, layer: int | str = "middle",
         normalize: bool = False) -> TermOutput:
     """Representation misdirection (paper Eq. 8, reference-code reduction): token mean of
@@ -153,7 +156,9 @@ def rmu(forget: TokenView, *, ctx: ObjectiveContext, c: float = 2.0, layer: int 
     return TermOutput(token_mean_terms(dist, forget), stats)
 
 
-@objective("simnpo", side="forget", needs={"forget": ()}, positive=("beta",))
+# δ is SimNPO's reward margin (γ ≥ 0 in its paper)
+@objective("simnpo", side="forget", needs={"forget": ()},
+           domains={"beta": POSITIVE, "delta": NONNEGATIVE})
 def simnpo(forget: TokenView, *, beta: float = 4.5, delta: float = 0.0) -> TermOutput:
     """SimNPO (reference-free, length-normalised NPO), sequence mean:
     l_i = −(2/β)·log σ(β·(L_i/|y_i| − δ)) / S with L_i the summed answer NLL and |y_i| the
@@ -174,7 +179,7 @@ def simnpo(forget: TokenView, *, beta: float = 4.5, delta: float = 0.0) -> TermO
 
 
 @objective("idk_dpo", side="forget", needs={"forget": ("ref_logps",), "idk": ("ref_logps",)},
-           uses_refusal=True, positive=("beta",))
+           uses_refusal=True, domains={"beta": POSITIVE})
 def idk_dpo(forget: TokenView, idk: TokenView, *, beta: float = 0.1) -> TermOutput:
     """IdK-DPO: DPO with the refusal answer preferred over the true answer, scaled 2/β,
     sequence mean:
@@ -194,7 +199,8 @@ def idk_dpo(forget: TokenView, idk: TokenView, *, beta: float = 0.1) -> TermOutp
     return TermOutput(per_example, {"margin_mean": float(margin.detach().double().mean())})
 
 
-@objective("satimp", side="forget", needs={"forget": ()}, nonnegative=("beta1", "beta2"))
+@objective("satimp", side="forget", needs={"forget": ()},
+           domains={"beta1": NONNEGATIVE, "beta2": NONNEGATIVE})
 def satimp(forget: TokenView, *, beta1: float = 5.0, beta2: float = 1.0) -> TermOutput:
     """SatImp: token mean of −sg(p_t^β1·(1−p_t)^β2)·ℓ_t.
 
@@ -207,7 +213,8 @@ def satimp(forget: TokenView, *, beta1: float = 5.0, beta2: float = 1.0) -> Term
     return TermOutput(token_mean_terms(w * lp, forget), {"weight_mean": masked_mean(w, forget.mask)})
 
 
-@objective("undial", side="forget", needs={"forget": ("logits", "ref_logits")}, nonnegative=("beta",))
+@objective("undial", side="forget", needs={"forget": ("logits", "ref_logits")},
+           domains={"beta": NONNEGATIVE})
 def undial(forget: TokenView, *, beta: float = 10.0) -> TermOutput:
     """UNDIAL: token mean of the cross-entropy from the adjusted teacher distribution
     q_t = softmax(z^ref_t − β·onehot(y_t)) to p_θ(·|x, y_<t):

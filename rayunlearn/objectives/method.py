@@ -13,7 +13,6 @@ preset name (``PRESETS``). The batch loss of a method is Σ_terms weight · Σ_i
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
 import warnings
@@ -23,7 +22,9 @@ from typing import Any, Mapping
 import torch
 
 from rayunlearn.forward import TokenView
-from rayunlearn.objectives.base import VIEWS, ObjectiveContext, ObjectiveError, get, names
+from rayunlearn.domains import DomainError
+from rayunlearn.objectives.base import (VIEWS, WEIGHT_DOMAIN, ObjectiveContext, ObjectiveError, get,
+                                        names)
 
 # The paper's variants (and the beyond-paper anchors), by name. Values are method strings; any
 # function that takes a method string also takes one of these names.
@@ -193,7 +194,7 @@ class Method:
         terms = []
         for t in self.terms:
             changes = per_term[t.label]
-            weight = _check_weight(changes.pop("weight", t.weight), f" (key {t.label}.weight)")
+            weight = _check_weight(t.label, changes.pop("weight", t.weight), "")
             params = t.objective.resolve_params({**t.params, **changes}, where=f" (term {t.label})")
             terms.append(Term(t.name, weight, params, t.label, t.side))
         return Method(terms)
@@ -202,13 +203,17 @@ class Method:
 # --------------------------------------------------------------------------------------------
 # parsing
 
-def parse_method(text: str | Method) -> Method:
+def parse_method(text: str | Method, allow_no_forget: bool = False) -> Method:
     """Parse a method string (or a ``PRESETS`` name) into a :class:`Method`.
 
     Unknown objective names raise ``UnknownNameError`` with suggestions; unknown keywords raise
-    ``ObjectiveError`` listing the valid ones; syntax errors show where the string went wrong.
+    ``ObjectiveError`` listing the valid ones; values outside a hyper-parameter's domain (or a
+    weight that is not a finite number > 0) name the key; syntax errors show where the string
+    went wrong. A method without a forget term (``kl``, ``gd``) unlearns nothing and is refused
+    unless ``allow_no_forget``.
     """
     if isinstance(text, Method):
+        check_forget_term(text, allow_no_forget)
         return text
     if not isinstance(text, str):
         raise ObjectiveError(f"a method must be a string such as 'npo+kl', got {type(text).__name__}")
@@ -223,7 +228,7 @@ def parse_method(text: str | Method) -> Method:
         counts[name] = counts.get(name, 0) + 1
         label = name if counts[name] == 1 else f"{name}#{counts[name]}"
         where = f" (term {label} of {text.strip()!r})"
-        weight = _check_weight(kwargs.pop("weight", 1.0), where)
+        weight = _check_weight(label, kwargs.pop("weight", 1.0), where)
         params = obj.resolve_params(kwargs, where=where)
         terms.append(Term(name, weight, params, label, obj.side))
     seen = set()
@@ -234,14 +239,28 @@ def parse_method(text: str | Method) -> Method:
                           f"its terms are labelled {t.label} etc. (the same as one term with the "
                           f"summed weight)", stacklevel=2)
         seen.add(key)
-    return Method(terms)
+    method = Method(terms)
+    check_forget_term(method, allow_no_forget)
+    return method
 
 
-def build_method(family: str, params: Mapping[str, Any] | None = None) -> Method:
+def check_forget_term(method: Method, allow_no_forget: bool = False) -> None:
+    """Refuse a method with no forget-side term unless ``allow_no_forget``: such a run only
+    regularises on retain data, and its "unlearning" results would be meaningless."""
+    if allow_no_forget or any(t.side == "forget" for t in method.terms):
+        return
+    forget = ", ".join(n for n in names() if get(n).side == "forget")
+    raise ObjectiveError(f"method {str(method)!r} has no forget term, so it unlearns nothing; add one "
+                         f"({forget}), e.g. 'ga+{method.terms[0].name}', or allow it explicitly "
+                         f"(allow_no_forget=true) for a retain-only control run.")
+
+
+def build_method(family: str, params: Mapping[str, Any] | None = None,
+                 allow_no_forget: bool = False) -> Method:
     """``parse_method(family).with_params(params)``: a sweep's method from its family string and
     sampled values keyed ``<label>.<param>``, e.g. ``build_method("wga+kl", {"wga.alpha": 2.0,
     "kl.weight": 0.5})``."""
-    return parse_method(family).with_params(params or {})
+    return parse_method(family, allow_no_forget).with_params(params or {})
 
 
 class _Parser:
@@ -353,11 +372,13 @@ def _plain(value):
     return value
 
 
-def _check_weight(value, where: str) -> float:
+def _check_weight(label: str, value, where: str) -> float:
     value = _plain(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ObjectiveError(f"weight={value!r}{where}: must be a finite number.")
-    return float(value)
+    try:
+        return WEIGHT_DOMAIN.check(value)
+    except DomainError as exc:
+        raise ObjectiveError(f"{label}.weight={value!r}{where}: {exc} (a negative weight reverses "
+                             f"the term, a zero weight drops it; remove the term instead).") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +399,12 @@ def describe() -> str:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
     lines += ["", "Method strings: terms joined by '+', each 'name' or 'name(key=value, ...)';",
               "'weight' is the term's coefficient, e.g. 'npo(beta=0.1)+kl(weight=0.5, mask=all)'.",
-              "", "Presets (usable wherever a method string is):"]
+              f"Every weight must be {WEIGHT_DOMAIN.describe()}; a method needs a forget term.",
+              "", "Hyper-parameter domains (checked when a method string or search space loads):"]
+    for n in names():
+        for k, d in get(n).domains.items():
+            lines.append(f"  {n}.{k}: {d.describe()}")
+    lines += ["", "Presets (usable wherever a method string is):"]
     w = max(len(k) for k in PRESETS)
     for k, v in PRESETS.items():
         lines.append(f"  {k.ljust(w)}  = {parse_method(v)}")

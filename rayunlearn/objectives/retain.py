@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from rayunlearn.domains import LAYER, choice
 from rayunlearn.forward import TokenView
 from rayunlearn.objectives.base import (TermOutput, layer_states, masked_mean, objective,
                                         token_mean_terms, upcast)
@@ -24,7 +25,7 @@ def gd(retain: TokenView) -> TermOutput:
 
 
 @objective("kl", side="retain", needs={"retain": ("logits", "ref_logits")},
-           choices={"mask": ("answer", "all")})
+           domains={"mask": choice("answer", "all")})
 def kl(retain: TokenView, *, mask: str = "answer") -> TermOutput:
     """KL(p_ref(·|ctx) ‖ p_θ(·|ctx)) summed over the vocabulary, per position
     k_t = Σ_v p_ref,v (log p_ref,v − log p_θ,v) ≥ 0 (0 at the reference).
@@ -51,7 +52,7 @@ def kl(retain: TokenView, *, mask: str = "answer") -> TermOutput:
     return TermOutput(per_example, {"kl_mean": masked_mean(k.detach(), retain.mask)})
 
 
-@objective("rr", side="retain", needs={"retain": ("hidden", "ref_hidden")})
+@objective("rr", side="retain", needs={"retain": ("hidden", "ref_hidden")}, domains={"layer": LAYER})
 def rr(retain: TokenView, *, layer: int | str = "middle") -> TermOutput:
     """Representation retention (the paper's third regulariser, absent from its code): token
     mean of ‖h_k(θ) − h_k(θ_o)‖² / d over the positions that predict retain answer tokens.

@@ -26,7 +26,10 @@ Distributions: ``uniform`` / ``loguniform`` (low, high), ``int`` (low, high incl
 categorical choice; each family's parameters are then conditional on it (Optuna define-by-run),
 named ``<family>:<term>.<param>`` inside Optuna and ``hp.<term>.<param>`` in the trials table.
 
-Every mistake raises :class:`rayunlearn.config.ConfigError` naming the key.
+Every mistake raises :class:`rayunlearn.config.ConfigError` naming the key, when the space
+loads: among them a distribution reaching outside its hyper-parameter's domain (``wga.alpha``
+uniform on [-5, -1]: α must be >= 0; any ``weight`` must be > 0), which would otherwise fail
+every trial of the sweep.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
 from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
                                ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
                                read_preset, to_dict)
+from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"   # package data
 DIST_TYPES = ("uniform", "loguniform", "int", "choice", "fixed")
@@ -113,6 +117,23 @@ class Distribution:
             return self.values.index(v) / max(1, len(self.values) - 1)
         return 0.5
 
+    def extremes(self) -> list:
+        """The values that bound what this distribution can return: both ends of a range (every
+        numeric domain is an interval, so they decide whether all samples lie inside), each
+        choice, or the fixed value."""
+        if self.type in ("uniform", "loguniform"):
+            return [self.low, self.high]
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return list(self.values) if self.type == "choice" else [self.value]
+
+    def describe(self) -> str:
+        if self.type in ("uniform", "loguniform", "int"):
+            return f"{self.type} [{self.low:g}, {self.high:g}]"
+        if self.type == "choice":
+            return f"choice {self.values!r}"
+        return f"fixed {self.value!r}"
+
 
 @dataclass
 class Resources:
@@ -124,15 +145,8 @@ class Resources:
     num_workers: int = 1
     torch_threads: int = 1   # torch.set_num_threads inside each in-process trial (0 = leave)
 
-    def validate(self) -> None:
-        if self.cpus <= 0:
-            raise ConfigError("cpus: must be > 0")
-        if self.gpus < 0:
-            raise ConfigError("gpus: must be >= 0")
-        if self.num_workers < 1:
-            raise ConfigError("num_workers: must be >= 1")
-        if self.torch_threads < 0:
-            raise ConfigError("torch_threads: must be >= 0")
+    DOMAINS: ClassVar[dict[str, Domain]] = {"cpus": POSITIVE, "gpus": NONNEGATIVE, "num_workers": COUNT,
+                                            "torch_threads": NONNEGATIVE_INT}
 
 
 @dataclass
@@ -144,6 +158,9 @@ class RaySettings:
     num_cpus: Optional[int] = None
     num_gpus: Optional[int] = None
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {"num_cpus": integer(1, nullable=True),
+                                            "num_gpus": integer(0, nullable=True)}
+
 
 @dataclass
 class UnlearnBase:
@@ -152,6 +169,7 @@ class UnlearnBase:
     train: TrainConfig = field(default_factory=TrainConfig)
     effects: EffectsConfig = field(default_factory=EffectsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    allow_no_forget: bool = False    # UnlearnConfig.allow_no_forget: families without a forget term
 
 
 @dataclass
@@ -196,13 +214,14 @@ class SearchSpace:
     trainable: str = "rayunlearn.train:unlearn_trial"
     trainable_options: dict = field(default_factory=dict)
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "seed": NONNEGATIVE_INT,
+        "num_samples": COUNT,
+        "max_concurrent": COUNT,
+        "max_failures": NONNEGATIVE_INT,   # Tune's -1 (retry forever) is refused: a sweep must end
+    }
+
     def validate(self) -> None:
-        if self.num_samples < 1:
-            raise ConfigError("num_samples: must be >= 1")
-        if self.max_concurrent < 1:
-            raise ConfigError("max_concurrent: must be >= 1")
-        if self.max_failures < 0:
-            raise ConfigError("max_failures: must be >= 0 (-1 is not allowed: a sweep must end)")
         if ":" not in self.trainable:
             raise ConfigError(f"trainable: expected 'module:function', got {self.trainable!r}")
         objs = self.objectives
@@ -212,8 +231,6 @@ class SearchSpace:
         for k, v in objs.items():
             if v not in ("max", "min"):
                 raise ConfigError(f"objectives.{k}: must be max or min, got {v!r}")
-        if self.resources.num_workers * self.unlearn.train.micro_batch_size == 0:  # pragma: no cover
-            raise ConfigError("resources.num_workers: must be >= 1")
         families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
             for fam, parsed in families.items():
@@ -231,7 +248,7 @@ class SearchSpace:
     @cached_property
     def parsed_families(self) -> dict[str, "Family"]:
         """Every family parsed once (validate() fills this; not a field, so not in sweep.yaml)."""
-        return parse_families(self.families)
+        return parse_families(self.families, self.unlearn.allow_no_forget)
 
     @property
     def distributions(self) -> dict[str, dict[str, Distribution]]:
@@ -259,17 +276,18 @@ class SearchSpace:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_family(family: str):
+def parse_family(family: str, allow_no_forget: bool = False):
     """The :class:`rayunlearn.objectives.Method` of a family string such as ``wga+kl`` (a method
     string, possibly with fixed keywords, or a preset name). Unknown terms raise the objectives
-    registry's error (with the closest names) prefixed by the key."""
+    registry's error (with the closest names) prefixed by the key; so does a family without a
+    forget term unless ``allow_no_forget`` (``unlearn.allow_no_forget``)."""
     from rayunlearn import UserError
     from rayunlearn.objectives import parse_method
 
     if not isinstance(family, str) or not family.strip():
         raise ConfigError(f"families: {family!r} is not a method family such as 'wga+kl'")
     try:
-        return parse_method(family)
+        return parse_method(family, allow_no_forget)
     except UserError as exc:
         raise ConfigError(f"families.{family}: {exc}") from None
 
@@ -297,15 +315,16 @@ class Family:
         return {k: self.dists[k].unit(v) for k, v in hp.items() if self.dists[k].type != "fixed"}
 
 
-def parse_families(families: dict) -> dict[str, Family]:
-    """Validate ``families`` ({family: {term.param: distribution}}) -> parsed :class:`Family`."""
+def parse_families(families: dict, allow_no_forget: bool = False) -> dict[str, Family]:
+    """Validate ``families`` ({family: {term.param: distribution}}) -> parsed :class:`Family`;
+    every value a distribution can return must lie in its hyper-parameter's domain."""
     if not isinstance(families, dict) or not families:
         raise ConfigError("families: give at least one method family with its hyper-parameter "
                           "distributions, e.g. families: {wga+kl: {wga.alpha: {type: loguniform, "
                           "low: 0.1, high: 10}}}")
     out: dict[str, Family] = {}
     for family, params in families.items():
-        method = parse_family(family)
+        method = parse_family(family, allow_no_forget)
         terms = [t.label for t in method.terms]
         valid_keys = method.param_keys()
         params = params or {}
@@ -334,8 +353,20 @@ def parse_families(families: dict) -> dict[str, Family]:
             except ConfigError as exc:
                 msg = str(exc)
                 raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+            check_domain(method.term(term).objective, param, dists[key], where)
         out[family] = Family(name=family, method=method, dists=dists)
     return out
+
+
+def check_domain(objective, param: str, dist: Distribution, where: str) -> None:
+    """Refuse a distribution that can return a value outside the domain of ``param`` (a
+    hyper-parameter of ``objective``, or ``weight``): every trial would fail on it."""
+    domain = objective.domain(param)
+    outside = [v for v in dist.extremes() if not domain.contains(v)]
+    if outside:
+        raise ConfigError(f"{where}: {dist.describe()} reaches outside the domain of "
+                          f"{objective.name}.{param}, which must be {domain.describe()} "
+                          f"(e.g. {outside[0]!r}); narrow the distribution")
 
 
 def space_path(path: str | Path) -> Path:
