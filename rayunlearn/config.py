@@ -41,7 +41,7 @@ class ConfigError(UserError):
 
 @dataclass
 class SynthConfig:
-    """The synthetic TOFU-format benchmark (see spec/BENCHMARK_DATA.md)."""
+    """The synthetic TOFU-format benchmark (see docs/spec/BENCHMARK_DATA.md)."""
 
     out: str = "results/data/synthetic"
     seed: int = 0
@@ -179,7 +179,7 @@ class TrainConfig:
 
 @dataclass
 class EffectsConfig:
-    """Live G-effect recording during unlearning (spec/GEFFECT.md)."""
+    """Live G-effect recording during unlearning (docs/spec/GEFFECT.md)."""
 
     every: int = 0                 # optimiser steps; 0 = off
     probe: Literal["step", "fixed"] = "fixed"   # the step's own batches, or a fixed probe subset
@@ -195,7 +195,7 @@ class EffectsConfig:
 
 @dataclass
 class EvalConfig:
-    """TOFU evaluation (spec/TOFU_METRICS.md)."""
+    """TOFU evaluation (docs/spec/TOFU_METRICS.md)."""
 
     every: int = 0                 # evaluate every k optimiser steps during unlearning (0 = end only)
     max_items: Optional[int] = None   # None = all items (the original code used 300)
