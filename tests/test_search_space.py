@@ -209,7 +209,7 @@ def test_distribution_at_the_domain_edge_and_integer_layers_load(tmp_path):
 
 def test_family_without_forget_term_needs_allow_no_forget(tmp_path):
     msg = _bad(tmp_path, {"name": "t", "families": {"gd+kl": {"kl.weight": 1}}})
-    assert msg.startswith("families.gd+kl: method") and "has no forget term" in msg
+    assert msg.startswith("families.gd+kl: 'gd+kl(mask=answer)' has no forget term"), msg
     p = tmp_path / "ok.yaml"
     p.write_text(yaml.safe_dump({"name": "t", "families": {"gd+kl": {"kl.weight": 1}},
                                  "unlearn": {"allow_no_forget": True}}))
