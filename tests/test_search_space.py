@@ -215,6 +215,14 @@ def test_family_without_forget_term_needs_allow_no_forget(tmp_path):
                                  "unlearn": {"allow_no_forget": True}}))
     space = load_space(p)
     assert [t.side for t in space.parsed_families["gd+kl"].method.terms] == ["retain", "retain"]
+    # the trial's UnlearnConfig inherits the permission (it parses the method again at load)
+    from rayunlearn.config import to_dict
+    from rayunlearn.sweep.trial import TrialContext, trial_config
+
+    ctx = TrialContext(space=to_dict(space), sweep_dir=str(tmp_path), target=str(tmp_path / "target"),
+                       data=None, retain_reference=None, aggregator=None)
+    cfg = trial_config(space, ctx, "t0", space.parsed_families["gd+kl"].method_string({"kl.weight": 1}))
+    assert cfg.allow_no_forget is True and cfg.method == "gd+kl(mask=answer)"
 
 
 @pytest.mark.parametrize("data, message", [
