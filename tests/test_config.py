@@ -138,8 +138,8 @@ def test_every_numeric_field_has_a_domain():
     ("ga(weight=-1)", "method: ga.weight=-1"),
     ("ga+kl(weight=0)", "method: kl.weight=0"),
     ("wga(alpha=-2)+kl", "method: wga.alpha=-2"),
-    ("kl", "method: method 'kl(mask=answer)' has no forget term"),
-    ("gd", "method: method 'gd' has no forget term"),
+    ("kl", "method: 'kl(mask=answer)' has no forget term"),
+    ("gd", "method: 'gd' has no forget term"),
 ])
 def test_method_is_checked_when_the_config_loads(method, message):
     with pytest.raises(C.ConfigError) as err:

@@ -209,12 +209,20 @@ def test_distribution_at_the_domain_edge_and_integer_layers_load(tmp_path):
 
 def test_family_without_forget_term_needs_allow_no_forget(tmp_path):
     msg = _bad(tmp_path, {"name": "t", "families": {"gd+kl": {"kl.weight": 1}}})
-    assert msg.startswith("families.gd+kl: method") and "has no forget term" in msg
+    assert msg.startswith("families.gd+kl: 'gd+kl(mask=answer)' has no forget term"), msg
     p = tmp_path / "ok.yaml"
     p.write_text(yaml.safe_dump({"name": "t", "families": {"gd+kl": {"kl.weight": 1}},
                                  "unlearn": {"allow_no_forget": True}}))
     space = load_space(p)
     assert [t.side for t in space.parsed_families["gd+kl"].method.terms] == ["retain", "retain"]
+    # the trial's UnlearnConfig inherits the permission (it parses the method again at load)
+    from rayunlearn.config import to_dict
+    from rayunlearn.sweep.trial import TrialContext, trial_config
+
+    ctx = TrialContext(space=to_dict(space), sweep_dir=str(tmp_path), target=str(tmp_path / "target"),
+                       data=None, retain_reference=None, aggregator=None)
+    cfg = trial_config(space, ctx, "t0", space.parsed_families["gd+kl"].method_string({"kl.weight": 1}))
+    assert cfg.allow_no_forget is True and cfg.method == "gd+kl(mask=answer)"
 
 
 @pytest.mark.parametrize("data, message", [

@@ -250,7 +250,7 @@ def check_forget_term(method: Method, allow_no_forget: bool = False) -> None:
     if allow_no_forget or any(t.side == "forget" for t in method.terms):
         return
     forget = ", ".join(n for n in names() if get(n).side == "forget")
-    raise ObjectiveError(f"method {str(method)!r} has no forget term, so it unlearns nothing; add one "
+    raise ObjectiveError(f"{str(method)!r} has no forget term, so it unlearns nothing; add one "
                          f"({forget}), e.g. 'ga+{method.terms[0].name}', or allow it explicitly "
                          f"(allow_no_forget=true) for a retain-only control run.")
 
@@ -378,7 +378,7 @@ def _check_weight(label: str, value, where: str) -> float:
         return WEIGHT_DOMAIN.check(value)
     except DomainError as exc:
         raise ObjectiveError(f"{label}.weight={value!r}{where}: {exc} (a negative weight reverses "
-                             f"the term, a zero weight drops it; remove the term instead).") from None
+                             f"the term, a zero weight drops it).") from None
 
 
 # --------------------------------------------------------------------------------------------
