@@ -77,7 +77,8 @@ def collect_rows(sweep_dir: Path, grid=None) -> list[dict]:
             row[f"{runs.HP_PREFIX}{k}"] = v
         metrics = res.get("metrics", {})
         for k in OBJECTIVES:
-            row[k] = metrics.get(k, float("nan"))
+            # strict JSON stores a non-finite objective as null: NaN again in the table
+            row[k] = float("nan") if metrics.get(k) is None else metrics[k]
         for k, v in metrics.items():
             if k not in row:
                 row[k] = v
