@@ -155,7 +155,6 @@ class EffectsConfig:
     per_instance: bool = True
     estimator: Literal["exact", "ema"] = "exact"
     optimizer_aware: bool = True   # Adam-preconditioned effect next to the SGD one
-    fidelity: bool = True          # measured risk change after the step next to -lr*e
     aggregator: Optional[str] = None   # name of a running sweep's G-effect aggregator Ray actor (set by the sweep)
 
     def validate(self) -> None:
@@ -175,7 +174,6 @@ class EvalConfig:
     mia: bool = True
     retain_reference: Optional[str] = None   # a retain model's stored evaluation (JSON) for FQ/privleak
     mia_min_k: float = 0.4         # k of Min-K% / Min-K%++ (fraction of lowest-scoring tokens)
-    fast_trajectory: bool = True   # in-loop evaluations (every k steps) skip generation/ROUGE
 
     def validate(self) -> None:
         _check(self.every >= 0, "every", "must be >= 0")
