@@ -81,10 +81,10 @@ class QAEncoder:
         self._qa = self._prompt = None
         self._tmpl = template
         if use_data_module:
-            from rayunlearn.data import formatting as F
+            from rayunlearn.data.formatting import encode_prompt, encode_qa, get_template
 
-            self._tmpl = F.get_template(template, tokenizer)   # bound once (DataError for a bad name)
-            self._qa, self._prompt = F.encode_qa, F.encode_prompt
+            self._tmpl = get_template(template, tokenizer)   # bound once (DataError for a bad name)
+            self._qa, self._prompt = encode_qa, encode_prompt
 
     @staticmethod
     def _ids(x) -> list:
