@@ -37,7 +37,7 @@ For the training loop (``rayunlearn/train/callbacks.py`` is the real caller)::
   and "total"; the steps row carries the EMA totals.
 - Data parallelism: with replicated weights (DDP) only rank 0 records; with sharded (FSDP2)
   parameters every rank computes (the engine all-reduces its vector of scalars, so every rank
-  holds the complete values) and rank 0 alone sends them, with ``world_size=1`` semantics. No
+  holds the complete values) and rank 0 alone sends them (the others get ``rank > 0``). No
   rank ever sends a partial sum, so the aggregator's rank-combining path is not needed here
   (it stays available to callers of ``gradient_effects(..., all_reduce=False)``).
 - Where rows go (:func:`default_sink`): the sweep's aggregator actor when ``effects.aggregator``
@@ -94,8 +94,7 @@ class Recorder:
     """See the module docstring. Build with :func:`make_recorder`."""
 
     def __init__(self, cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
-                 trial_id: str, method_str: Optional[str] = None, rank: int = 0, world_size: int = 1,
-                 ref_cache=None):
+                 trial_id: str, method_str: Optional[str] = None, rank: int = 0, ref_cache=None):
         self.cfg = cfg
         self.model = model
         self.method = _resolve_method(method)
@@ -103,14 +102,13 @@ class Recorder:
         self.forget_probe, self.retain_probe = forget_probe, retain_probe
         self.reference, self.ctx, self.sink = reference, ctx, sink
         self.trial_id = str(trial_id)
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.rank = int(rank)
         self.ref_cache = ref_cache
         sharded = any(_is_dtensor(p) for _, p in tracked_parameters(model)[0])
         self.computes = cfg.every > 0 and (sharded or self.rank == 0)
         self.sends = self.computes and self.rank == 0
         self._pending: Optional[dict] = None
         self.cum = {"removal": 0.0, "retention": 0.0, "removal_adam": 0.0, "retention_adam": 0.0}
-        self.last_result = None
 
     def resume(self, start: int) -> Optional[dict]:
         """Before the first step of a run that starts at optimiser step `start` (0: from
@@ -150,7 +148,6 @@ class Recorder:
         res = gradient_effects(self.model, self.method, fb, rb, reference=self.reference,
                                per_instance=self.cfg.per_instance, ctx=self.ctx, ref_cache=self.ref_cache,
                                preconditioner=P, token_counts=token_counts)
-        self.last_result = res
         if self.sends:
             self.sink.add("geffects", R.result_rows(res, self.trial_id, self.method_str, step),
                           trial_id=self.trial_id, step=step, part="exact")
@@ -245,13 +242,13 @@ class Recorder:
 
 def make_recorder(effects_cfg, model, method, forget_probe, retain_probe, reference=None, ctx=None,
                   sink=None, trial_id: str = "run", method_str: Optional[str] = None, rank: int = 0,
-                  world_size: int = 1, ref_cache=None) -> Recorder:
+                  ref_cache=None) -> Recorder:
     """A :class:`Recorder` for the unlearning loop (usage in the module docstring): `effects_cfg`
     an ``EffectsConfig``, the fixed probe batches (:func:`build_probe`), the frozen `reference`
     (or `ref_cache`: {view: RefLogpCache}) when the method needs one, a `sink` (on the rank that
     sends: :func:`default_sink`) and the `trial_id` its rows carry."""
     return Recorder(effects_cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
-                    trial_id, method_str, rank, world_size, ref_cache)
+                    trial_id, method_str, rank, ref_cache)
 
 
 def default_sink(effects_cfg, out_dir):

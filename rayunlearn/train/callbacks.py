@@ -128,7 +128,7 @@ class UnlearnCallbacks(Callbacks):
             sink = default_sink(cfg.effects, results_dir) if is_main else None
             forget_probe, retain_probe = build_probe(cfg, task.benchmark, task.tokenizer, task.method,
                                                      next(task.model.parameters()).device)
-            # world_size=1: under fsdp every rank computes the complete values and rank 0 alone sends
+            # under fsdp every rank computes the complete values; rank 0 alone sends them
             self.recorder = make_recorder(cfg.effects, task.model, task.method, forget_probe, retain_probe,
                                           task.reference, task.ctx, sink, trial_id, rank=0 if is_main else 1,
                                           ref_cache=task.ref_caches)
