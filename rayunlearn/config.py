@@ -187,7 +187,6 @@ class EffectsConfig:
     per_instance: bool = True
     estimator: Literal["exact", "ema"] = "exact"
     optimizer_aware: bool = True   # Adam-preconditioned effect next to the SGD one
-    fidelity: bool = True          # measured risk change after the step next to -lr*e
     aggregator: Optional[str] = None   # name of a running sweep's G-effect aggregator Ray actor (set by the sweep)
 
     DOMAINS: ClassVar[dict[str, Domain]] = {"every": NONNEGATIVE_INT, "probe_size": COUNT}
@@ -205,7 +204,6 @@ class EvalConfig:
     mia: bool = True
     retain_reference: Optional[str] = None   # a retain model's stored evaluation (JSON) for FQ/privleak
     mia_min_k: float = 0.4         # k of Min-K% / Min-K%++ (fraction of lowest-scoring tokens)
-    fast_trajectory: bool = True   # in-loop evaluations (every k steps) skip generation/ROUGE
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "every": NONNEGATIVE_INT,

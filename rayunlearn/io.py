@@ -110,31 +110,21 @@ def save_safetensors(path: str | os.PathLike, tensors: dict) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch     # here, not at the top: the report imports this module and never loads torch
+
     random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
 
 
 def _default(obj: Any):
-    try:
-        import numpy as np
+    import numpy as np
 
-        if isinstance(obj, np.generic):
-            return finite(obj.item())
-        if isinstance(obj, np.ndarray):
-            return finite(obj.tolist())
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, np.generic):
+        return finite(obj.item())
+    if isinstance(obj, np.ndarray):
+        return finite(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "__dataclass_fields__"):

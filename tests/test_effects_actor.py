@@ -163,35 +163,35 @@ def test_recorder_ema_estimator_rows(tmp_path):
 
 
 def test_recorder_train_loop_callback_interface(tmp_path):
-    """train.py's interface: recorder.start(step=0), recorder(step=done, lr, batch, optimizer)
-    after the optimiser step; the fidelity is measured after the next optimiser step."""
-    from rayunlearn.config import UnlearnConfig
+    """The training loop's interface: recorder.before_step(step, lr, optimizer, batches) just
+    before the optimiser step and recorder.after_step(step) just after it; the fidelity is
+    measured across that very step; close() sends the final row without a measured change."""
+    from rayunlearn.effects.recorder import default_sink
     from rayunlearn.forward import token_view
     from rayunlearn.objectives import parse_method
 
     model = effects_llama(layers=2, kv_heads=2, seed=4)
     forget, retain = forget_retain_batches()
     method = parse_method("ga+gd")
-    cfg = UnlearnConfig(method="ga+gd", effects=EffectsConfig(every=2, probe="step"))
-    run_dir = tmp_path / "sweep" / "trials" / "t7"
-    rec = make_recorder(cfg, model, method, forget, retain, run_dir=run_dir, is_main=True)
+    cfg = EffectsConfig(every=2, probe="step")
+    sink = default_sink(cfg, tmp_path / "sweep")
+    rec = make_recorder(cfg, model, method, None, None, sink=sink, trial_id="t7")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rec.start(step=0)
     for step in range(4):
         views = {"forget": token_view(model, forget), "retain": token_view(model, retain)}
         method.loss(views)[0].backward()
+        rec.before_step(step, 1e-3, opt, forget_batch=forget, retain_batch=retain)
         opt.step()
+        rec.after_step(step)
         opt.zero_grad()
-        done = step + 1
-        if done % 2 == 0:
-            rec(step=done, lr=1e-3, batch={"forget": forget, "retain": retain}, optimizer=opt)
+    rec.before_step(4, 1e-3, opt, forget_batch=forget, retain_batch=retain)
     rec.close()
     steps = pq.read_table(tmp_path / "sweep/effects/t7/steps.parquet").to_pydict()
     assert steps["step"] == [0, 2, 4]
-    assert np.isnan(steps["measured_removal_change"][0]) and np.isnan(steps["measured_removal_change"][2])
+    assert np.isnan(steps["measured_removal_change"][2])             # the final weights: no next step
+    assert np.isnan(steps["predicted_removal_change_adam"][0])        # no Adam state before step 0
     pred, meas = steps["predicted_removal_change_adam"][1], steps["measured_removal_change"][1]
     assert np.sign(pred) == np.sign(meas) and 0.2 < meas / pred < 5
-    assert not opt._optimizer_step_post_hooks        # the one-shot hook removed itself
 
 
 def test_replay_on_saved_checkpoints(tmp_path):

@@ -7,7 +7,6 @@ selection at the unit level."""
 
 import math
 import os
-import warnings
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +19,7 @@ from rayunlearn import UserError
 from rayunlearn.config import EffectsConfig, UnlearnConfig, from_dict
 from rayunlearn.effects import rows as R
 from rayunlearn.effects.actor import LocalSink
-from rayunlearn.effects.recorder import AGGREGATOR_ENV, default_sink
+from rayunlearn.effects.recorder import default_sink
 
 TRIAL = "trial0"
 TABLES = ("geffects", "steps")
@@ -30,7 +29,6 @@ TABLES = ("geffects", "steps")
 def _offline(monkeypatch):
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")
-    monkeypatch.delenv(AGGREGATOR_ENV, raising=False)
 
 
 def _cfg(target, out, aggregator=None) -> UnlearnConfig:
@@ -117,18 +115,13 @@ def test_recorder_resume_continues_cumulative_sums(tmp_path):
     assert rec.cum["removal"] == pytest.approx(-0.1 * (1 + 2)) and rec.cum["removal_adam"] == 0.0
 
 
-def test_sink_selection_without_ray(tmp_path, monkeypatch):
+def test_sink_selection_without_ray(tmp_path):
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("needs a process without Ray")
     assert isinstance(default_sink(EffectsConfig(), tmp_path), LocalSink)
     with pytest.raises(UserError, match="effects.aggregator='agg'.*Ray is not running"):
         default_sink(EffectsConfig(aggregator="agg"), tmp_path)
-    monkeypatch.setenv(AGGREGATOR_ENV, "agg")
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        assert isinstance(default_sink(EffectsConfig(), tmp_path), LocalSink)
-    assert any(AGGREGATOR_ENV in str(x.message) for x in w)
 
 
 def test_trial_config_names_the_sweep_aggregator(tmp_path):
@@ -210,11 +203,12 @@ def test_resumed_trial_replaces_rows_through_the_actor(target, local_run, ray_lo
     step 2 and the tables equal the uninterrupted run's (re-sent steps replace the crashed
     attempt's rows, no duplicates, nothing lost, cumulative sums continued)."""
     from rayunlearn import train as T
+    from rayunlearn.train.callbacks import UnlearnCallbacks
     from rayunlearn.effects.actor import make_aggregator
 
     name = "test-geffects-agg-resume"
     actor = make_aggregator(str(tmp_path), name=name)
-    orig = T._Hooks.after_step
+    orig = UnlearnCallbacks.after_step
 
     def crash(self, step):
         if step == 3:
@@ -227,14 +221,14 @@ def test_resumed_trial_replaces_rows_through_the_actor(target, local_run, ray_lo
             raise RuntimeError("simulated worker crash")
         return orig(self, step)
 
-    monkeypatch.setattr(T._Hooks, "after_step", crash)
+    monkeypatch.setattr(UnlearnCallbacks, "after_step", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         T.unlearn(_cfg(target, tmp_path, aggregator=name))
     path = tmp_path / "effects" / TRIAL / "steps.parquet"
     assert pq.read_table(path).to_pydict()["step"] == [0, 1]      # the checkpoint flush at step 2
     ray_local.get(actor.flush.remote())                           # e.g. a periodic flush
     assert pq.read_table(path).to_pydict()["step"] == [0, 1, 2, 2]
-    monkeypatch.setattr(T._Hooks, "after_step", orig)
+    monkeypatch.setattr(UnlearnCallbacks, "after_step", orig)
     T.unlearn(_cfg(target, tmp_path, aggregator=name))             # resumes from checkpoints/step-2
     ray_local.get(actor.close.remote())
     _assert_same(_tables(tmp_path), local_run[1], rtol=1e-6)

@@ -157,6 +157,9 @@ def test_eval_command_on_model_and_run_dirs(tmp_path, tiny, monkeypatch, capsys)
         calls["data"] = cfg
         return bench
 
+    import rayunlearn.data.formatting  # noqa: F401  (the real modules stay reachable under the stand-ins)
+    import rayunlearn.models.checkpoints  # noqa: F401
+
     monkeypatch.setitem(sys.modules, "rayunlearn.models", types.SimpleNamespace(load_model=load_model))
     monkeypatch.setitem(sys.modules, "rayunlearn.data", types.SimpleNamespace(load_benchmark=load_benchmark))
     from rayunlearn.eval.evaluate import eval_command
@@ -170,14 +173,15 @@ def test_eval_command_on_model_and_run_dirs(tmp_path, tiny, monkeypatch, capsys)
     assert m["fingerprint"]["generation"]["max_new_tokens"] == 4 and calls["model"][1] == str(model_dir)
     assert (model_dir / "tofu_eval" / "eval_log_forget.json").exists()
     assert "forget" in capsys.readouterr().out
-    # a run dir: its config.yaml supplies data/eval settings; the final model lives in final/
+    # a run dir: its config.yaml supplies data/eval settings; the final model is its last checkpoint
     run = tmp_path / "run"
-    (run / "final").mkdir(parents=True)
-    (run / "final" / "config.json").write_text("{}")
+    for k in (2, 10):
+        (run / "checkpoints" / f"step-{k}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{k}" / "config.json").write_text("{}")
     (run / "config.yaml").write_text("method: ga\ndata:\n  forget_split: forget01\n  max_length: 64\n"
                                      "eval:\n  max_items: 1\n  max_new_tokens: 3\n")
     assert eval_command(str(run), None, [], out=str(tmp_path / "out")) == 0
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["fingerprint"]["max_items"] == 1 and calls["model"][1] == str(run / "final")
+    assert m["fingerprint"]["max_items"] == 1 and calls["model"][1] == str(run / "checkpoints" / "step-10")
     with pytest.raises(UserError, match="neither a model directory"):
         eval_command(str(tmp_path / "out"), None, [])

@@ -106,17 +106,19 @@ def _run(cfg, monkeypatch, cut_after=0):
     """Run unlearn(cfg); return the task (its live peft model). `cut_after`: interrupt after
     that many optimiser steps (before that step's checkpoint), then rerun to resume."""
     import rayunlearn.train as T
+    from rayunlearn.train.progress import Bar
+    from rayunlearn.train.tasks import UnlearnTask
 
     tasks = []
-    real_build = T._UnlearnTask.build
+    real_build = UnlearnTask.build
 
     def build(self):
         real_build(self)
         tasks.append(self)
 
-    monkeypatch.setattr(T._UnlearnTask, "build", build)
+    monkeypatch.setattr(UnlearnTask, "build", build)
     if cut_after:
-        real_advance, calls = T._Bar.advance, {"n": 0}
+        real_advance, calls = Bar.advance, {"n": 0}
 
         def advance(self, loss):
             calls["n"] += 1
@@ -124,19 +126,20 @@ def _run(cfg, monkeypatch, cut_after=0):
                 raise _Cut
             real_advance(self, loss)
 
-        monkeypatch.setattr(T._Bar, "advance", advance)
+        monkeypatch.setattr(Bar, "advance", advance)
         with pytest.raises(_Cut):
             T.unlearn(cfg)
-        monkeypatch.setattr(T._Bar, "advance", real_advance)
+        monkeypatch.setattr(Bar, "advance", real_advance)
     T.unlearn(cfg)
-    monkeypatch.setattr(T._UnlearnTask, "build", real_build)
+    monkeypatch.setattr(UnlearnTask, "build", real_build)
     return tasks[-1]
 
 
 def test_lora_unlearning_changes_only_adapters_merges_and_resumes(root, tmp_path, monkeypatch):
     from rayunlearn.forward import token_view
     from rayunlearn.models import load_model
-    from rayunlearn.train import _load_benchmark, collate_examples, encode_records
+    from rayunlearn.data import load_benchmark as _load_benchmark
+    from rayunlearn.data.examples import collate_examples, encode_records
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     effects = {"every": 1, "probe": "fixed", "probe_size": 4}

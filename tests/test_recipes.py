@@ -36,7 +36,7 @@ def test_every_recipe_is_expected():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_loads_and_encodes_the_paper_recipe(path: Path):
-    from rayunlearn.train import Schedule
+    from rayunlearn.train.schedule import Schedule
 
     space = load_space(path)
     model, template, lr, strategy, workers, families = EXPECTED[path.stem]
@@ -160,7 +160,7 @@ def test_offline_sweep_start_fails_fast_with_the_model_error(tmp_path, monkeypat
     """With the benchmark available (a stand-in here) but the model neither local nor cached,
     the target finetuning stops with ModelLoadError naming the model and the fixes."""
     import rayunlearn.models as models
-    import rayunlearn.train as train
+    from rayunlearn.train import tasks as train_tasks
     from rayunlearn.models import ModelLoadError
     from rayunlearn.sweep import prepare as prep
 
@@ -175,7 +175,7 @@ def test_offline_sweep_start_fails_fast_with_the_model_error(tmp_path, monkeypat
         def has(self, name):
             return False
 
-    monkeypatch.setattr(train, "_load_benchmark", lambda data_cfg: Bench())
+    monkeypatch.setattr(train_tasks, "load_benchmark", lambda data_cfg: Bench())
     import rayunlearn.data as data_mod          # the driver's fail-fast check loads it too
 
     monkeypatch.setattr(data_mod, "load_benchmark", lambda data_cfg: Bench())

@@ -1,4 +1,4 @@
-"""Data-parallel strategies of the unlearning loop (rayunlearn.strategies + train.run_loop):
+"""Data-parallel strategies of the unlearning loop (rayunlearn.train.strategies + train.loop.run_loop):
 DDP and FSDP2 over 2 CPU processes (gloo) give the single-process run at the same effective
 batch (losses, gradient norms, weights, live G-effects), FSDP2 resume after an interruption gives
 the uninterrupted weights, and the G-effect recorder's fidelity rows are real.
@@ -82,7 +82,9 @@ def _free_port() -> int:
 def _worker(rank, world, port, jobs):
     import torch.distributed as dist
 
-    import rayunlearn.train as T
+    from rayunlearn.objectives import parse_method
+    from rayunlearn.train import launch, loop
+    from rayunlearn.train.progress import Bar
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -91,7 +93,7 @@ def _worker(rank, world, port, jobs):
         for cfg_dict, run_dir, cut_after in jobs:
             cfg = from_dict(UnlearnConfig, cfg_dict)
             if cut_after:
-                real, calls = T._Bar.advance, {"n": 0}
+                real, calls = Bar.advance, {"n": 0}
 
                 def advance(self, loss):
                     calls["n"] += 1
@@ -99,19 +101,23 @@ def _worker(rank, world, port, jobs):
                         raise _Cut
                     real(self, loss)
 
-                T._Bar.advance = advance
+                Bar.advance = advance
                 try:
-                    T.run_loop("unlearn", cfg, Path(run_dir))
+                    loop.run_loop("unlearn", cfg, Path(run_dir), parse_method(cfg.method),
+                                  results_dir=launch.effects_destination(cfg)[0],
+                                  trial_id=launch.effects_destination(cfg)[1])
                     raise AssertionError("the run was not interrupted")
                 except _Cut:
                     pass
                 finally:
-                    T._Bar.advance = real
+                    Bar.advance = real
                 if rank == 0:
                     ck = sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
                     (Path(run_dir) / "checkpoints_at_cut.json").write_text(json.dumps(ck))
                 dist.barrier()
-            T.run_loop("unlearn", cfg, Path(run_dir))      # (re)start: resumes from the last checkpoint
+            loop.run_loop("unlearn", cfg, Path(run_dir), parse_method(cfg.method),
+                                  results_dir=launch.effects_destination(cfg)[0],
+                                  trial_id=launch.effects_destination(cfg)[1])      # (re)start: resumes from the last checkpoint
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -355,7 +361,7 @@ def test_strategy_config_checks(root, tmp_path):
 
 
 def test_loss_scale_and_deepspeed_config():
-    from rayunlearn.strategies import deepspeed_config, loss_scale
+    from rayunlearn.train.strategies import deepspeed_config, loss_scale
 
     assert loss_scale("ddp") == 1.0                 # no process group here
     cfg = deepspeed_config(micro_batch_size=2, grad_accum=4, world_size=2, lr=1e-5, zero_stage=3)
@@ -366,6 +372,6 @@ def test_loss_scale_and_deepspeed_config():
 def test_deepspeed_config_validates_with_deepspeed():
     pytest.importorskip("deepspeed", reason="deepspeed is an optional extra (GPU machines); "
                                             "the lead runs the deepspeed path there")
-    from rayunlearn.strategies import deepspeed_config, validate_deepspeed_config
+    from rayunlearn.train.strategies import deepspeed_config, validate_deepspeed_config
 
     validate_deepspeed_config(deepspeed_config(2, 4, 2, 1e-5, offload=True))

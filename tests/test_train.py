@@ -52,7 +52,7 @@ def weights(run_dir):
 
 
 def test_schedule_is_a_function_of_the_seed_and_covers_each_epoch():
-    from rayunlearn.train import Schedule
+    from rayunlearn.train.schedule import Schedule
 
     tc = TrainConfig(epochs=2, batch_size=4, micro_batch_size=2, seed=5)
     a, b = Schedule(10, tc), Schedule(10, tc)
@@ -77,7 +77,7 @@ def test_same_seed_same_weights(data_dir, tmp_path):
     wa, wb, wc = weights(a), weights(b), weights(c)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
-    assert read_json(a / "status.json")["status"] == "complete"
+    assert read_json(a / "status.json")["status"] == "completed"
     assert (a / "config.yaml").exists() and (a / "checkpoints" / "step-2" / "optimizer.safetensors").exists()
 
 
@@ -85,7 +85,10 @@ def test_grad_accumulation_invariance_and_loss_oracle(data_dir, base_dir, tmp_pa
     """micro 2 x accum 4 == micro 8 x accum 1 after a step (float64), and the logged loss is
     the token-mean NLL of the whole effective batch (brute force)."""
     from rayunlearn.models import load_model
-    from rayunlearn.train import Schedule, collate_examples, encode_records, finetune, _load_benchmark
+    from rayunlearn.data import load_benchmark as _load_benchmark
+    from rayunlearn.data.examples import collate_examples, encode_records
+    from rayunlearn.train import finetune
+    from rayunlearn.train.schedule import Schedule
 
     split = finetune(ft_cfg(data_dir, tmp_path / "split", "target", base_dir, max_steps=1, micro_batch_size=2))
     whole = finetune(ft_cfg(data_dir, tmp_path / "whole", "target", base_dir, max_steps=1, micro_batch_size=8))
@@ -114,12 +117,13 @@ def test_grad_accumulation_invariance_and_loss_oracle(data_dir, base_dir, tmp_pa
 
 def test_resume_after_interruption_gives_identical_weights(data_dir, base_dir, tmp_path, monkeypatch):
     import rayunlearn.train as T
+    from rayunlearn.train.progress import Bar
 
     kw = dict(max_steps=4, checkpoint_every=2, micro_batch_size=4)
     full = T.finetune(ft_cfg(data_dir, tmp_path / "full", "target", base_dir, **kw))
 
     calls = {"n": 0}
-    real_advance = T._Bar.advance
+    real_advance = Bar.advance
 
     def interrupt(self, loss):
         calls["n"] += 1
@@ -127,13 +131,13 @@ def test_resume_after_interruption_gives_identical_weights(data_dir, base_dir, t
             raise KeyboardInterrupt
         real_advance(self, loss)
 
-    monkeypatch.setattr(T._Bar, "advance", interrupt)
+    monkeypatch.setattr(Bar, "advance", interrupt)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         T.finetune(ft_cfg(data_dir, cut, "target", base_dir, **kw))
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-2"]
     assert read_json(cut / "status.json")["status"] == "running"
-    monkeypatch.setattr(T._Bar, "advance", real_advance)
+    monkeypatch.setattr(Bar, "advance", real_advance)
 
     with pytest.raises(ConfigError, match="different config"):
         T.finetune(ft_cfg(data_dir, cut, "target", base_dir, **{**kw, "lr": 1e-3}))

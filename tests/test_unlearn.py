@@ -61,7 +61,8 @@ def forget_nll(model_dir, cfg, refusal=False) -> float:
     """Mean token NLL of the forget answers (or of their refusal answers) under a model."""
     from rayunlearn.forward import token_view
     from rayunlearn.models import load_model
-    from rayunlearn.train import (_load_benchmark, collate_examples, encode_records, refusal_records)
+    from rayunlearn.data import load_benchmark as _load_benchmark
+    from rayunlearn.data.examples import collate_examples, encode_records, refusal_records
 
     model, tok = load_model(cfg.model, path=model_dir)
     recs = _load_benchmark(cfg.data).split(cfg.data.forget_split)
@@ -91,7 +92,7 @@ def test_paper_method_runs_and_unlearns(method, target, tmp_path):
         assert forget_nll(final, cfg, refusal=True) < forget_nll(target[1], cfg, refusal=True)
     else:
         assert forget_nll(final, cfg) > forget_nll(target[1], cfg) + 0.05
-    assert read_json(tmp_path / "run" / "status.json")["status"] == "complete"
+    assert read_json(tmp_path / "run" / "status.json")["status"] == "completed"
 
 
 def test_objective_stats_are_logged(target, tmp_path):
@@ -108,23 +109,26 @@ def test_objective_stats_are_logged(target, tmp_path):
 
 
 def test_reference_is_cached_when_only_forget_logps_are_needed(target, tmp_path):
-    from rayunlearn.train import _UnlearnTask
+    from rayunlearn.objectives import parse_method
+    from rayunlearn.train.tasks import UnlearnTask as _UnlearnTask
 
-    task = _UnlearnTask(ul_cfg(target, tmp_path, "npo"), tmp_path, torch.device("cpu"))
+    task = _UnlearnTask(ul_cfg(target, tmp_path, "npo"), parse_method("npo"), torch.device("cpu"))
     task.build()
     assert task.reference is None and len(task.ref_caches["forget"]) == len(task.examples) == 8
-    task = _UnlearnTask(ul_cfg(target, tmp_path, "npo+kl"), tmp_path, torch.device("cpu"))
+    task = _UnlearnTask(ul_cfg(target, tmp_path, "npo+kl"), parse_method("npo+kl"), torch.device("cpu"))
     task.build()                                   # kl needs reference logits on random retain rows
     assert task.reference is not None and not any(p.requires_grad for p in task.reference.parameters())
-    task = _UnlearnTask(ul_cfg(target, tmp_path, "ga+gd"), tmp_path, torch.device("cpu"))
+    task = _UnlearnTask(ul_cfg(target, tmp_path, "ga+gd"), parse_method("ga+gd"), torch.device("cpu"))
     task.build()
     assert task.reference is None and not task.ref_caches
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(target, tmp_path, monkeypatch):
     import rayunlearn.train as T
+    from rayunlearn.objectives import Method
+    from rayunlearn.runs import DivergedError
 
-    real = T._method_loss
+    real = Method.loss
     calls = {"n": 0}
 
     def poisoned(method, views, ctx):
@@ -134,9 +138,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(target, tmp_path, monkeyp
             total = total * float("nan")
         return total, terms, stats
 
-    monkeypatch.setattr(T, "_method_loss", poisoned)
+    monkeypatch.setattr(Method, "loss", poisoned)
     run = tmp_path / "nan"
-    with pytest.raises(T.DivergedError) as exc:
+    with pytest.raises(DivergedError) as exc:
         T.unlearn(ul_cfg(target, run, "ga", max_steps=4, checkpoint_every=1))
     assert "diverged at step 3" in str(exc.value) and "step-2" in str(exc.value)
     status = read_json(run / "status.json")

@@ -177,7 +177,7 @@ def bench_deepspeed(shape: str, device, reps: int):
         return [[shape, "DeepSpeed ZeRO-3", f"not run: deepspeed not importable ({type(exc).__name__})", "", "", ""]]
     from rayunlearn.forward import token_view
     from rayunlearn.objectives import ObjectiveContext, parse_method
-    from rayunlearn.strategies import deepspeed_config
+    from rayunlearn.train.strategies import deepspeed_config
 
     method = parse_method("ga+gd")
     ctx = ObjectiveContext(seed=0)

@@ -1,4 +1,4 @@
-"""G-effects (spec/GEFFECT.md): the engine, grouping, live recording, sinks/actors, replay.
+"""G-effects (docs/spec/GEFFECT.md): the engine, grouping, live recording, sinks/actors, replay.
 
 Sign convention: e = ∇R·∇L; removal wants e_u < 0, retention wants e_r ≥ 0.
 

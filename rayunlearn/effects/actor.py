@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rayunlearn.effects.rows import KEY_COLUMNS, SCHEMAS
+from rayunlearn.runs import EFFECT_KEY_COLUMNS, EFFECT_SCHEMAS, effects_table
 from rayunlearn.io import write_parquet
 
 AGGREGATOR_NAMESPACE = "rayunlearn"
@@ -74,8 +74,8 @@ class AggregatorCore:
             rank: int = 0, world_size: int = 1) -> bool:
         """Returns True when the batch was appended, False when it waits for other ranks or was a
         duplicate."""
-        if table not in SCHEMAS:
-            raise ValueError(f"unknown G-effect table {table!r}; expected one of {sorted(SCHEMAS)}")
+        if table not in EFFECT_SCHEMAS:
+            raise ValueError(f"unknown G-effect table {table!r}; expected one of {sorted(EFFECT_SCHEMAS)}")
         key = (table, str(trial_id), int(step), str(part))
         if key in self._done:
             self.ignored += 1
@@ -93,7 +93,7 @@ class AggregatorCore:
             combined = _combine(table, [parts[r] for r in sorted(parts)])
             del self._pending[key]
         self._done.add(key)
-        t = pa.Table.from_pydict(combined, schema=SCHEMAS[table])
+        t = pa.Table.from_pydict(combined, schema=EFFECT_SCHEMAS[table])
         self._chunks[(str(trial_id), table)].append(t)
         self._dirty.add((str(trial_id), table))
         self.rows += t.num_rows
@@ -103,7 +103,7 @@ class AggregatorCore:
 
     def table(self, trial_id: str, table: str) -> pa.Table:
         chunks = self._chunks.get((str(trial_id), table))
-        return pa.concat_tables(chunks) if chunks else SCHEMAS[table].empty_table()
+        return pa.concat_tables(chunks) if chunks else EFFECT_SCHEMAS[table].empty_table()
 
     def flush(self) -> list[str]:
         """Write every table that changed since the last flush; returns the paths written."""
@@ -117,7 +117,7 @@ class AggregatorCore:
         return written
 
     def path(self, trial_id: str, table: str) -> Path:
-        return self.out_dir / "effects" / str(trial_id) / f"{table}.parquet"
+        return effects_table(self.out_dir, trial_id, table)
 
     def resume(self, trial_id: str, start: int) -> dict | None:
         """Prepare for a run of `trial_id` that (re)starts at optimiser step `start`: keep its rows
@@ -135,7 +135,7 @@ class AggregatorCore:
             if key in self._chunks:
                 old = self.table(trial_id, table)
             elif start > 0 and path.exists():
-                old = pq.read_table(path).cast(SCHEMAS[table])
+                old = pq.read_table(path).cast(EFFECT_SCHEMAS[table])
             else:
                 old = None
             kept = old.filter(pc.less(old["step"], start)) if old is not None else None
@@ -175,7 +175,7 @@ def _combine(table: str, parts: list[dict]) -> dict:
     """Sum `value` over rows with the same identity across ranks (geffects); rank 0 wins (steps)."""
     if table != "geffects":
         return parts[0]
-    keys = KEY_COLUMNS[table]
+    keys = EFFECT_KEY_COLUMNS[table]
     index: dict[tuple, int] = {}
     out = {c: [] for c in parts[0]}
     for cols in parts:

@@ -10,7 +10,7 @@ effect e_u) and on the retain batch (the **retention** effect e_r). **Removal wa
 (forget NLL goes up); **retention wants e_r ≥ 0** (retain NLL does not go up); a negative
 retention effect is collateral damage. Values are not normalised; the cosine is an extra.
 
-How it is computed (spec/GEFFECT.md, "Computing it fast"):
+How it is computed (docs/spec/GEFFECT.md, "Computing it fast"):
 
 - one forward of the forget batch (with grad) gives the removal risk and every forget-side
   term; one forward of the retain batch gives the retention risk and every retain-side term;

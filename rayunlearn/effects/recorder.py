@@ -1,10 +1,12 @@
 """Live G-effect recording inside the unlearning loop.
 
-For the training-loop engineer (``rayunlearn/train.py``)::
+For the training loop (``rayunlearn/train/callbacks.py`` is the real caller)::
 
-    from rayunlearn.effects.recorder import make_recorder
+    from rayunlearn.effects.recorder import build_probe, default_sink, make_recorder
+    forget_probe, retain_probe = build_probe(cfg, benchmark, tokenizer, method, device)
+    sink = default_sink(cfg.effects, results_dir)          # on the rank that sends
     rec = make_recorder(cfg.effects, model, method, forget_probe, retain_probe, reference, ctx,
-                        sink, trial_id, method_str=str(method), rank=rank, world_size=world)
+                        sink, trial_id, rank=rank)
     for step in ...:                       # step = optimiser steps already taken (0, 1, ...)
         ... forward / backward of the training step (gradients in .grad) ...
         rec.before_step(step, lr, optimizer, forget_batch=fb, retain_batch=rb)   # no-op unless due
@@ -35,14 +37,13 @@ For the training-loop engineer (``rayunlearn/train.py``)::
   and "total"; the steps row carries the EMA totals.
 - Data parallelism: with replicated weights (DDP) only rank 0 records; with sharded (FSDP2)
   parameters every rank computes (the engine all-reduces its vector of scalars, so every rank
-  holds the complete values) and rank 0 alone sends them, with ``world_size=1`` semantics. No
+  holds the complete values) and rank 0 alone sends them (the others get ``rank > 0``). No
   rank ever sends a partial sum, so the aggregator's rank-combining path is not needed here
   (it stays available to callers of ``gradient_effects(..., all_reduce=False)``).
-- Where rows go (``make_recorder``'s ``train.py`` form): the sweep's aggregator actor when
-  ``effects.aggregator`` (or, failing that, the environment variable
-  ``RAYUNLEARN_GEFFECT_AGGREGATOR``) names one — a :class:`~rayunlearn.effects.actor.RaySink`,
-  asynchronous and batched; else a :class:`~rayunlearn.effects.actor.LocalSink`. Both write
-  ``<out>/effects/<trial_id>/{geffects,steps}.parquet`` with the same rows.
+- Where rows go (:func:`default_sink`): the sweep's aggregator actor when ``effects.aggregator``
+  names one — a :class:`~rayunlearn.effects.actor.RaySink`, asynchronous and batched; else a
+  :class:`~rayunlearn.effects.actor.LocalSink` under the results directory the caller passes.
+  Both write ``<results>/effects/<trial_id>/{geffects,steps}.parquet`` with the same rows.
 - Resume: :meth:`Recorder.resume` ``(start)`` (the loop calls it once, before the first step,
   with the step it starts from, 0 for a fresh start) has the sink keep only the rows of steps
   ``< start`` — a retried or resumed attempt re-sends the later steps and they replace the
@@ -53,11 +54,13 @@ For the training-loop engineer (``rayunlearn/train.py``)::
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
+from rayunlearn import UserError
+from rayunlearn.data.examples import (collate_examples, encode_records, refusal_records, retain_split,
+                                      to_device)
 from rayunlearn.effects import rows as R
 from rayunlearn.effects.engine import (_is_dtensor, _resolve_method, gradient_effects, risk_nll,
                                        tracked_parameters)
@@ -91,8 +94,7 @@ class Recorder:
     """See the module docstring. Build with :func:`make_recorder`."""
 
     def __init__(self, cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
-                 trial_id: str, method_str: Optional[str] = None, rank: int = 0, world_size: int = 1,
-                 ref_cache=None):
+                 trial_id: str, method_str: Optional[str] = None, rank: int = 0, ref_cache=None):
         self.cfg = cfg
         self.model = model
         self.method = _resolve_method(method)
@@ -100,14 +102,13 @@ class Recorder:
         self.forget_probe, self.retain_probe = forget_probe, retain_probe
         self.reference, self.ctx, self.sink = reference, ctx, sink
         self.trial_id = str(trial_id)
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.rank = int(rank)
         self.ref_cache = ref_cache
         sharded = any(_is_dtensor(p) for _, p in tracked_parameters(model)[0])
         self.computes = cfg.every > 0 and (sharded or self.rank == 0)
         self.sends = self.computes and self.rank == 0
         self._pending: Optional[dict] = None
         self.cum = {"removal": 0.0, "retention": 0.0, "removal_adam": 0.0, "retention_adam": 0.0}
-        self.last_result = None
 
     def resume(self, start: int) -> Optional[dict]:
         """Before the first step of a run that starts at optimiser step `start` (0: from
@@ -147,7 +148,6 @@ class Recorder:
         res = gradient_effects(self.model, self.method, fb, rb, reference=self.reference,
                                per_instance=self.cfg.per_instance, ctx=self.ctx, ref_cache=self.ref_cache,
                                preconditioner=P, token_counts=token_counts)
-        self.last_result = res
         if self.sends:
             self.sink.add("geffects", R.result_rows(res, self.trial_id, self.method_str, step),
                           trial_id=self.trial_id, step=step, part="exact")
@@ -220,46 +220,6 @@ class Recorder:
                           trial_id=self.trial_id, step=step, part=self.cfg.estimator)
         return row
 
-    # -- the train.py callback interface -----------------------------------------------------
-    def start(self, step: int = 0) -> None:
-        """Record at the initial weights (no optimiser yet: no fidelity, no Adam values)."""
-        if self.due(step):
-            self.before_step(step, 0.0, None, *self._step_batches(None))
-            self._flush_pending()
-
-    def __call__(self, step: int, lr: float, batch: Optional[dict] = None, optimizer=None):
-        """Callback used by ``train.py`` *after* optimiser step `step` (weights after `step`
-        steps): records the G-effects at these weights and, through a one-shot optimiser
-        post-step hook, measures the probe risks after the *next* optimiser step (fidelity with
-        that step's lr)."""
-        if not self.due(step):
-            return None
-        res = self.before_step(step, lr, optimizer, *self._step_batches(batch))
-        if self._pending is not None and optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
-            holder = {}
-
-            def post(opt, args, kwargs):
-                holder["h"].remove()
-                if self._pending is not None and self._pending["step"] == step:
-                    self._pending["lr"] = float(opt.param_groups[0]["lr"])
-                    self.after_step(step)
-
-            holder["h"] = optimizer.register_step_post_hook(post)
-            self._post_handle = holder["h"]
-        else:
-            self._flush_pending()
-        return res
-
-    def _step_batches(self, batch):
-        if self.cfg.probe != "step":
-            return self.forget_probe, self.retain_probe
-        if not batch:
-            return self.forget_probe, self.retain_probe
-        dev = _device_of(self.model)
-        fb = _to_device(batch.get("forget"), dev)
-        rb = _to_device(batch.get("retain"), dev)
-        return fb, rb
-
     def _flush_pending(self) -> None:
         """Send the pending steps row without a measured change (no next step to measure)."""
         pend = self._pending
@@ -275,132 +235,58 @@ class Recorder:
                 trial_id=self.trial_id, step=pend["step"], part=self.cfg.estimator)
 
     def close(self) -> None:
-        if getattr(self, "_post_handle", None) is not None:
-            self._post_handle.remove()
-            self._post_handle = None
         self._flush_pending()
         if self.sends and self.sink is not None:
             self.sink.close()
 
 
-def _device_of(model):
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _to_device(batch, device):
-    if batch is None:
-        return None
-    return {k: (_to_device(v, device) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
-
-
-def make_recorder(effects_cfg, model, method, forget_probe=None, retain_probe=None, reference=None,
-                  ctx=None, sink=None, trial_id: str = "", method_str: Optional[str] = None, rank: int = 0,
-                  world_size: int = 1, ref_cache=None, *, run_dir=None, benchmark=None, tokenizer=None,
-                  ref_caches=None, is_main: Optional[bool] = None) -> Recorder:
-    """A :class:`Recorder` for the unlearning loop (usage in the module docstring).
-
-    Explicit form: `effects_cfg` an ``EffectsConfig``, fixed probe batches, a `sink` (LocalSink
-    or RaySink), `trial_id`. ``train.py`` form: `effects_cfg` the whole ``UnlearnConfig`` plus
-    ``run_dir``, ``benchmark``, ``tokenizer`` (the fixed probe is built from the benchmark: the
-    first ``probe_size`` forget rows and ``probe_size // 2`` retain rows), ``ref_caches``
-    ({view: RefLogpCache}) and ``is_main``; unless `sink` is given, rank 0's rows go to the
-    aggregator actor named by ``effects.aggregator`` / ``$RAYUNLEARN_GEFFECT_AGGREGATOR``
-    (:func:`default_sink`), else to a LocalSink under the results layout
-    (``<sweep>/effects/<trial_id>/`` when run_dir is ``<sweep>/trials/<trial_id>``, else
-    ``<run_dir>/effects/<trial_id or run name>/``). The actor writes under its own out_dir,
-    which the sweep sets to the sweep directory: the same files."""
-    from pathlib import Path
-
-    full = effects_cfg if hasattr(effects_cfg, "effects") else None
-    cfg = full.effects if full is not None else effects_cfg
-    if is_main is not None:
-        rank = 0 if is_main else max(rank, 1)
-    if ref_caches and ref_cache is None:
-        ref_cache = ref_caches
-    if full is not None and ctx is None:
-        from rayunlearn.objectives import ObjectiveContext
-
-        ctx = ObjectiveContext(seed=full.train.seed)
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if run_dir.parent.name == "trials":
-            out_dir, default_id = run_dir.parent.parent, run_dir.name
-        else:
-            out_dir, default_id = run_dir, (full.trial_id if full is not None and full.trial_id else run_dir.name)
-        trial_id = trial_id or default_id
-        if sink is None and rank == 0:
-            sink = default_sink(cfg, out_dir)
-    if forget_probe is None and benchmark is not None and tokenizer is not None and full is not None:
-        forget_probe, retain_probe = build_probe(full, benchmark, tokenizer, method, _device_of(model))
-    return Recorder(cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
-                    trial_id or "run", method_str, rank, world_size, ref_cache)
-
-
-AGGREGATOR_ENV = "RAYUNLEARN_GEFFECT_AGGREGATOR"     # = rayunlearn.tune.AGGREGATOR_ENV
-
-
-def aggregator_name(effects_cfg) -> tuple[Optional[str], bool]:
-    """(name of the aggregator actor to send to, whether it is required): ``effects.aggregator``
-    (required) or the environment variable RAYUNLEARN_GEFFECT_AGGREGATOR (optional); (None,
-    False) when neither is set."""
-    name = getattr(effects_cfg, "aggregator", None)
-    if name:
-        return str(name), True
-    env = os.environ.get(AGGREGATOR_ENV, "").strip()
-    return (env, False) if env else (None, False)
+def make_recorder(effects_cfg, model, method, forget_probe, retain_probe, reference=None, ctx=None,
+                  sink=None, trial_id: str = "run", method_str: Optional[str] = None, rank: int = 0,
+                  ref_cache=None) -> Recorder:
+    """A :class:`Recorder` for the unlearning loop (usage in the module docstring): `effects_cfg`
+    an ``EffectsConfig``, the fixed probe batches (:func:`build_probe`), the frozen `reference`
+    (or `ref_cache`: {view: RefLogpCache}) when the method needs one, a `sink` (on the rank that
+    sends: :func:`default_sink`) and the `trial_id` its rows carry."""
+    return Recorder(effects_cfg, model, method, forget_probe, retain_probe, reference, ctx, sink,
+                    trial_id, method_str, rank, ref_cache)
 
 
 def default_sink(effects_cfg, out_dir):
-    """The sink of a training-loop recorder: a RaySink to the named aggregator actor (see
-    :func:`aggregator_name`) or a LocalSink writing under `out_dir`. A configured actor that
-    cannot be reached is an error; one named only by the environment falls back to the
-    LocalSink with a warning."""
+    """The sink of a training-loop recorder: a RaySink to the aggregator actor named by
+    ``effects.aggregator`` (a sweep sets it), else a LocalSink writing under `out_dir` (the
+    results directory: rows go to ``<out_dir>/effects/<trial_id>/``). A named actor that cannot
+    be reached is an error."""
+    import ray
+
     from rayunlearn.effects.actor import LocalSink, RaySink, get_aggregator
 
-    name, required = aggregator_name(effects_cfg)
+    name = effects_cfg.aggregator
     if not name:
         return LocalSink(str(out_dir))
-    problem = None
-    try:
-        import ray
-    except ImportError:
-        problem = "Ray is not installed"
+    if not ray.is_initialized():
+        problem = "Ray is not running in this process"
     else:
-        if not ray.is_initialized():
-            problem = "Ray is not running in this process"
-        else:
-            try:
-                return RaySink(get_aggregator(name))
-            except ValueError:
-                problem = "no actor of that name is alive in the Ray cluster"
-    if required:
-        from rayunlearn import UserError
-
-        raise UserError(f"effects.aggregator={name!r}: {problem}; it must name the G-effect aggregator actor "
-                        f"of a running sweep (rayunlearn.effects.actor.make_aggregator). Leave "
-                        f"effects.aggregator unset to write the tables locally.")
-    import warnings
-
-    warnings.warn(f"{AGGREGATOR_ENV}={name!r} is set but {problem}; writing G-effects locally under {out_dir}")
-    return LocalSink(str(out_dir))
+        try:
+            return RaySink(get_aggregator(name))
+        except ValueError:
+            problem = "no actor of that name is alive in the Ray cluster"
+    raise UserError(f"effects.aggregator={name!r}: {problem}; it must name the G-effect aggregator actor "
+                    f"of a running sweep (rayunlearn.effects.actor.make_aggregator). Leave "
+                    f"effects.aggregator unset to write the tables locally.")
 
 
 def build_probe(cfg, benchmark, tokenizer, method, device=None) -> tuple[dict, Optional[dict]]:
     """The fixed probe of an ``UnlearnConfig``: the first ``effects.probe_size`` forget rows (with
     their refusal batch for refusal methods) and ``probe_size // 2`` (at least 1) retain rows, as
     collated batches (row ids = positions in their split)."""
-    from rayunlearn.train import _retain_split, collate_examples, encode_records, refusal_records
-
     method = _resolve_method(method)
     n = cfg.effects.probe_size
     forget_rows = benchmark.split(cfg.data.forget_split)[:n]
-    retain_rows = benchmark.split(_retain_split(cfg.data.forget_split))[:max(1, n // 2)]
+    retain_rows = benchmark.split(retain_split(cfg.data.forget_split))[:max(1, n // 2)]
     pad = tokenizer.pad_token_id
     fb = collate_examples(encode_records(forget_rows, tokenizer, cfg.data), pad)
     if "idk" in method.views_needed:
         idk = refusal_records(benchmark.split(cfg.data.forget_split), benchmark.refusals, cfg.train.seed)[:n]
         fb["idk"] = collate_examples(encode_records(idk, tokenizer, cfg.data), pad)
     rb = collate_examples(encode_records(retain_rows, tokenizer, cfg.data), pad)
-    return _to_device(fb, device or "cpu"), _to_device(rb, device or "cpu")
+    return to_device(fb, device or "cpu"), to_device(rb, device or "cpu")

@@ -24,17 +24,8 @@ from rayunlearn.effects import rows as R
 from rayunlearn.effects.actor import LocalSink
 from rayunlearn.effects.engine import gradient_effects, risk_nll
 from rayunlearn.forward import token_view
-
-
-def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    """[(k, checkpoints/step-k/model.safetensors)] sorted by k."""
-    root = Path(run_dir) / "checkpoints"
-    out = []
-    for d in root.glob("step-*") if root.is_dir() else []:
-        f = d / "model.safetensors"
-        if f.exists() and d.name.split("-", 1)[1].isdigit():
-            out.append((int(d.name.split("-", 1)[1]), f))
-    return sorted(out)
+from rayunlearn.models.checkpoints import checkpoint_weights, load_weights
+from rayunlearn.runs import CONFIG_FILE, LOG_FILE, effects_table
 
 
 def replay(run_dir, model, method, forget_probe, retain_probe, reference=None, ctx=None,
@@ -43,10 +34,8 @@ def replay(run_dir, model, method, forget_probe, retain_probe, reference=None, c
     """Compute the G-effects of `method` on the probe at the current weights of `model` (step 0,
     when `include_step0`) and at each saved checkpoint of `run_dir` (weights loaded into
     `model`, which is modified), and write ``<run_dir>/effects/<trial_id>/*.parquet``."""
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
-    ckpts = checkpoint_steps(run_dir)
+    ckpts = checkpoint_weights(run_dir)
     if not ckpts and not include_step0:
         raise UserError(f"{run_dir} has no checkpoints/step-<k>/model.safetensors; train with "
                         f"train.checkpoint_every=5 to replay G-effects")
@@ -60,14 +49,7 @@ def replay(run_dir, model, method, forget_probe, retain_probe, reference=None, c
     with prog as bar:
         for k, path in points:
             if path is not None:
-                weights = load_file(str(path), device=str(next(model.parameters()).device))
-                missing, unexpected = model.load_state_dict(weights, strict=False)
-                bad = [m for m in missing if "lm_head" not in m]
-                if unexpected or bad:
-                    raise UserError(f"{path} does not fit the model (missing {bad[:3]}, unexpected "
-                                    f"{unexpected[:3]})")
-                if hasattr(model, "tie_weights"):
-                    model.tie_weights()
+                load_weights(path.parent, model)
             if estimator == "ema":
                 from rayunlearn.effects.ema import ema_effects
 
@@ -111,7 +93,7 @@ def replay(run_dir, model, method, forget_probe, retain_probe, reference=None, c
         sink.add("steps", R.step_row(trial_id, method_str, k, **row), trial_id=trial_id, step=k,
                  part=estimator)
     sink.close()
-    return run_dir / "effects" / trial_id
+    return effects_table(run_dir, trial_id, "steps").parent
 
 
 def _progress(enabled: bool, total: int):
@@ -154,19 +136,19 @@ def replay_command(run_dir: str, preset: Optional[str] = None, overrides: Option
     from rayunlearn.objectives import ObjectiveContext, parse_method
 
     run = Path(run_dir)
-    cfg_path = run / "config.yaml"
+    cfg_path = run / CONFIG_FILE
     if not cfg_path.exists():
         raise UserError(f"{run} is not an unlearning run directory (no config.yaml); pass the "
                         f"directory `rayunlearn unlearn` wrote (train.out / trials/<id>)")
     saved = yaml.safe_load(cfg_path.read_text()) or {}
     cfg = load_config(UnlearnConfig, preset, overrides, data=saved)
-    if not checkpoint_steps(run):
+    if not checkpoint_weights(run):
         raise UserError(f"{run} has no checkpoints/step-<k>/model.safetensors; rerun the unlearning "
                         f"with train.checkpoint_every=5 (the paper's spacing) to replay G-effects")
     from rayunlearn.data import load_benchmark
     from rayunlearn.models import load_model
 
-    method = parse_method(cfg.method)
+    method = parse_method(cfg.method, allow_no_forget=cfg.allow_no_forget)
     model, tokenizer = load_model(cfg.model, path=cfg.target)
     reference = None
     if method.needs_reference:
@@ -176,8 +158,8 @@ def replay_command(run_dir: str, preset: Optional[str] = None, overrides: Option
 
     benchmark = load_benchmark(cfg.data)
     fb, rb = build_probe(cfg, benchmark, tokenizer, method)
-    lrs = {int(r["step"]): float(r["lr"]) for r in read_jsonl(run / "log.jsonl") if "lr" in r and "step" in r}
+    lrs = {int(r["step"]): float(r["lr"]) for r in read_jsonl(run / LOG_FILE) if "lr" in r and "step" in r}
     out = replay(run, model, method, fb, rb, reference=reference, ctx=ObjectiveContext(seed=cfg.train.seed),
                  effects_cfg=cfg.effects, lrs=lrs)
-    print(f"wrote G-effects of {len(checkpoint_steps(run)) + 1} checkpoints to {out}")
+    print(f"wrote G-effects of {len(checkpoint_weights(run)) + 1} checkpoints to {out}")
     return 0

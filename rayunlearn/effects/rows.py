@@ -1,4 +1,5 @@
-"""The long-format G-effect rows (ARCHITECTURE.md, "Results layout") and their Arrow schemas.
+"""The long-format G-effect rows (ARCHITECTURE.md, "Results layout"), built as column dicts;
+their Arrow schemas are part of the results contract (``rayunlearn.runs``).
 
 ``geffects.parquet``: one row per value — trial_id, method, step, risk, parameter, layer, group,
 kind ("parameter"|"instance"|"term"|"total"|"group"), term, instance, value, estimator
@@ -11,36 +12,11 @@ from __future__ import annotations
 
 import math
 
-import pyarrow as pa
-
 from rayunlearn.effects import groups
-
-GEFFECT_SCHEMA = pa.schema([
-    ("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64()), ("risk", pa.string()),
-    ("parameter", pa.string()), ("layer", pa.int64()), ("group", pa.string()), ("kind", pa.string()),
-    ("term", pa.string()), ("instance", pa.int64()), ("value", pa.float64()), ("estimator", pa.string()),
-])
-
-STEP_FIELDS = (
-    "lr", "removal", "retention", "removal_adam", "retention_adam", "cosine_removal",
-    "cosine_retention", "predicted_removal_change", "measured_removal_change",
-    "predicted_retention_change", "measured_retention_change", "risk_removal", "risk_retention",
-    # beyond the ARCHITECTURE minimum
-    "predicted_removal_change_adam", "predicted_retention_change_adam",
-    "cumulative_removal", "cumulative_retention", "cumulative_removal_adam", "cumulative_retention_adam",
-    "removal_forget_terms", "retention_forget_terms", "objective_grad_norm", "every",
-)
-STEPS_SCHEMA = pa.schema([("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64())]
-                         + [(f, pa.float64()) for f in STEP_FIELDS])
-
-SCHEMAS = {"geffects": GEFFECT_SCHEMA, "steps": STEPS_SCHEMA}
-# columns that identify a value (everything but `value`): how rank partial sums are matched
-KEY_COLUMNS = {"geffects": [f.name for f in GEFFECT_SCHEMA if f.name != "value"],
-               "steps": ["trial_id", "method", "step"]}
-
+from rayunlearn.runs import EFFECT_SCHEMAS, GEFFECT_SCHEMA, STEP_FIELDS, STEPS_SCHEMA  # noqa: F401  (re-exported)
 
 def empty_columns(table: str) -> dict[str, list]:
-    return {f.name: [] for f in SCHEMAS[table]}
+    return {f.name: [] for f in EFFECT_SCHEMAS[table]}
 
 
 class RowBuilder:

@@ -85,10 +85,8 @@ def use_distributed(flag: Optional[bool] = None, group=None) -> bool:
 def is_sharded(model) -> bool:
     """Whether the model's forward is a collective (FSDP2 `fully_shard` / DTensor parameters).
     Raises for FSDP1, which this evaluation does not support."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
     mods = list(model.modules()) if hasattr(model, "modules") else []
     if any(isinstance(m, FullyShardedDataParallel) for m in mods):
         raise UserError("distributed evaluation supports FSDP2 (torch.distributed.fsdp.fully_shard), not "

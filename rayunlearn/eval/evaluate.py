@@ -39,6 +39,7 @@ import numpy as np
 
 from rayunlearn import UserError
 from rayunlearn.eval import metrics as M
+from rayunlearn.runs import CONFIG_FILE, METRICS_FILE, RAW_FILE, TOFU_EVAL_DIR
 
 FINGERPRINT_VERSION = 1
 MIN_K = 0.4
@@ -76,12 +77,11 @@ class Evaluator:
     """Evaluate models on one benchmark under fixed settings; tokenised probes are built once.
 
     ``evaluator(model, step) -> dict`` returns the metrics.json dict plus ``"raw"`` (per-item
-    arrays).  ``fast=True`` skips generation/ROUGE (for in-loop trajectories; the training loop
-    passes ``fast=eval_cfg.fast_trajectory``).  The model is put in eval mode for the call and
+    arrays).  ``fast=True`` skips generation/ROUGE (what the training loop's in-loop evaluations
+    every ``eval.every`` steps use).  The model is put in eval mode for the call and
     restored to its previous mode afterwards.  Training loop use::
 
-        evaluator = Evaluator(tok, benchmark, cfg.data, cfg.eval, cfg.eval.retain_reference,
-                              fast=cfg.eval.fast_trajectory)
+        evaluator = Evaluator(tok, benchmark, cfg.data, cfg.eval, cfg.eval.retain_reference, fast=True)
         append_jsonl(run / "trajectory.jsonl", trajectory_record(evaluator(model, step)))
 
     Distributed: with `torch.distributed` initialised and world size > 1 (``distributed=None``,
@@ -398,13 +398,13 @@ def load_reference(ref) -> dict:
     else:
         path = Path(ref)
         if path.is_dir():
-            path = path / "metrics.json"
+            path = path / METRICS_FILE
         if not path.exists():
             raise UserError(f"retain reference {ref}: {path} does not exist; evaluate the retain model first "
                             f"(`rayunlearn eval results/models/retain`)")
         out = _read_json(path)
         if "raw" not in out:
-            for cand in (path.with_name(path.stem + ".raw.json"), path.with_name("raw.json")):
+            for cand in (path.with_name(path.stem + ".raw.json"), path.with_name(RAW_FILE)):
                 if cand.exists():
                     out = dict(out, raw=_read_json(cand))
                     break
@@ -431,7 +431,7 @@ def write_eval(result: dict, out) -> Path:
     if out.suffix == ".json":
         metrics_path, raw_path = out, out.with_name(out.stem + ".raw.json")
     else:
-        metrics_path, raw_path = out / "metrics.json", out / "raw.json"
+        metrics_path, raw_path = out / METRICS_FILE, out / RAW_FILE
     metrics = {k: v for k, v in result.items() if k != "raw"}
     if "raw" in result:
         write_json(raw_path, result["raw"], indent=None)
@@ -476,21 +476,6 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _find_model_dir(path: Path) -> Path:
-    if (path / "config.json").exists():
-        return path
-    for name in ("final", "model", "final_model"):
-        if (path / name / "config.json").exists():
-            return path / name
-    ckpts = sorted((path / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[-1])
-                   if p.name.split("-")[-1].isdigit() else -1) if (path / "checkpoints").is_dir() else []
-    for c in reversed(ckpts):
-        if (c / "config.json").exists():
-            return c
-    raise UserError(f"{path} is neither a model directory (config.json + weights) nor a run directory with a "
-                    f"final model (looked for final/, model/, final_model/, checkpoints/step-*/)")
-
-
 def eval_command(model_or_run: str, preset=None, overrides=None, out=None) -> int:
     """`rayunlearn eval MODEL_OR_RUN [key=value ...]`: evaluate a model directory or a run's final
     model (its saved data/model config is the default, preset and overrides on top), print a
@@ -503,18 +488,17 @@ def eval_command(model_or_run: str, preset=None, overrides=None, out=None) -> in
     if not path.exists():
         raise UserError(f"{model_or_run}: no such model or run directory")
     base: dict = {}
-    if (path / "config.yaml").exists():
-        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if (path / CONFIG_FILE).exists():
+        saved = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
         base = {k: saved[k] for k in ("data", "model", "eval") if isinstance(saved.get(k), dict)}
     if preset is not None:
         base = _merge(base, C.read_preset(preset))
     cfg = C.load_config(C.UnlearnConfig, None, overrides, data=base)
-    model_dir = _find_model_dir(path)
-    try:
-        from rayunlearn.data import load_benchmark
-        from rayunlearn.models import load_model
-    except ImportError as exc:  # pragma: no cover - while the package is assembled
-        raise UserError(f"evaluation needs rayunlearn.data and rayunlearn.models ({exc})") from None
+    from rayunlearn.data import load_benchmark
+    from rayunlearn.models import load_model
+    from rayunlearn.models.checkpoints import resolve_model_dir
+
+    model_dir = resolve_model_dir(path)
     model, tokenizer = load_model(cfg.model, str(model_dir))
     benchmark = load_benchmark(cfg.data)
     result = evaluate_model(model, tokenizer, benchmark, cfg.data, cfg.eval,
@@ -524,7 +508,7 @@ def eval_command(model_or_run: str, preset=None, overrides=None, out=None) -> in
     if "rougeL_recall" in result["raw"]["forget"]:
         from rayunlearn.eval.tofu_logs import export_tofu_logs
 
-        export_tofu_logs(result, (out_dir.parent if out_dir.suffix == ".json" else out_dir) / "tofu_eval")
+        export_tofu_logs(result, (out_dir.parent if out_dir.suffix == ".json" else out_dir) / TOFU_EVAL_DIR)
     print_summary(result, title=f"TOFU evaluation of {model_dir}")
     print(f"wrote {metrics_path}")
     return 0

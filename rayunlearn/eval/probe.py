@@ -81,14 +81,10 @@ class QAEncoder:
         self._qa = self._prompt = None
         self._tmpl = template
         if use_data_module:
-            try:
-                from rayunlearn.data import formatting as F  # noqa: WPS433
-            except ImportError:
-                F = None
-            if F is not None and hasattr(F, "encode_qa") and hasattr(F, "encode_prompt"):
-                if hasattr(F, "get_template"):   # bind once (DataError for a bad template name)
-                    self._tmpl = F.get_template(template, tokenizer)
-                self._qa, self._prompt = F.encode_qa, F.encode_prompt
+            from rayunlearn.data.formatting import encode_prompt, encode_qa, get_template
+
+            self._tmpl = get_template(template, tokenizer)   # bound once (DataError for a bad name)
+            self._qa, self._prompt = encode_qa, encode_prompt
 
     @staticmethod
     def _ids(x) -> list:
@@ -157,10 +153,8 @@ def _device(model) -> torch.device:
 
 
 def _is_fsdp2(module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(module, FSDPModule)
 
 

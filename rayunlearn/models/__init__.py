@@ -128,10 +128,8 @@ def prepare_for_training(model, tokenizer, cfg: ModelConfig):
 
 def apply_lora(model, cfg: ModelConfig):
     """Wrap `model` with peft LoRA adapters on every linear layer except the LM head."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:  # pragma: no cover - peft is a dependency
-        raise ModelLoadError("model.lora_r > 0 needs peft: pip install peft") from None
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
     if cfg.gradient_checkpointing:

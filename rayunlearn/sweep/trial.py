@@ -80,8 +80,6 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
     try:
         metrics = fn(cfg, report=report, **space.trainable_options)
         status, error = str(metrics.get("status", runs.COMPLETED)), str(metrics.get("error", ""))
-        if status == "complete":     # a trainable's spelling of completed
-            status = runs.COMPLETED
     except Exception as exc:   # noqa: BLE001 - recorded, then re-raised unless it is a divergence
         if not isinstance(exc, runs.DivergedError):
             write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp),

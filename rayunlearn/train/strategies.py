@@ -1,5 +1,5 @@
-"""Sharding strategies for one unlearning run (issue 8): DDP, FSDP2 (`fully_shard`) and
-DeepSpeed ZeRO-3, each used through its library, never re-implemented.
+"""Sharding strategies for one run, the library calls behind ``parallel.py``: DDP, FSDP2
+(`fully_shard`) and DeepSpeed ZeRO-3, each used through its library, never re-implemented.
 
 All three average gradients over ranks.  Our losses are normalised by the *global* token
 count of the effective batch (batch-size invariance), so each rank's loss is its share of one
@@ -10,7 +10,7 @@ the loss by before backward (the world size) so that the averaged gradient equal
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
