@@ -138,3 +138,75 @@ def test_killed_trial_worker_is_retried(tmp_path, ray_local):
     assert [r["status"] for r in rows] == ["completed"]
     assert rows[0]["attempts"] == 2          # the first attempt died with os._exit(1)
     assert rows[0]["removal"] == pytest.approx(_oracle(rows[0]["hp.wga.alpha"], rows[0]["hp.kl.weight"])[0])
+
+
+def test_deterministic_failure_recorded_once_with_a_clean_error(tmp_path, ray_local):
+    """Every trial raises inside a Ray task (Ray wraps it with a coloured traceback): each is
+    recorded once as failed with the root error on one line, its status.json says failed, and
+    the exit message names the error instead of suggesting --resume."""
+    from rayunlearn.sweep.driver import no_trial_completed_message, run_sweep
+
+    space = _space(tmp_path, "fails", num_samples=2, max_failures=2, trainable_options={"fail_above": 0.0})
+    sweep_dir, summary = run_sweep(space)
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    for r in rows:
+        removal = _oracle(r["hp.wga.alpha"], r["hp.kl.weight"])[0]
+        assert r["error"] == (f"ValueError: truth ratio is infinite at evaluation (synthetic, removal "
+                              f"{removal:.3f} > 0.0)")
+        assert r["attempts"] == 1          # not retried although max_failures=2
+        status = read_json(sweep_dir / "trials" / r["trial_id"] / "status.json")
+        assert status["status"] == "failed" and status["error"] == r["error"]
+    message = no_trial_completed_message(sweep_dir, summary["rows"])
+    for r in rows:
+        assert f"1 trial(s) failed: {r['error']}" in message
+    assert "--resume" not in message
+
+
+def test_system_errors_are_told_from_the_trials_own():
+    ray = pytest.importorskip("ray")
+    from rayunlearn.sweep.trial import is_system_error, root_error, short_error
+
+    assert is_system_error(ray.exceptions.WorkerCrashedError())
+    assert is_system_error(ray.exceptions.ActorDiedError())
+    try:
+        try:
+            raise ray.exceptions.NodeDiedError("node lost")
+        except ray.exceptions.RayError as exc:
+            raise RuntimeError("training failed") from exc
+    except RuntimeError as wrapped:
+        assert is_system_error(wrapped)
+    assert not is_system_error(ValueError("alpha"))
+    inner = ValueError("alpha must be > 0")
+    task = ray.exceptions.RayTaskError("fn", "Traceback ...\n\x1b[31mValueError\x1b[0m", inner)
+    assert not is_system_error(task)
+    assert root_error(task) is inner
+    assert short_error(ValueError("\x1b[36mtwo\x1b[0m\n   lines")) == "ValueError: two lines"
+
+
+@pytest.mark.parametrize("cpus,gpus,workers,reason", [
+    (3, 0, 1, "one needs CPU=3 on one node, the largest node has CPU=2"),
+    (1, 1, 1, "one needs GPU=1 on one node, the largest node has GPU=0"),
+    (1, 0, 5, "together they need CPU=5, the cluster has CPU=4"),
+    (1, 0, 4, None),
+])
+def test_unschedulable_reason(cpus, gpus, workers, reason):
+    from rayunlearn.sweep.tuner import trial_bundles, unschedulable_reason
+
+    space = _space("/tmp", "res", resources={"cpus": cpus, "gpus": gpus, "num_workers": workers})
+    assert unschedulable_reason(trial_bundles(space), [{"CPU": 2.0}, {"CPU": 2.0}]) == reason
+
+
+def test_unschedulable_trial_fails_before_tune(tmp_path, ray_local):
+    from rayunlearn.sweep.driver import run_sweep
+    from rayunlearn.sweep.tuner import UnschedulableTrialError, check_schedulable
+
+    with pytest.raises(UnschedulableTrialError, match=r"resources: cpus=1, gpus=1, num_workers=1; one needs "
+                       r"GPU=1 on one node, the largest node has GPU=0 \(cluster resources \{'CPU': 2\.0"):
+        run_sweep(_space(tmp_path, "gpu", resources={"gpus": 1}))
+    assert not (tmp_path / "gpu" / "tune").exists()      # Tune never started
+    said = []
+    with pytest.raises(UnschedulableTrialError, match=r"after waiting 0.2 s for the autoscaler"):
+        check_schedulable(_space(tmp_path, "cpu", resources={"cpus": 3}), wait_s=0.2, poll_s=0.1,
+                          say=said.append)
+    assert "asked the autoscaler for [{'CPU': 3.0}]" in said[0]
