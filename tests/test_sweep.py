@@ -210,3 +210,65 @@ def test_unschedulable_trial_fails_before_tune(tmp_path, ray_local):
         check_schedulable(_space(tmp_path, "cpu", resources={"cpus": 3}), wait_s=0.2, poll_s=0.1,
                           say=said.append)
     assert "asked the autoscaler for [{'CPU': 3.0}]" in said[0]
+
+
+def _wait_for(predicate, timeout_s: float, poll_s: float = 0.05):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()
+
+
+@pytest.mark.slow
+def test_killed_driver_leaves_tables_no_ray_processes_and_resumes(tmp_path):
+    """`rayunlearn sweep` with its own local Ray, SIGKILLed once the 2nd trial wrote its result:
+    trials.parquet already holds the 1st trial (tables are written as trials finish), the Ray
+    processes it started end within a minute, and --resume reruns neither finished trial (their
+    time_s and attempts unchanged) and runs the 3rd."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    import yaml
+
+    data = {"name": "killed", "results": str(tmp_path), "num_samples": 3, "max_concurrent": 1, "seed": 0,
+            "families": {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+                                    "kl.weight": {"type": "loguniform", "low": 0.1, "high": 10}}},
+            "prepare": {"enabled": False}, "ray": {"num_cpus": 2},
+            "trainable": "rayunlearn.sweep.synthetic:synthetic_trial", "trainable_options": {"sleep_s": 1.0}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(data))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "rayunlearn", "sweep", str(tmp_path / "space.yaml")]
+    sweep_dir = tmp_path / "killed"
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: len(list(sweep_dir.glob("trials/*/result.json"))) == 2, 240)
+        ray_procs = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs if p.is_running())
+    assert _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs),
+                     60, poll_s=1.0), [p.cmdline() for p in ray_procs if p.is_running()]
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert [r["status"] for r in rows if r["status"] == "completed"]     # the 1st trial, at least
+    before = {p.parent.name: read_json(p) for p in sweep_dir.glob("trials/*/result.json")}
+    assert len(before) == 2
+
+    out = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    for r in rows:
+        assert r["attempts"] == 1
+        if r["trial_id"] in before:
+            assert r["time_s"] == before[r["trial_id"]]["time_s"]
+            assert read_json(sweep_dir / "trials" / r["trial_id"] / "result.json") == before[r["trial_id"]]
