@@ -250,12 +250,13 @@ def test_killed_driver_leaves_tables_no_ray_processes_and_resumes(tmp_path):
     try:
         assert _wait_for(lambda: len(list(sweep_dir.glob("trials/*/result.json"))) == 2, 240)
         ray_procs = psutil.Process(driver.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in ray_procs if p.is_running())
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs if p.is_running())
+    assert "raylet" in names and "gcs_server" in names
     assert _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs),
                      60, poll_s=1.0), [p.cmdline() for p in ray_procs if p.is_running()]
     rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
