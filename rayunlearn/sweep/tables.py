@@ -22,7 +22,7 @@ from rayunlearn import runs
 from rayunlearn.io import read_json, write_json, write_parquet
 from rayunlearn.pareto import hypervolume_2d, pareto_front
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace
-from rayunlearn.sweep.trial import short_error
+from rayunlearn.sweep.trial import root_error, short_error
 
 
 def write_tables(space: SearchSpace, sweep_dir: Path, errors: Optional[dict[str, str]] = None) -> dict:
@@ -56,7 +56,7 @@ def grid_errors(sweep_dir: Path, grid) -> dict[str, str]:
         if r.error is not None:
             tid = (r.metrics or {}).get("trial_id") or _trial_id_from_path(sweep_dir, r.path)
             if tid:
-                errors[tid] = short_error(r.error)
+                errors[tid] = short_error(root_error(r.error))
     return errors
 
 

@@ -195,10 +195,12 @@ def root_error(exc: BaseException) -> BaseException:
 
 def mark_run_failed(run_dir, error: str) -> None:
     """A run the trial's code left ``running`` is recorded as failed with its reason (its other
-    fields, e.g. the step reached, kept)."""
+    fields, e.g. the step reached, kept); a run that never started keeps no status file."""
     path = run_dir / runs.STATUS_FILE
-    status = read_json(path) if path.exists() else {}
-    if status.get("status") in (None, runs.RUNNING):
+    if not path.exists():
+        return
+    status = read_json(path)
+    if status.get("status") == runs.RUNNING:
         write_json(path, {**status, "status": runs.FAILED, "error": error})
 
 
