@@ -190,10 +190,10 @@ def test_system_errors_are_told_from_the_trials_own():
     (1, 0, 5, "together they need CPU=5, the cluster has CPU=4"),
     (1, 0, 4, None),
 ])
-def test_unschedulable_reason(cpus, gpus, workers, reason):
+def test_unschedulable_reason(tmp_path, cpus, gpus, workers, reason):
     from rayunlearn.sweep.tuner import trial_bundles, unschedulable_reason
 
-    space = _space("/tmp", "res", resources={"cpus": cpus, "gpus": gpus, "num_workers": workers})
+    space = _space(tmp_path, "res", resources={"cpus": cpus, "gpus": gpus, "num_workers": workers})
     assert unschedulable_reason(trial_bundles(space), [{"CPU": 2.0}, {"CPU": 2.0}]) == reason
 
 
