@@ -21,9 +21,13 @@ Follow one trial:
 5. The tables (``rayunlearn.sweep.tables``): ``trials.parquet`` from every ``result.json`` and
    ``pareto.json`` (the non-dominated completed trials), then a summary on the console.
 
-Faults. A trial whose worker dies is retried up to ``max_failures`` times; the retry reuses the
-trial directory, so the unlearning run resumes from its last checkpoint. A diverging run is not an
-error for Tune: the trial reports ``status=diverged`` and NaN objectives and the sweep goes on.
+Faults. Before preparing anything, a trial the cluster cannot schedule fails the sweep
+(``tuner.check_schedulable``; on an autoscaling cluster it waits for nodes, with a timeout). A
+trial whose worker dies is retried up to ``max_failures`` times; the retry reuses the trial
+directory, so the unlearning run resumes from its last checkpoint. A diverging run, or one whose
+own code raises, is not an error for Tune: the trial reports ``status=diverged`` / ``failed``
+with NaN objectives, is not retried, and the sweep goes on. The tables are rewritten after every
+finished trial. A local Ray started here ends with the driver (``rayunlearn.sweep.reaper``).
 
 Interrupt and resume. Ctrl-C, a killed driver, or ``touch <sweep>/STOP`` (a graceful stop after
 the running trials report) leave Tune's experiment state in ``<sweep>/tune/``; ``--resume``
