@@ -62,17 +62,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _readme_submit_line() -> list[str]:
+    """The README's `ray job submit` command, as written (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("ray job submit --address"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    return block.split()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_job_submit_runs_a_sweep(tmp_path):
-    """A local head with the job server, `ray job submit` of a 2-trial synthetic sweep, its
-    tables found, then `ray stop` (always, in the finaliser)."""
+def test_readme_ray_job_submit_runs_a_sweep(tmp_path):
+    """The README's `ray job submit` line, run as written from the repository root against a
+    local head on loopback, with the runtime env it names (cluster/runtime_env.yaml: the uploaded
+    working dir installed into a job virtualenv), a 2-trial synthetic sweep appended. The head
+    is started without the package's environment on PATH: `rayunlearn` must come from the
+    runtime env. Its tables are found, then the head is stopped (always, in the finaliser)."""
     pytest.importorskip("aiohttp", reason="ray job submit needs ray[default] (the dashboard)")
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    venv_bin = str(Path(sys.executable).parent)
+    ray_bin = shutil.which("ray", path=venv_bin) or shutil.which("ray")
     port, dash = _free_port(), _free_port()
     # RAY_AUTH_MODE=disabled: a token in ~/.ray would otherwise switch on token auth for this head
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PATH": path}
+    env.pop("RAY_ADDRESS", None)
     import tempfile
 
     # short: Ray's unix socket paths under the temp dir must stay < 108 characters
@@ -82,17 +95,19 @@ def test_ray_job_submit_runs_a_sweep(tmp_path):
              f"--dashboard-agent-listen-port={_free_port()}",
              f"--temp-dir={tmpdir}", "--disable-usage-stats"]
     results = tmp_path / "results"
+    line = _readme_submit_line()
+    assert line[:3] == ["ray", "job", "submit"] and "cluster/runtime_env.yaml" in line
+    assert line[line.index("--") + 1:line.index("--") + 3] == ["rayunlearn", "sweep"]
+    line = [ray_bin] + line[1:]
+    line[line.index("--address") + 1] = f"http://127.0.0.1:{dash}"      # this head's port
+    line = [f"results={results}" if a.startswith("results=") else a for a in line]
+    line[line.index("sweep") + 1] = "tiny"
+    cmd = line + ["name=job", "num_samples=2", "prepare.enabled=false",
+                  "trainable=rayunlearn.sweep.synthetic:synthetic_trial"]
     try:
         subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
-        address = f"http://127.0.0.1:{dash}"
-        space = "tiny"      # a shipped space, by name (package data)
-        # the package is installed in this environment: no runtime_env install needed
-        cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
-               "--runtime-env-json", json.dumps({"excludes": [".venv/", "results/", ".git/"]}), "--",
-               sys.executable, "-m", "rayunlearn", "sweep", str(space), f"results={results}", "name=job",
-               "num_samples=2", "prepare.enabled=false", "trainable=rayunlearn.sweep.synthetic:synthetic_trial"]
         for _ in range(12):     # the job agent starts a few seconds after the head
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+            out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
             if "No available agent" not in out.stdout + out.stderr:
                 break
             time.sleep(5)

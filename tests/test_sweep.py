@@ -138,3 +138,138 @@ def test_killed_trial_worker_is_retried(tmp_path, ray_local):
     assert [r["status"] for r in rows] == ["completed"]
     assert rows[0]["attempts"] == 2          # the first attempt died with os._exit(1)
     assert rows[0]["removal"] == pytest.approx(_oracle(rows[0]["hp.wga.alpha"], rows[0]["hp.kl.weight"])[0])
+
+
+def test_deterministic_failure_recorded_once_with_a_clean_error(tmp_path, ray_local):
+    """Every trial raises inside a Ray task (Ray wraps it with a coloured traceback): each is
+    recorded once as failed with the root error on one line, its status.json says failed, and
+    the exit message names the error instead of suggesting --resume."""
+    from rayunlearn.sweep.driver import no_trial_completed_message, run_sweep
+
+    space = _space(tmp_path, "fails", num_samples=2, max_failures=2, trainable_options={"fail_above": 0.0})
+    sweep_dir, summary = run_sweep(space)
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    for r in rows:
+        removal = _oracle(r["hp.wga.alpha"], r["hp.kl.weight"])[0]
+        assert r["error"] == (f"ValueError: truth ratio is infinite at evaluation (synthetic, removal "
+                              f"{removal:.3f} > 0.0)")
+        assert r["attempts"] == 1          # not retried although max_failures=2
+        status = read_json(sweep_dir / "trials" / r["trial_id"] / "status.json")
+        assert status["status"] == "failed" and status["error"] == r["error"]
+    message = no_trial_completed_message(sweep_dir, summary["rows"])
+    for r in rows:
+        assert f"1 trial(s) failed: {r['error']}" in message
+    assert "--resume" not in message
+
+
+def test_system_errors_are_told_from_the_trials_own():
+    ray = pytest.importorskip("ray")
+    from rayunlearn.sweep.trial import is_system_error, root_error, short_error
+
+    assert is_system_error(ray.exceptions.WorkerCrashedError())
+    assert is_system_error(ray.exceptions.ActorDiedError())
+    try:
+        try:
+            raise ray.exceptions.NodeDiedError("node lost")
+        except ray.exceptions.RayError as exc:
+            raise RuntimeError("training failed") from exc
+    except RuntimeError as wrapped:
+        assert is_system_error(wrapped)
+    assert not is_system_error(ValueError("alpha"))
+    inner = ValueError("alpha must be > 0")
+    task = ray.exceptions.RayTaskError("fn", "Traceback ...\n\x1b[31mValueError\x1b[0m", inner)
+    assert not is_system_error(task)
+    assert root_error(task) is inner
+    assert short_error(ValueError("\x1b[36mtwo\x1b[0m\n   lines")) == "ValueError: two lines"
+
+
+@pytest.mark.parametrize("cpus,gpus,workers,reason", [
+    (3, 0, 1, "one needs CPU=3 on one node, the largest node has CPU=2"),
+    (1, 1, 1, "one needs GPU=1 on one node, the largest node has GPU=0"),
+    (1, 0, 5, "together they need CPU=5, the cluster has CPU=4"),
+    (1, 0, 4, None),
+])
+def test_unschedulable_reason(tmp_path, cpus, gpus, workers, reason):
+    from rayunlearn.sweep.tuner import trial_bundles, unschedulable_reason
+
+    space = _space(tmp_path, "res", resources={"cpus": cpus, "gpus": gpus, "num_workers": workers})
+    assert unschedulable_reason(trial_bundles(space), [{"CPU": 2.0}, {"CPU": 2.0}]) == reason
+
+
+def test_unschedulable_trial_fails_before_tune(tmp_path, ray_local):
+    from rayunlearn.sweep.driver import run_sweep
+    from rayunlearn.sweep.tuner import UnschedulableTrialError, check_schedulable
+
+    with pytest.raises(UnschedulableTrialError, match=r"resources: cpus=1, gpus=1, num_workers=1; one needs "
+                       r"GPU=1 on one node, the largest node has GPU=0 \(cluster resources \{'CPU': 2\.0"):
+        run_sweep(_space(tmp_path, "gpu", resources={"gpus": 1}))
+    assert not (tmp_path / "gpu" / "tune").exists()      # Tune never started
+    said = []
+    with pytest.raises(UnschedulableTrialError, match=r"after waiting 0.2 s for the autoscaler"):
+        check_schedulable(_space(tmp_path, "cpu", resources={"cpus": 3}), wait_s=0.2, poll_s=0.1,
+                          say=said.append)
+    assert "asked the autoscaler for [{'CPU': 3.0}]" in said[0]
+
+
+def _wait_for(predicate, timeout_s: float, poll_s: float = 0.05):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()
+
+
+@pytest.mark.slow
+def test_killed_driver_leaves_tables_no_ray_processes_and_resumes(tmp_path):
+    """`rayunlearn sweep` with its own local Ray, SIGKILLed once the 2nd trial wrote its result:
+    trials.parquet already holds the 1st trial (tables are written as trials finish), the Ray
+    processes it started end within a minute, and --resume reruns neither finished trial (their
+    time_s and attempts unchanged) and runs the 3rd."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    import yaml
+
+    data = {"name": "killed", "results": str(tmp_path), "num_samples": 3, "max_concurrent": 1, "seed": 0,
+            "families": {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+                                    "kl.weight": {"type": "loguniform", "low": 0.1, "high": 10}}},
+            "prepare": {"enabled": False}, "ray": {"num_cpus": 2},
+            "trainable": "rayunlearn.sweep.synthetic:synthetic_trial", "trainable_options": {"sleep_s": 1.0}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(data))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "rayunlearn", "sweep", str(tmp_path / "space.yaml")]
+    sweep_dir = tmp_path / "killed"
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: len(list(sweep_dir.glob("trials/*/result.json"))) == 2, 240)
+        ray_procs = psutil.Process(driver.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in ray_procs if p.is_running())
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert "raylet" in names and "gcs_server" in names
+    assert _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs),
+                     60, poll_s=1.0), [p.cmdline() for p in ray_procs if p.is_running()]
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert [r["status"] for r in rows if r["status"] == "completed"]     # the 1st trial, at least
+    before = {p.parent.name: read_json(p) for p in sweep_dir.glob("trials/*/result.json")}
+    assert len(before) == 2
+
+    out = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    for r in rows:
+        assert r["attempts"] == 1
+        if r["trial_id"] in before:
+            assert r["time_s"] == before[r["trial_id"]]["time_s"]
+            assert read_json(sweep_dir / "trials" / r["trial_id"] / "result.json") == before[r["trial_id"]]

@@ -6,5 +6,6 @@
 - ``tuner``     Ray, the Tune experiment (Optuna samplers, ConcurrencyLimiter), the aggregator actor
 - ``trial``     the Tune function trainable: one trial's config, run and ``result.json``
 - ``tables``    ``trials.parquet``, ``pareto.json`` and the printed summary
+- ``reaper``    the watchdog that ends a local Ray started by the driver when the driver dies
 - ``synthetic`` a closed-form per-trial function for testing and benchmarking the machinery
 """

@@ -21,9 +21,13 @@ Follow one trial:
 5. The tables (``rayunlearn.sweep.tables``): ``trials.parquet`` from every ``result.json`` and
    ``pareto.json`` (the non-dominated completed trials), then a summary on the console.
 
-Faults. A trial whose worker dies is retried up to ``max_failures`` times; the retry reuses the
-trial directory, so the unlearning run resumes from its last checkpoint. A diverging run is not an
-error for Tune: the trial reports ``status=diverged`` and NaN objectives and the sweep goes on.
+Faults. Before preparing anything, a trial the cluster cannot schedule fails the sweep
+(``tuner.check_schedulable``; on an autoscaling cluster it waits for nodes, with a timeout). A
+trial whose worker dies is retried up to ``max_failures`` times; the retry reuses the trial
+directory, so the unlearning run resumes from its last checkpoint. A diverging run, or one whose
+own code raises, is not an error for Tune: the trial reports ``status=diverged`` / ``failed``
+with NaN objectives, is not retried, and the sweep goes on. The tables are rewritten after every
+finished trial. A local Ray started here ends with the driver (``rayunlearn.sweep.reaper``).
 
 Interrupt and resume. Ctrl-C, a killed driver, or ``touch <sweep>/STOP`` (a graceful stop after
 the running trials report) leave Tune's experiment state in ``<sweep>/tune/``; ``--resume``
@@ -39,10 +43,10 @@ from rayunlearn import UserError, runs
 from rayunlearn.config import check_resume_config, to_dict
 from rayunlearn.io import write_text
 from rayunlearn.sweep.space import SearchSpace, dumps_space, load_space
-from rayunlearn.sweep.tables import print_summary, write_tables
+from rayunlearn.sweep.tables import grid_errors, print_summary, write_tables
 from rayunlearn.sweep.trial import TrialContext
-from rayunlearn.sweep.tuner import (build_tuner, can_restore, init_ray, make_trainable, restore_tuner,
-                                    start_aggregator, stop_aggregator)
+from rayunlearn.sweep.tuner import (autoscale_wait_s, build_tuner, can_restore, check_schedulable, init_ray,
+                                    make_trainable, restore_tuner, start_aggregator, stop_aggregator)
 
 
 def sweep_command(space_path: str, overrides: list[str] | None = None, resume: bool = False) -> int:
@@ -51,13 +55,25 @@ def sweep_command(space_path: str, overrides: list[str] | None = None, resume: b
     space = load_space(space_path, overrides)
     sweep_dir, summary = run_sweep(space, resume=resume)
     if summary["finished"] and not summary["counts"].get(runs.COMPLETED):
-        print(f"no trial completed; see the error column of {sweep_dir / runs.TRIALS_TABLE_FILE}")
+        print(no_trial_completed_message(sweep_dir, summary["rows"]))
         return 1
     if summary.get("interrupted"):
         print(f"the sweep stopped before its {space.total_trials} trials finished; continue it with "
               f"`rayunlearn sweep {space_path} {' '.join(overrides or [])} --resume`".replace("  ", " "))
         return 130
     return 0
+
+
+def no_trial_completed_message(sweep_dir: Path, rows: list[dict]) -> str:
+    """What failed, by error (most frequent first): a sweep whose every trial failed or diverged
+    would fail the same way when resumed."""
+    by_error: dict[str, int] = {}
+    for r in rows:
+        if r["status"] in (runs.FAILED, runs.DIVERGED):
+            by_error[f"{r['status']}: {r['error']}"] = by_error.get(f"{r['status']}: {r['error']}", 0) + 1
+    lines = [f"  {n} trial(s) {e}" for e, n in sorted(by_error.items(), key=lambda kv: -kv[1])[:5]]
+    return "\n".join([f"no trial completed (errors in {sweep_dir / runs.TRIALS_TABLE_FILE}):", *lines,
+                      "the same space fails the same way again: fix the space (or the model, data) first"])
 
 
 def run_sweep(space: SearchSpace, resume: bool = False, console=None) -> tuple[Path, dict]:
@@ -72,6 +88,8 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None) -> tuple[P
     write_text(sweep_dir / runs.SWEEP_SPACE_FILE, dumps_space(space))
     (sweep_dir / runs.STOP_FILE).unlink(missing_ok=True)
 
+    init_ray(space)     # before preparing: an unschedulable trial fails the sweep at once
+    check_schedulable(space, wait_s=autoscale_wait_s(), say=console.print)
     prepared = None
     if space.prepare.enabled:
         from rayunlearn.sweep.prepare import copy_references, prepare
@@ -79,7 +97,6 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None) -> tuple[P
         prepared = prepare(space, console=console)
         copy_references(prepared, sweep_dir)
 
-    init_ray(space)
     aggregator = start_aggregator(space, sweep_dir)
     ctx = TrialContext(space=to_dict(space), sweep_dir=str(sweep_dir),
                        target=prepared.target if prepared else "",
@@ -98,7 +115,7 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None) -> tuple[P
         grid = tuner.fit()
     finally:
         stop_aggregator(aggregator)
-    summary = write_tables(space, sweep_dir, grid=grid)
+    summary = write_tables(space, sweep_dir, errors=grid_errors(sweep_dir, grid))
     summary["wall_s"] = time.time() - t0
     summary["interrupted"] = (summary["finished"] < space.total_trials)
     print_summary(space, sweep_dir, summary, console)

@@ -15,7 +15,9 @@ where v should be does better than random search.
 Options (all for tests and the benchmark): ``sleep_s`` (idle time per trial), ``work`` (number
 of 128×128 matmul blocks of CPU work), ``crash_once`` (``os._exit(1)`` on the first attempt of
 every trial: a killed worker), ``diverge_above`` (raise ``DivergedError`` when removal exceeds
-it), ``stop_after`` (when exactly this many trials of the sweep have finished, create its ``STOP``
+it), ``fail_above`` (when removal exceeds it, raise a ``ValueError`` inside a Ray task, as a
+model that blows up in a nested Ray Train worker would: Ray wraps it with a coloured
+traceback), ``stop_after`` (when exactly this many trials of the sweep have finished, create its ``STOP``
 file: a graceful interruption).
 """
 
@@ -48,11 +50,13 @@ def _burn(work: int) -> None:
 
 
 def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, crash_once: bool = False,
-                    diverge_above: float | None = None, stop_after: int | None = None) -> dict:
+                    diverge_above: float | None = None, fail_above: float | None = None,
+                    stop_after: int | None = None) -> dict:
     """Compute the synthetic objectives of the trial described by ``<run dir>/trial.json``
     (written by the sweep before calling) and write ``metrics.json`` like a real run."""
     run_dir = runs.run_dir(cfg.out, cfg.trial_id)
     rec = read_json(run_dir / runs.TRIAL_FILE)
+    write_json(run_dir / runs.STATUS_FILE, {"status": runs.RUNNING, "step": 0})   # as a real run does
     if crash_once:
         marker = run_dir / ".crashed_once"
         if not marker.exists():
@@ -66,9 +70,14 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
     if diverge_above is not None and removal > diverge_above:
         raise runs.DivergedError(f"training diverged at step 1: loss=nan (synthetic, removal {removal:.3f} "
                             f"> {diverge_above})")
+    if fail_above is not None and removal > fail_above:
+        import ray
+
+        ray.get(ray.remote(num_cpus=0)(_blow_up).remote(removal, fail_above))
     metrics = {"step": 1, "removal": removal, "retention": retention,
                "forget": {"prob": 1.0 - removal}, "retain": {"prob": retention}}
     write_json(run_dir / runs.METRICS_FILE, metrics)
+    write_json(run_dir / runs.STATUS_FILE, {"status": runs.COMPLETED, "step": 1})
     if report is not None:
         report({"step": 1, "removal": removal, "retention": retention, "done": True})
     if stop_after is not None:
@@ -76,3 +85,7 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
         if done == int(stop_after):   # once: a resumed sweep goes past it
             (run_dir.parent.parent / runs.STOP_FILE).write_text("stop requested by synthetic_trial\n")
     return metrics
+
+
+def _blow_up(removal: float, limit: float) -> None:
+    raise ValueError(f"truth ratio is infinite at evaluation (synthetic, removal {removal:.3f} > {limit})")

@@ -22,14 +22,15 @@ from rayunlearn import runs
 from rayunlearn.io import read_json, write_json, write_parquet
 from rayunlearn.pareto import hypervolume_2d, pareto_front
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace
-from rayunlearn.sweep.trial import short_error
+from rayunlearn.sweep.trial import root_error, short_error
 
 
-def write_tables(space: SearchSpace, sweep_dir: Path, grid=None) -> dict:
-    """Write ``trials.parquet`` and ``pareto.json`` (``grid``: Tune's ResultGrid, for the errors
-    of trials that died without a result); return a summary (counts by status, finished trials,
-    Pareto trial ids, rows, hypervolume)."""
-    rows = collect_rows(sweep_dir, grid)
+def write_tables(space: SearchSpace, sweep_dir: Path, errors: Optional[dict[str, str]] = None) -> dict:
+    """Write ``trials.parquet`` and ``pareto.json`` (each atomically: the driver rewrites them as
+    trials finish, so a killed driver leaves current tables); ``errors``: Tune's error per trial
+    id, for trials that died without a result. Return a summary (counts by status, finished
+    trials, Pareto trial ids, rows, hypervolume)."""
+    rows = collect_rows(sweep_dir, errors or {})
     columns: list[str] = []
     for r in rows:
         for k in r:
@@ -47,16 +48,21 @@ def write_tables(space: SearchSpace, sweep_dir: Path, grid=None) -> dict:
             "hypervolume": pareto["hypervolume"]}
 
 
-def collect_rows(sweep_dir: Path, grid=None) -> list[dict]:
-    """One row per trial directory: from ``result.json`` (written by the trial), with Tune's
-    error for trials that died without one (a worker killed beyond ``max_failures``)."""
+def grid_errors(sweep_dir: Path, grid) -> dict[str, str]:
+    """Tune's error per trial id from its ResultGrid (trials that died without a result: a worker
+    killed beyond ``max_failures``)."""
     errors: dict[str, str] = {}
-    if grid is not None:
-        for r in grid:
-            if r.error is not None:
-                tid = (r.metrics or {}).get("trial_id") or _trial_id_from_path(sweep_dir, r.path)
-                if tid:
-                    errors[tid] = short_error(r.error)
+    for r in grid:
+        if r.error is not None:
+            tid = (r.metrics or {}).get("trial_id") or _trial_id_from_path(sweep_dir, r.path)
+            if tid:
+                errors[tid] = short_error(root_error(r.error))
+    return errors
+
+
+def collect_rows(sweep_dir: Path, errors: dict[str, str]) -> list[dict]:
+    """One row per trial directory: from ``result.json`` (written by the trial), with Tune's
+    error (``errors``, by trial id) for trials that died without one."""
     rows = []
     for trial_file in sorted((sweep_dir / runs.TRIALS_DIR).glob(f"*/{runs.TRIAL_FILE}")):
         tdir = trial_file.parent

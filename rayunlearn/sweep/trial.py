@@ -15,6 +15,17 @@ and the sweep's :class:`TrialContext`. It
    to Tune. A :class:`rayunlearn.runs.DivergedError` is a result (status ``diverged``, NaN
    objectives), not an error: divergence is deterministic, so Tune must not retry it.
 
+Failures. An exception raised by the trial's own code (a bad hyper-parameter, a model that blows
+up at evaluation) is deterministic too: it is recorded once as ``failed`` with a one-line error
+(the root exception, no traceback, no colour codes), the run's ``status.json`` is marked failed,
+and the trial reports instead of raising, so Tune does not retry it. Only Ray's system errors (a
+killed worker, a lost node: :func:`is_system_error`) propagate, so that Tune retries the trial
+from its checkpoint (``max_failures``).
+
+Re-entry. A trial whose ``result.json`` already holds a finished status (it finished, but the
+driver died before Tune saved that) reports its recorded result again and returns: a resumed
+sweep never reruns it nor overwrites its time.
+
 ``rayunlearn.sweep.tables`` turns the ``result.json`` files into ``trials.parquet``.
 """
 
@@ -24,12 +35,13 @@ import dataclasses
 import importlib
 import math
 import os
+import re
 import time
 from typing import Any, Optional
 
 from rayunlearn import runs
 from rayunlearn.config import ConfigError, UnlearnConfig, from_dict, to_dict
-from rayunlearn.io import append_jsonl, write_json
+from rayunlearn.io import append_jsonl, read_json, write_json
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, decode
 
 
@@ -56,20 +68,19 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
     family = space.parsed_families[family_name]
     method = family.method_string(hp)
     run_dir = runs.trial_dir(ctx.sweep_dir, trial_id)
+    base = {"trial_id": trial_id, "family": family_name, "method": method,
+            **{f"{runs.HP_PREFIX}{k}": v for k, v in hp.items()}}
+    recorded = read_json(run_dir / runs.RESULT_FILE) if (run_dir / runs.RESULT_FILE).exists() else {}
+    if recorded.get("status") in runs.FINISHED_STATUSES:
+        tune.report({**base, **_nan_objectives(dict(recorded.get("metrics", {}))),
+                     "status": recorded["status"], "error": recorded.get("error", "")})
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / runs.TRIAL_FILE, {
         "trial_id": trial_id, "family": family_name, "method": method, "hp": hp,
         "unit": family.unit(hp), "retain_keys": family.retain_keys(hp),
     })
     append_jsonl(run_dir / runs.ATTEMPTS_FILE, {"time": time.time(), "pid": os.getpid()})
-    cfg = trial_config(space, ctx, trial_id, method)
-    if space.resources.torch_threads and space.resources.num_workers == 1:
-        import torch
-
-        torch.set_num_threads(space.resources.torch_threads)
-    fn = import_trainable(space.trainable)
-    base = {"trial_id": trial_id, "family": family_name, "method": method,
-            **{f"{runs.HP_PREFIX}{k}": v for k, v in hp.items()}}
 
     def report(metrics: dict) -> None:
         if metrics.get("done"):
@@ -78,15 +89,22 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
 
     t0 = time.time()
     try:
+        cfg = trial_config(space, ctx, trial_id, method)
+        if space.resources.torch_threads and space.resources.num_workers == 1:
+            import torch
+
+            torch.set_num_threads(space.resources.torch_threads)
+        fn = import_trainable(space.trainable)
         metrics = fn(cfg, report=report, **space.trainable_options)
         status, error = str(metrics.get("status", runs.COMPLETED)), str(metrics.get("error", ""))
-    except Exception as exc:   # noqa: BLE001 - recorded, then re-raised unless it is a divergence
-        if not isinstance(exc, runs.DivergedError):
-            write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp),
-                                                    "status": runs.FAILED, "error": short_error(exc),
-                                                    "time_s": time.time() - t0})
+    except Exception as exc:   # noqa: BLE001 - a result, unless Ray lost the worker (then retried)
+        if is_system_error(exc):
             raise
-        metrics, status, error = {}, runs.DIVERGED, short_error(exc)
+        if isinstance(exc, runs.DivergedError):
+            metrics, status, error = {}, runs.DIVERGED, short_error(exc)
+        else:
+            metrics, status, error = {}, runs.FAILED, short_error(root_error(exc))
+            mark_run_failed(run_dir, error)
     flat = _nan_objectives(flatten_metrics(metrics))
     write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp), "status": status,
                                             "error": error, "time_s": time.time() - t0, "metrics": flat})
@@ -123,10 +141,65 @@ def _result_base(trial_id: str, family: str, method: str, hp: dict) -> dict:
     return {"trial_id": trial_id, "family": family, "method": method, "hp": hp}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def short_error(exc: BaseException) -> str:
-    """``Type: message``, cut to 500 characters (a table cell, not a traceback)."""
-    text = f"{type(exc).__name__}: {exc}"
+    """``Type: message`` on one line, without terminal colour codes, cut to 500 characters (a
+    table cell, not a traceback)."""
+    text = " ".join(_ANSI.sub("", f"{type(exc).__name__}: {exc}").split())
     return text if len(text) <= 500 else text[:497] + "..."
+
+
+# Ray's errors for a lost process or node: the trial's code did nothing wrong, a retry can succeed
+_SYSTEM_ERRORS = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError",
+                  "ObjectLostError", "OutOfMemoryError", "RaySystemError", "ActorUnschedulableError",
+                  "TaskUnschedulableError", "PreemptionError", "ControllerError")
+
+
+def _causes(exc: BaseException):
+    """``exc`` and what it wraps: Ray's task errors (``cause``), Ray Train's worker failures,
+    and Python's exception chain."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo.append(getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else None)
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(v for v in failures.values() if isinstance(v, BaseException))
+        todo.extend([e.__cause__, e.__context__])
+
+
+def is_system_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or wraps) a Ray system error: a killed worker, a lost node, the object
+    store or the scheduler failing; Tune retries those from the checkpoint."""
+    return any(type(e).__name__ in _SYSTEM_ERRORS or
+               any(c.__name__ in _SYSTEM_ERRORS for c in type(e).__mro__ if c.__module__.startswith("ray"))
+               for e in _causes(exc))
+
+
+def root_error(exc: BaseException) -> BaseException:
+    """The innermost exception raised by the trial's code: Ray's wrappers (a remote task's error,
+    Ray Train's training failure) name it as their cause."""
+    for e in _causes(exc):
+        if not type(e).__module__.startswith("ray"):
+            return e
+    return exc
+
+
+def mark_run_failed(run_dir, error: str) -> None:
+    """A run the trial's code left ``running`` is recorded as failed with its reason (its other
+    fields, e.g. the step reached, kept); a run that never started keeps no status file."""
+    path = run_dir / runs.STATUS_FILE
+    if not path.exists():
+        return
+    status = read_json(path)
+    if status.get("status") == runs.RUNNING:
+        write_json(path, {**status, "status": runs.FAILED, "error": error})
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict:

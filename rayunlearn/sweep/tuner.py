@@ -23,11 +23,11 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from rayunlearn import runs
+from rayunlearn import UserError, runs
 from rayunlearn.config import ConfigError
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, define_by_run
-from rayunlearn.sweep.tables import fmt
-from rayunlearn.sweep.trial import TrialContext, sweep_trial
+from rayunlearn.sweep.tables import fmt, write_tables
+from rayunlearn.sweep.trial import TrialContext, mark_run_failed, root_error, short_error, sweep_trial
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,7 +36,8 @@ from rayunlearn.sweep.trial import TrialContext, sweep_trial
 
 def init_ray(space: SearchSpace) -> None:
     """An existing cluster when ``ray.address`` or ``RAY_ADDRESS`` is set (``ray job submit``
-    sets it), else a local instance with ``ray.num_cpus``; nothing when Ray is running already."""
+    sets it), else a local instance with ``ray.num_cpus``, watched by ``rayunlearn.sweep.reaper``
+    so that it ends with the driver; nothing when Ray is running already."""
     import ray
 
     if ray.is_initialized():
@@ -49,6 +50,100 @@ def init_ray(space: SearchSpace) -> None:
     else:
         ray.init(num_cpus=space.ray.num_cpus, num_gpus=space.ray.num_gpus, include_dashboard=False,
                  log_to_driver=True)
+        from rayunlearn.sweep import reaper
+
+        reaper.start(os.getpid())    # this Ray dies with the driver, even when it is SIGKILLed
+
+
+class UnschedulableTrialError(UserError):
+    """A trial asks for more CPUs or GPUs than the Ray cluster has (Tune would leave it pending
+    forever)."""
+
+
+AUTOSCALE_WAIT_ENV = "RAYUNLEARN_AUTOSCALE_WAIT_S"
+AUTOSCALE_WAIT_DEFAULT_S = 900.0
+# the cluster launcher (`ray up`) leaves its config here on the head of an autoscaling cluster
+LAUNCHER_CONFIG = "ray_bootstrap_config.yaml"
+
+
+def trial_bundles(space: SearchSpace) -> list[dict[str, float]]:
+    """What one trial reserves, as Ray resource bundles (each on one node): the trial itself with
+    ``num_workers == 1``, else ``num_workers`` Ray Train workers of ``cpus``/``gpus`` each."""
+    bundle = {"CPU": float(space.resources.cpus)}
+    if space.resources.gpus:
+        bundle["GPU"] = float(space.resources.gpus)
+    return [bundle] * space.resources.num_workers
+
+
+def unschedulable_reason(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> Optional[str]:
+    """Why ``bundles`` cannot all be placed on the nodes (their total resources) at once, or None:
+    every bundle must fit on one node, and the bundles together in the cluster."""
+    if not nodes:
+        return "the cluster has no alive node"
+    for key in sorted({k for b in bundles for k in b}):
+        largest = max(n.get(key, 0.0) for n in nodes)
+        need_one = max(b.get(key, 0.0) for b in bundles)
+        if need_one > largest:
+            return f"one needs {key}={need_one:g} on one node, the largest node has {key}={largest:g}"
+        need, have = sum(b.get(key, 0.0) for b in bundles), sum(n.get(key, 0.0) for n in nodes)
+        if need > have:
+            return f"together they need {key}={need:g}, the cluster has {key}={have:g}"
+    return None
+
+
+def _node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def autoscale_wait_s() -> float:
+    """How long to wait for the autoscaler to add nodes for a trial (0: no autoscaler, fail at
+    once): ``RAYUNLEARN_AUTOSCALE_WAIT_S`` when set, else the default on a head started by the
+    cluster launcher (its ``~/ray_bootstrap_config.yaml`` exists)."""
+    env = os.environ.get(AUTOSCALE_WAIT_ENV)
+    if env:
+        try:
+            return max(0.0, float(env))
+        except ValueError:
+            raise ConfigError(f"{AUTOSCALE_WAIT_ENV}={env!r}: expected seconds (a number)") from None
+    return AUTOSCALE_WAIT_DEFAULT_S if (Path.home() / LAUNCHER_CONFIG).exists() else 0.0
+
+
+def check_schedulable(space: SearchSpace, wait_s: float, poll_s: float = 10.0, say=print) -> None:
+    """Fail before Tune starts when a trial cannot be scheduled on the cluster as it is, naming
+    what a trial asks and what the cluster has. On an autoscaling cluster (``wait_s`` > 0) ask the
+    autoscaler for the resources and wait up to ``wait_s`` seconds for them instead."""
+    import time
+
+    import ray
+
+    bundles = trial_bundles(space)
+    reason = unschedulable_reason(bundles, _node_resources())
+    if reason is None:
+        return
+    asked = (f"resources: cpus={space.resources.cpus:g}, gpus={space.resources.gpus:g}, "
+             f"num_workers={space.resources.num_workers}")
+    if wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        say(f"[sweep] the cluster cannot run a trial yet ({asked}: {reason}); asked the autoscaler "
+            f"for {bundles}, waiting up to {wait_s:g} s ({AUTOSCALE_WAIT_ENV})")
+        request_resources(bundles=bundles)
+        deadline = time.monotonic() + wait_s
+        while reason is not None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            reason = unschedulable_reason(bundles, _node_resources())
+        if reason is None:
+            return
+        asked += f" (after waiting {wait_s:g} s for the autoscaler)"
+    have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    raise UnschedulableTrialError(
+        f"a trial cannot be scheduled on this Ray cluster: {asked}; {reason} (cluster resources "
+        f"{have}). Lower resources.cpus / resources.gpus / resources.num_workers, or start Ray "
+        f"with more (ray.num_cpus, ray.num_gpus, more nodes); on an autoscaling cluster set "
+        f"{AUTOSCALE_WAIT_ENV} to wait for new nodes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +198,7 @@ def build_tuner(space: SearchSpace, trainable, sweep_dir: Path):
     run_config = tune.RunConfig(
         name=runs.TUNE_DIR, storage_path=str(sweep_dir),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
-        stop=_stop_file_stopper(sweep_dir), callbacks=[_progress_callback(space.total_trials)], verbose=1)
+        stop=_stop_file_stopper(sweep_dir), callbacks=[_finished_trial_callback(space, sweep_dir)], verbose=1)
     if space.sampler == "grid":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -183,26 +278,35 @@ def _stop_file_stopper(sweep_dir: Path):
     return StopFile(str(sweep_dir / runs.STOP_FILE))
 
 
-def _progress_callback(total: int):
-    """A Tune callback printing one line per finished trial."""
+def _finished_trial_callback(space: SearchSpace, sweep_dir: Path):
+    """A Tune callback on the driver: for every finished trial one progress line, and
+    ``trials.parquet`` and ``pareto.json`` rewritten (atomically), so the tables are current
+    even when the driver is killed."""
     from ray.tune import Callback
 
-    class Progress(Callback):
+    class FinishedTrials(Callback):
         def __init__(self):
             self.done = 0
+            self.errors: dict[str, str] = {}
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             r = trial.last_result or {}
-            print(f"[sweep] trial {trial.trial_id} {r.get('status', '?')} ({self.done}/{total}): "
+            print(f"[sweep] trial {trial.trial_id} {r.get('status', '?')} ({self.done}/{space.total_trials}): "
                   f"removal={fmt(r.get('removal'))} retention={fmt(r.get('retention'))} "
                   f"{r.get('method', '')}", flush=True)
+            write_tables(space, sweep_dir, errors=self.errors)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            print(f"[sweep] trial {trial.trial_id} {runs.FAILED} ({self.done}/{total})", flush=True)
+            error = trial.get_error()      # a system error, retried max_failures times already
+            self.errors[trial.trial_id] = short_error(root_error(error)) if error is not None else runs.FAILED
+            mark_run_failed(runs.trial_dir(sweep_dir, trial.trial_id), self.errors[trial.trial_id])
+            print(f"[sweep] trial {trial.trial_id} {runs.FAILED} ({self.done}/{space.total_trials}): "
+                  f"{self.errors[trial.trial_id]}", flush=True)
+            write_tables(space, sweep_dir, errors=self.errors)
 
-    return Progress()
+    return FinishedTrials()
 
 
 # --------------------------------------------------------------------------------------------
