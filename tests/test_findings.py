@@ -103,8 +103,8 @@ def test_claim4_reads_the_objective_only_effects_of_unregularised_runs(tmp_path)
     assert f.numbers["wga mean e_u"] == pytest.approx(-4 / 3, rel=1e-3)
     assert f.runs == ["ga (t0)", "wga (t1)", "tnpo(beta=1) (t2)", "wtnpo (t3)"]
     # the +KL run beside: objective only and whole method, not judged
-    assert f.numbers["wga+kl [objective only] mean|e_r| / GA's"] == pytest.approx(0.02, rel=2e-3)   # rounded to 3 digits
-    assert f.numbers["wga+kl [whole method] mean|e_r| / GA's"] == pytest.approx(0.4, rel=2e-3)   # rounded to 3 digits
+    assert f.numbers["wga+kl [objective only] mean|e_r| / GA's"] == pytest.approx(0.02, rel=2e-3)
+    assert f.numbers["wga+kl [whole method] mean|e_r| / GA's"] == pytest.approx(0.4, rel=2e-3)
     assert f.numbers["wga+kl [whole method] mean e_u"] == 0.5
     assert "not judged: wga+kl (t4)" in f.note
 

@@ -156,13 +156,14 @@ def claim1(p: Picker) -> Finding:
     cos = s["cosine_removal"].to_numpy(float) if "cosine_removal" in s.columns else np.array([math.nan])
     tautology = bool(np.all(np.isfinite(cos)) and np.all(np.abs(cos + 1.0) <= COSINE_TOL))
     if tautology:
-        by_construction = (f"e_u ≤ 0 is true by construction here: the removal cosine is −1 (within {COSINE_TOL:g}) "
-                           "at every recorded step, i.e. the objective gradient is taken on the removal probe and "
-                           "e_u = −‖∇R_u‖²; the verdict rests on the retention part alone")
+        by_construction = (f"e_u ≤ 0 is true by construction here: the removal cosine is −1 (within "
+                           f"{COSINE_TOL:g}) at every recorded step, i.e. the objective gradient is taken on the "
+                           "removal probe and e_u = −‖∇R_u‖²; the verdict rests on the retention part alone")
         return Finding(1, title, HELD if strong else FAILED, nums, quantity=quantity, runs=runs_,
                        threshold=threshold, by_construction=by_construction)
     return Finding(1, title, HELD if not pos_steps and strong else FAILED, nums, quantity=quantity, runs=runs_,
-                   threshold=threshold, note="the probe is not GA's own batch (removal cosine ≠ −1): e_u ≤ 0 is a finding")
+                   threshold=threshold,
+                   note="the probe is not GA's own batch (removal cosine ≠ −1): e_u ≤ 0 is a finding")
 
 
 # ------------------------------------------------------------------------------------- claim 2
