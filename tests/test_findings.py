@@ -123,9 +123,10 @@ def test_claim4_is_not_judged_on_regularised_runs_alone(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- claim 5
-def param_rows(trial: str, method: str, per_block: list[float], scale: float = 1.0, steps=(4, 8)) -> pd.DataFrame:
+def param_rows(trial: str, method: str, per_block: list[float], scale: float = 1.0, steps=(4, 8),
+               tied: bool = False) -> pd.DataFrame:
     """Parameter rows: each block's value split over two tensors (block 2: +4 and −1, so summing per
-    block before |·| matters), embedding 0.1, LM head 1; both risks; groups = thirds as the recorder
+    block before |·| matters), embedding 0.1, LM head 1 (none when tied); both risks; groups = thirds as the recorder
     writes them (block k in ⌊3k/n⌋)."""
     n = len(per_block)
     rows = []
@@ -136,7 +137,8 @@ def param_rows(trial: str, method: str, per_block: list[float], scale: float = 1
                              "layer": layer, "group": group, "kind": "parameter", "term": "", "instance": -1,
                              "value": scale * v, "estimator": "exact"})
             add("model.embed_tokens.weight", -1, "embed", 0.1)
-            add("lm_head.weight", -1, "lm", 1.0)
+            if not tied:
+                add("lm_head.weight", -1, "lm", 1.0)
             for k, v in enumerate(per_block):
                 g = ("shallow", "middle", "deep")[3 * k // n]
                 halves = (4.0, -1.0) if k == 2 else (v / 2, v / 2)
@@ -237,3 +239,10 @@ def test_claim6_fronts_over_the_regulariser_weight(tmp_path, gd_better):
         assert f.numbers["ga+gd front hypervolume"] == pytest.approx(0.04 + 0.01, rel=1e-9)
         assert f.verdict == HELD
     assert f.numbers["ga+kl weights run"] == 3 and "own G-effects: needs term rows" in f.note
+
+
+def test_claim5_says_when_the_embedding_is_tied_to_the_lm_head(tmp_path):
+    geff = {"t0": param_rows("t0", "ga", [6.0, 5.0, 3.0, 3.0, 1.0, 0.5], tied=True)}
+    f = claim5(picker(write_collection(tmp_path, [{"trial_id": "t0", "family": "ga"}], geffects=geff)))
+    assert f.note.startswith("tied input/output embeddings") and "weak" not in f.note
+    assert f.numbers["removal: embedding share"] == pytest.approx(0.1 / 18.6, rel=1e-3)

@@ -40,7 +40,9 @@ NEAR_ZERO = 0.10          # WGA/TNPO mean |e_r| ≤ 10% of GA's mean |e_r|
 REMOVAL_NEG_FRACTION = 0.8
 EMBED_NEAR_ZERO = 0.05    # embedding share of Σ|e| over GA's parameter groups ≤ 5%
 WEIGHT_START_TOL = 0.05   # NPO's first logged weight within 0.05 of 1
-COSINE_TOL = 1e-6         # GA's removal cosine within this of −1 at every step: ∇L ∥ −∇R_u (by construction)
+# GA's removal cosine within this of −1 at every step: ∇L ∥ −∇R_u (by construction); float32 dot
+# products over ~10⁶ weights leave ~1e-6 of rounding, a probe distinct from GA's batch gives far less
+COSINE_TOL = 1e-4
 
 
 @dataclass
@@ -354,10 +356,13 @@ def claim5(p: Picker) -> Finding:
         nums[f"{risk}: embedding share"] = _r(embed, 3)
         parts.append(third["shallow"] > third["deep"] and embed <= EMBED_NEAR_ZERO)
     note = ""
+    if "embed" in set(params["group"]) and "lm" not in set(params["group"]):
+        note = "tied input/output embeddings: the embedding's share includes the LM head's; "
     if n % 3:
         sizes = "/".join(str(len(split[g])) for g in ("shallow", "middle", "deep"))
-        note = (f"{n} blocks are not a multiple of 3: the thirds hold {sizes} blocks (block k in third ⌊3k/{n}⌋), "
-                "compared by their mean per block; with so few blocks per third the test is weak")
+        note += (f"{n} blocks are not a multiple of 3: the thirds hold {sizes} blocks (block k in third ⌊3k/{n}⌋), "
+                 "compared by their mean per block; with so few blocks per third the test is weak")
+    note = note.rstrip("; ")
     if not parts:
         return Finding(5, title, UNTESTABLE, nums, "no removal or retention parameter rows", quantity, runs_, threshold)
     return Finding(5, title, HELD if all(parts) else FAILED, nums, note, quantity, runs_, threshold)
