@@ -221,12 +221,14 @@ def test_claim6_flips_with_the_kl_terms_own_effect(tmp_path):
 
 @pytest.mark.parametrize("gd_better", [False, True])
 def test_claim6_fronts_over_the_regulariser_weight(tmp_path, gd_better):
-    kl = [(0.5, 0.2, 0.9), (1.0, 0.5, 0.7), (2.0, 0.8, 0.3)]
+    kl = [(0.5, 0.2, 0.9), (1.0, 0.5, 0.7), (2.0, 0.8, 0.3)]   # (weight, removal, retention)
     gd = [(0.5, 0.3, 0.5), (1.0, 0.6, 0.4)]
     if gd_better:
         gd = [(0.5, 0.6, 0.8), (1.0, 0.9, 0.6)]
     trials = [{"trial_id": f"kl{i}", "family": "ga+kl", "hp.kl.weight": w, "removal": x, "retention": y}
-              for i, (w, x, y) in enumerate(kl)]
+              for i, (w, x, y) in enumerate(kl[:2])]
+    # a grid family that fixes the weight in its string joins the same front
+    trials.append({"trial_id": "kl2", "family": "ga+kl(weight=2.0)", "removal": kl[2][1], "retention": kl[2][2]})
     trials += [{"trial_id": f"gd{i}", "family": "ga+gd", "hp.gd.weight": w, "removal": x, "retention": y}
                for i, (w, x, y) in enumerate(gd)]
     f = claim6(picker(write_collection(tmp_path, trials)))
@@ -239,6 +241,14 @@ def test_claim6_fronts_over_the_regulariser_weight(tmp_path, gd_better):
         assert f.numbers["ga+gd front hypervolume"] == pytest.approx(0.04 + 0.01, rel=1e-9)
         assert f.verdict == HELD
     assert f.numbers["ga+kl weights run"] == 3 and "own G-effects: needs term rows" in f.note
+
+
+def test_claim4_counts_only_runs_of_the_objective_alone(tmp_path):
+    """``wga(alpha=2)+kl(weight=2)`` is a regularised run, though it starts and ends with brackets."""
+    tables = claim4_tables(swap=False)
+    trials = [CLAIM4_TRIALS[0], {"trial_id": "t4", "family": "wga(alpha=2)+kl(weight=2)"}]
+    f = claim4(picker(write_collection(tmp_path, trials, {t: tables[t] for t in ("t0", "t4")})))
+    assert f.verdict == UNTESTABLE and f.runs == ["ga (t0)"]
 
 
 def test_claim5_says_when_the_embedding_is_tied_to_the_lm_head(tmp_path):

@@ -111,7 +111,7 @@ class Picker:
 
 def unregularised(name: str) -> str:
     """The family pattern of a run of objective ``name`` alone: ``wga`` or ``wga(alpha=0.5)``."""
-    return rf"{re.escape(name)}(\(.*\))?"
+    return rf"{re.escape(name)}(\([^()]*\))?"
 
 
 def objective_only(steps: pd.DataFrame | None, risk: str) -> np.ndarray | None:
@@ -380,14 +380,23 @@ def _hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
     return float(area)
 
 
+def _regulariser_weight(row: pd.Series, reg: str) -> float:
+    """The weight of term ``reg`` in a trial: its sampled ``hp.<reg>.weight``, else the one its family
+    string fixes (``ga+kl(weight=0.5)``), else the default 1."""
+    col = f"hp.{reg}.weight"
+    if col in row.index and pd.notna(row[col]):
+        return float(row[col])
+    fixed = re.search(rf"\+{reg}\([^()]*\bweight=([^,)]+)", str(row["family"]).replace(" ", ""))
+    return float(fixed.group(1)) if fixed else 1.0
+
+
 def _regulariser_fronts(p: Picker, nums: dict, runs_: list) -> bool | None:
     """KL's front over its weight against GD's and RR's (ga+<reg> trials, all collections):
     None when fewer than two regularisers were run at two or more weights."""
     sets = {}
     for reg in REGULARISERS:
-        rows = p.matching(rf"ga\+{reg}")
-        col = f"hp.{reg}.weight"
-        weights = {float(r[col]) if col in r.index and pd.notna(r[col]) else 1.0 for _, r in rows}
+        rows = p.matching(rf"ga\+{reg}(\([^()]*\))?")
+        weights = {_regulariser_weight(r, reg) for _, r in rows}
         if len(weights) >= 2:
             sets[reg] = pd.DataFrame([{"trial_id": f"{c.name}/{r['trial_id']}", "removal": float(r["removal"]),
                                        "retention": float(r["retention"])} for c, r in rows])
