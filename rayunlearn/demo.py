@@ -5,8 +5,9 @@ On a local Ray instance with the embedded default (the synthetic benchmark and t
 1. **prepare** — synthesize the benchmark, train the base, target and retain models, evaluate the
    target and retain models (the references): done once, cached under ``<out>/prepared/``;
 2. **study** — the paper's methods (`ga`, `ga+gd`, `ga+kl`, `npo`, `npo+kl`, `wga+kl`, `tnpo+kl`,
-   `wtnpo+kl`, `po+kl`, `rmu+kl`) at their default hyper-parameters, with live G-effects and
-   evaluation along the way (the shipped space ``demo_study``, a Tune grid);
+   `wtnpo+kl`, `po+kl`, `rmu+kl`) at their default hyper-parameters, plus the runs the claim
+   checks read (`wga`, `wga(alpha=0.5)`, `tnpo`, `tnpo(beta=1)`, `wtnpo`, `ga+rr`), with live
+   G-effects and evaluation along the way (the shipped space ``demo_study``, a Tune grid);
 3. **sweep** — a multi-objective Optuna sweep over the weighting and KL hyper-parameters of the
    paper's proposed families (the shipped space ``demo_sweep``);
 4. **report** — ``<out>/report/report.html`` (+ Markdown and PNG figures) with the Pareto frontier,
@@ -145,7 +146,7 @@ def _run_stage(space, console) -> dict:
 def _describe(space) -> str:
     fams = ", ".join(space.families)
     if space.sampler == "grid":
-        return f"{len(space.families)} methods at their defaults ({fams})"
+        return f"{len(space.families)} methods, one run each ({fams})"
     return f"{space.num_samples} Optuna ({space.sampler}) trials over {fams}"
 
 

@@ -6,13 +6,17 @@ over wga+kl and npo+kl with one failed trial; G-effects recorded for only some t
 Numbers are built to show the paper's claims (docs/spec/GEFFECT.md, claims 1-6):
 GA removal < 0 at every step with retention strongly negative; GA's mean 1/p grows; NPO weights
 start at 1 and shrink and its G-effects are ~10x smaller than GA's; WGA/TNPO retention ~ 0;
-shallow > middle > deep per layer, embedding ~1%; ga+kl keeps more utility than ga+gd.
+shallow > middle > deep per layer, embedding ~1%; the KL term's own retention G-effect is the
+largest of the regularisers'. Regularised runs split each step's total into the forget term's share
+(steps.parquet ``*_forget_terms``, term rows) and the regulariser's. GA's removal cosine is −1 (the
+probe is its batch: e_u ≤ 0 by construction) unless ``ga_cosine`` says otherwise.
 ``claim1_holds=False`` makes GA's removal G-effect positive at two recorded steps.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,11 @@ import pyarrow as pa
 from rayunlearn.io import append_jsonl, write_json, write_parquet
 
 PAPER_METHODS = ["ga", "ga+gd", "ga+kl", "npo", "npo+kl", "wga+kl", "tnpo+kl", "wtnpo+kl", "po+kl", "rmu+kl"]
+# the demo study's families: the paper's methods, the unregularised weighted objectives (with the
+# paper's plotted settings) and the third regulariser
+STUDY_METHODS = PAPER_METHODS + ["wga", "tnpo", "wtnpo", "wga(alpha=0.5)", "tnpo(beta=1)", "ga+rr"]
+NEAR_ZERO_RETENTION = {"wga", "tnpo", "wtnpo", "wga+kl", "tnpo+kl", "wtnpo+kl", "wga(alpha=0.5)", "tnpo(beta=1)"}
+REG_REPAIR = {"gd": 1.5, "kl": 3.0, "rr": 0.5}   # the regulariser term's own retention G-effect (× growth)
 N_LAYERS = 6
 GROUP_SHARE = {"embed": 0.01, "shallow": 0.46, "middle": 0.30, "deep": 0.14, "lm": 0.08, "norm": 0.01}
 INV_P_KEY = "stat.ga.inv_p_mean"  # rayunlearn/objectives/forget.py stats, logged as stat.<label>.<name>
@@ -31,9 +40,15 @@ PROFILES = {
     "ga": (-5.0, -4.0, 0.40, 0.20, 0.02),
     "ga+gd": (-4.5, -2.5, 0.30, 0.35, 0.03),
     "ga+kl": (-4.5, -0.8, 0.30, 0.45, 0.04),
+    "ga+rr": (-4.5, -3.5, 0.30, 0.30, 0.03),
     "npo": (-0.5, -0.3, -0.15, 0.40, 0.10),
     "npo+kl": (-0.45, -0.15, -0.15, 0.48, 0.12),
     "wga+kl": (-1.5, 0.02, 0.0, 0.55, 0.15),
+    "wga": (-1.6, 0.02, 0.0, 0.50, 0.12),
+    "wga(alpha=0.5)": (-1.8, 0.02, 0.0, 0.48, 0.10),
+    "tnpo": (-1.3, 0.02, 0.0, 0.50, 0.12),
+    "tnpo(beta=1)": (-1.4, 0.02, 0.0, 0.49, 0.11),
+    "wtnpo": (-1.1, 0.02, 0.0, 0.52, 0.15),
     "tnpo+kl": (-1.2, -0.03, 0.0, 0.53, 0.14),
     "wtnpo+kl": (-1.0, 0.01, 0.0, 0.56, 0.18),
     "po+kl": (-0.6, -0.2, 0.0, 0.50, 0.30),
@@ -74,7 +89,8 @@ def metrics_dict(mu: float, forget_prob: float, rng, step: int) -> dict:
 
 
 def write_trial(coll: Path, trial_id: str, family: str, method: str, *, n_recorded: int = 6, every: int = 2,
-                claim1_holds: bool = True, effects: bool = True, rng=None, scale: float = 1.0,
+                claim1_holds: bool = True, ga_cosine: float = -1.0, effects: bool = True, rng=None,
+                scale: float = 1.0,
                 mu: float | None = None, forget_prob: float | None = None) -> dict:
     """Write one trial's files; returns its metrics dict."""
     rng = rng or np.random.default_rng(0)
@@ -108,7 +124,8 @@ def write_trial(coll: Path, trial_id: str, family: str, method: str, *, n_record
     srows = {c: [] for c in ("trial_id", "method", "step", "lr", "removal", "retention", "removal_adam",
                              "retention_adam", "cosine_removal", "cosine_retention", "predicted_removal_change",
                              "measured_removal_change", "predicted_retention_change",
-                             "measured_retention_change", "risk_removal", "risk_retention")}
+                             "measured_retention_change", "risk_removal", "risk_retention",
+                             "removal_forget_terms", "retention_forget_terms")}
     g = {c: [] for c in ("trial_id", "method", "step", "risk", "parameter", "layer", "group", "kind", "term",
                          "instance", "value", "estimator")}
 
@@ -122,10 +139,11 @@ def write_trial(coll: Path, trial_id: str, family: str, method: str, *, n_record
                 g[c].append(v)
 
     params = _params()
+    labels = [re.sub(r"^[\d.]+\*", "", t).split("(")[0] for t in method.split("+")]   # term labels
     risk_r, risk_u = 1.0, 1.0
     for k, s in enumerate(steps):
         e_u = scale * rem0 * grow(k) * (1 + 0.05 * rng.standard_normal())
-        if family in ("wga+kl", "tnpo+kl", "wtnpo+kl"):
+        if family in NEAR_ZERO_RETENTION:
             e_r = scale * 0.02 * rng.standard_normal()
         else:
             e_r = scale * ret0 * grow(k) * (1 + 0.05 * rng.standard_normal())
@@ -134,9 +152,16 @@ def write_trial(coll: Path, trial_id: str, family: str, method: str, *, n_record
         pred_u, pred_r = -lr(s) * e_u, -lr(s) * e_r
         risk_u += pred_u
         risk_r += pred_r
-        for c, v in zip(srows, (trial_id, method, s, lr(s), e_u, e_r, 0.7 * e_u, 0.7 * e_r, -0.3, -0.1,
+        # the regulariser's share: a small positive removal effect, and retention repair (GA runs)
+        reg = labels[1] if len(labels) > 1 else None
+        reg_u = 0.05 * abs(e_u) if reg else 0.0
+        reg_r = (REG_REPAIR[reg] * scale * grow(k) if family.startswith("ga+") else 0.1 * abs(e_r)) if reg else 0.0
+        shares = {"removal": (e_u - reg_u, reg_u), "retention": (e_r - reg_r, reg_r)}
+        cos_u = ga_cosine if family == "ga" else -0.3
+        for c, v in zip(srows, (trial_id, method, s, lr(s), e_u, e_r, 0.7 * e_u, 0.7 * e_r, cos_u, -0.1,
                                 pred_u, pred_u * (1 + 0.1 * rng.standard_normal()), pred_r,
-                                pred_r * (1 + 0.1 * rng.standard_normal()), risk_u, risk_r)):
+                                pred_r * (1 + 0.1 * rng.standard_normal()), risk_u, risk_r,
+                                shares["removal"][0], shares["retention"][0])):
             srows[c].append(v)
         for risk, total in (("removal", e_u), ("retention", e_r)):
             add(s, risk, "", -1, "", "total", "", -1, total)
@@ -144,9 +169,8 @@ def write_trial(coll: Path, trial_id: str, family: str, method: str, *, n_record
                 members = [p for p in params if p[2] == grp]
                 for name, layer, _ in members:
                     add(s, risk, name, layer, grp, "parameter", "", -1, total * share / len(members))
-            terms = method.split("+")
-            for t in terms:
-                add(s, risk, "", -1, "", "term", t, -1, total / len(terms))
+            for label, value in zip(labels, shares[risk]):
+                add(s, risk, "", -1, "", "term", label, -1, value)
             w = rng.dirichlet(np.ones(4))
             for i in range(4):
                 add(s, risk, "", -1, "", "instance", "", 10 + i, total * w[i])
@@ -181,25 +205,27 @@ def write_references(coll: Path, rng) -> None:
     write_json(coll / "reference" / "retain.json", metrics_dict(0.60, 0.12, rng, 0) | {"forget_quality": 1.0})
 
 
-def make_fake_results(root: str | Path, *, claim1_holds: bool = True, sweep: bool = True, seed: int = 0) -> Path:
+def make_fake_results(root: str | Path, *, claim1_holds: bool = True, ga_cosine: float = -1.0, sweep: bool = True,
+                      seed: int = 0) -> Path:
     """Write a fake demo results directory (study + sweep) under ``root``; returns ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     study = root / "study"
     rows = []
-    for i, fam in enumerate(PAPER_METHODS):
-        tid = f"{i:03d}-{fam.replace('+', '_')}"
-        m = write_trial(study, tid, fam, fam, claim1_holds=claim1_holds, rng=rng)
+    for i, fam in enumerate(STUDY_METHODS):
+        tid = f"{i:03d}-{re.sub(r'[^a-z0-9.]+', '_', fam).strip('_')}"
+        m = write_trial(study, tid, fam, fam, claim1_holds=claim1_holds, ga_cosine=ga_cosine, rng=rng)
         rows.append({"trial_id": tid, "family": fam, "method": fam, "status": "completed", "error": None,
                      "time_s": 10.0 + i, **_flat(m)})
     _trials_table(rows, study / "trials.parquet")
     write_references(study, rng)
     if sweep:
         sw = root / "sweep"
+        rng = np.random.default_rng([seed, 1])   # its own stream: the study's trials do not shift it
         rows = []
         for i in range(7):
             alpha, klw = float(rng.uniform(0.1, 5)), float(rng.uniform(0.1, 2))
-            mu, fp = 0.35 + 0.05 * klw + 0.02 * alpha, 0.05 + 0.04 * alpha
+            mu, fp = 0.35 + 0.1 * klw + 0.005 * alpha, 0.05 + 0.04 * alpha   # retention mostly from klw
             tid = f"trial-{i:03d}"
             method = f"wga(alpha={alpha:.3g})+{klw:.3g}*kl"
             m = write_trial(sw, tid, "wga+kl", method, effects=i < 3, rng=rng, mu=mu, forget_prob=fp)

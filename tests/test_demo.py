@@ -8,13 +8,20 @@ from rayunlearn.demo import SMOLLM2, load_demo_spaces
 from rayunlearn.sweep.space import load_space
 
 PAPER_METHODS = ["ga", "ga+gd", "ga+kl", "npo", "npo+kl", "wga+kl", "tnpo+kl", "wtnpo+kl", "po+kl", "rmu+kl"]
+# the runs the claim checks read: the weighted objectives alone (defaults and the paper's plotted
+# settings) and GA with RR
+CLAIM_RUNS = ["wga", "wga(alpha=0.5)", "tnpo", "tnpo(beta=1)", "wtnpo", "ga+rr"]
 
 
 def test_study_runs_the_papers_methods_and_sweep_the_proposed_families(tmp_path):
     spaces = load_demo_spaces(tmp_path, [])
     study, sweep = spaces["study"], spaces["sweep"]
-    assert list(study.families) == PAPER_METHODS and study.sampler == "grid"
-    assert study.total_trials == len(PAPER_METHODS)
+    assert list(study.families) == PAPER_METHODS + CLAIM_RUNS and study.sampler == "grid"
+    assert study.total_trials == len(PAPER_METHODS) + len(CLAIM_RUNS)
+    # the plotted settings are method strings with explicit hyper-parameters
+    methods = {fam: parsed.method_string({}) for fam, parsed in study.parsed_families.items()}
+    assert methods["wga(alpha=0.5)"] == "wga(alpha=0.5)" and methods["tnpo(beta=1)"] == "tnpo(beta=1.0, eps=0.0)"
+    assert methods["wga"] == "wga(alpha=1.0)" and methods["ga+rr"] == "ga+rr(layer=middle)"
     assert set(sweep.families) == {"wga+kl", "tnpo+kl", "wtnpo+kl"} and sweep.sampler == "tpe"
     assert sweep.total_trials == sweep.num_samples
     # one preparation (models + reference evaluation) serves both stages

@@ -78,6 +78,13 @@ def _anchor(s: str) -> str:
 
 
 # ------------------------------------------------------------------------------ rendering
+def _how_judged(f) -> list[tuple[str, str]]:
+    """A finding's quantity, runs, threshold, by-construction part and note, those that are set."""
+    items = [("quantity", f.quantity), ("runs", ", ".join(map(str, f.runs))), ("threshold", f.threshold),
+             ("by construction (not a finding)", f.by_construction), ("note", f.note)]
+    return [(k, v) for k, v in items if v]
+
+
 def render_html(doc: Doc, title: str) -> str:
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
            "<style>body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
@@ -108,9 +115,10 @@ def render_html(doc: Doc, title: str) -> str:
             out.append("<table><tr><th>claim</th><th>verdict</th><th>numbers</th><th>how judged</th></tr>")
             for f in b[1]:
                 nums = "<br>".join(f"{html.escape(k)}: {html.escape(fmt(v))}" for k, v in f.numbers.items())
+                judged = "<br>".join(f"<i>{k}</i>: {html.escape(v)}" for k, v in _how_judged(f))
                 out.append(f"<tr><td>{f.claim}. {html.escape(f.title)}</td><td class='{f.verdict.split()[0]}'>"
                            f"<b>{f.verdict}</b></td><td style='text-align:left'>{nums}</td>"
-                           f"<td style='text-align:left'>{html.escape(f.note)}</td></tr>")
+                           f"<td style='text-align:left'>{judged}</td></tr>")
             out.append("</table>")
     out.append("</body></html>")
     return "\n".join(out)
@@ -143,8 +151,8 @@ def render_md(doc: Doc, title: str, fig_dir_rel: str) -> str:
             for f in b[1]:
                 out.append(f"- **Claim {f.claim} — {f.verdict}**: {f.title}.")
                 out.append("  Numbers: " + "; ".join(f"{k} = {fmt(v)}" for k, v in f.numbers.items()))
-                if f.note:
-                    out.append(f"  ({f.note})")
+                for k, v in _how_judged(f):
+                    out.append(f"  {k.capitalize()}: {v}.")
             out.append("")
     return "\n".join(out)
 
@@ -212,7 +220,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     failed_claims = [f.claim for f in findings if f.verdict == FAILED]
     doc.p(f"The paper's claims (docs/spec/GEFFECT.md, claims 1–6) checked on these results: held {held or 'none'}; "
           f"did not hold {failed_claims or 'none'}; not testable "
-          f"{[f.claim for f in findings if f.verdict not in (HELD, FAILED)] or 'none'}.")
+          f"{[f.claim for f in findings if f.verdict not in (HELD, FAILED)] or 'none'}. As in the paper, G-effects "
+          "are those of the unlearning objective alone (the forget terms' share) along unregularised runs; "
+          "regularised runs are reported beside, and a part that holds by construction is not counted. "
+          "Each claim states the quantity, the runs and the threshold it was judged on.")
     doc.findings(findings)
     summary["findings"] = [f.as_dict() for f in findings]
 
