@@ -450,6 +450,9 @@ def load_reference(ref) -> dict:
             raise UserError(f"retain reference {ref}: {path} does not exist; evaluate the retain model first "
                             f"(`rayunlearn eval results/models/retain`)")
         out = _read_json(path)
+        if not isinstance(out, dict):
+            raise UserError(f"retain reference {ref}: {path} holds no evaluation (a JSON object written by "
+                            f"`rayunlearn eval`); re-evaluate the retain model")
         if "raw" not in out:
             for cand in (path.with_name(path.stem + ".raw.json"), path.with_name(RAW_FILE)):
                 if cand.exists():
@@ -465,7 +468,7 @@ def load_reference(ref) -> dict:
 def _read_json(path: Path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:    # not JSON, or not even text (JSONDecodeError, UnicodeDecodeError)
         raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 

@@ -16,11 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
+
 from rayunlearn import UserError
 from rayunlearn.config import FinetuneConfig, UnlearnConfig, check_resume_config, from_dict, save_config, to_dict
+from rayunlearn.eval.evaluate import (check_fingerprint, evaluation_fingerprint, load_reference,
+                                      reference_content_hash)
 from rayunlearn.io import read_json, read_jsonl
 from rayunlearn.objectives import Method, parse_method
-from rayunlearn.models.checkpoints import MODEL_CONFIG_FILE
+from rayunlearn.models.checkpoints import MODEL_CONFIG_FILE, check_weight_files
 from rayunlearn.runs import (COMPLETED, CONFIG_FILE, DIVERGED, LOG_FILE, METRICS_FILE, RAY_TRAIN_DIR,
                              STATUS_FILE, DivergedError, run_dir)
 from rayunlearn.train.callbacks import scalars
@@ -101,11 +105,41 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def prepare_run_dir(cfg, out: Path) -> dict:
-    """Refuse a run directory holding another config; save ours; return the saved status."""
+    """Refuse a run directory holding another config; save ours; return the saved status.
+
+    The one setting that may change between attempts is an unlearning run's
+    ``eval.retain_reference``, when only its *path* changed: a reference is identified by its
+    content, so a moved or re-spelled reference with the same content, or a corrected path when
+    the saved one no longer loads (this run cannot have scored anything against it), is
+    accepted; another reference's content is refused like any other changed setting (its
+    forget quality would not be comparable with the trajectory already written)."""
     out.mkdir(parents=True, exist_ok=True)
-    check_resume_config(cfg, out / CONFIG_FILE)
+    ignore = ("progress",)
+    if isinstance(cfg, UnlearnConfig) and _only_reference_path_changed(cfg, out / CONFIG_FILE):
+        ignore += ("retain_reference",)
+    check_resume_config(cfg, out / CONFIG_FILE, ignore=ignore)
     save_config(cfg, out / CONFIG_FILE)
     return read_status(out)
+
+
+def _only_reference_path_changed(cfg: UnlearnConfig, saved_config: Path) -> bool:
+    """The saved run names another retain reference path than `cfg`, and that path no longer
+    loads or holds the same content as ours (already checked against this run's settings)."""
+    if not saved_config.exists() or not cfg.eval.retain_reference:
+        return False
+    saved = (yaml.safe_load(saved_config.read_text()) or {}).get("eval") or {}
+    before = saved.get("retain_reference")
+    if not before or before == cfg.eval.retain_reference:
+        return False
+    try:
+        now = load_reference(cfg.eval.retain_reference)
+    except UserError:
+        return False
+    try:
+        old = load_reference(before)
+    except UserError:
+        return True
+    return reference_content_hash(old) == reference_content_hash(now)
 
 
 def read_status(out: Path) -> dict:
@@ -161,6 +195,8 @@ def _check_finetune(cfg: FinetuneConfig) -> None:
     if cfg.stage in ("target", "retain") and not cfg.init and cfg.model.name == "tiny":
         raise UserError(f"finetune stage={cfg.stage} starts from the base model: set init=<base model "
                         f"dir> (e.g. init=results/models/base), or model.name=<a pretrained model>")
+    if cfg.init and (Path(cfg.init) / MODEL_CONFIG_FILE).exists():
+        check_weight_files(cfg.init)
     _check_common(cfg)
 
 
@@ -169,8 +205,29 @@ def _check_unlearn(cfg: UnlearnConfig) -> Method:
     if not (Path(cfg.target) / MODEL_CONFIG_FILE).exists():
         raise UserError(f"target model {cfg.target} not found (no {MODEL_CONFIG_FILE}): train it first with "
                         f"`rayunlearn finetune stage=target ...` or set target=<model dir>")
+    check_weight_files(cfg.target)
     _check_common(cfg)
-    return parse_method(cfg.method, allow_no_forget=cfg.allow_no_forget)
+    method = parse_method(cfg.method, allow_no_forget=cfg.allow_no_forget)
+    if cfg.evaluate and cfg.eval.retain_reference:
+        check_retain_reference(cfg)
+    return method
+
+
+def check_retain_reference(cfg: UnlearnConfig) -> None:
+    """Load ``eval.retain_reference`` and compare its fingerprint with this run's evaluation
+    settings (the target's tokenizer, the benchmark's splits, ``data.*``, ``eval.*``) before
+    training, not after it: a missing, malformed or differently evaluated reference is a
+    UserError naming the file and the differing fields."""
+    from rayunlearn.data import load_benchmark
+    from rayunlearn.models import load_tokenizer
+
+    reference = load_reference(cfg.eval.retain_reference)
+    ours = evaluation_fingerprint(load_tokenizer(cfg.model, cfg.target), load_benchmark(cfg.data),
+                                  cfg.data, cfg.eval)
+    try:
+        check_fingerprint(ours, reference.get("fingerprint"))
+    except UserError as exc:
+        raise type(exc)(f"eval.retain_reference={cfg.eval.retain_reference}: {exc}") from None
 
 
 def _check_common(cfg) -> None:
