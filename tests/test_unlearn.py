@@ -312,10 +312,11 @@ def test_a_model_that_blows_up_at_evaluation_is_diverged(target, tmp_path, monke
     with pytest.raises(DivergedError) as exc:
         unlearn(ul_cfg(target, run, "ga", evaluate=True))
     msg = str(exc.value)
-    assert "\n" not in msg and "step 3" in msg and "forget truth_ratio in 1 of 3 items" in msg
+    assert "\n" not in msg and msg.startswith("training diverged at step 3: the model evaluated at step 3")
+    assert "forget truth_ratio in 1 of 3 items" in msg
     assert "loss stayed finite" in msg
     status = read_json(run / "status.json")
-    assert status["status"] == "diverged" and status["message"] == msg
+    assert status == {"status": "diverged", "step": 3, "message": msg}
     assert not (run / "metrics.json").exists()
 
 
@@ -337,4 +338,4 @@ def test_non_finite_gradient_norm_is_not_blamed_on_the_lr(target, tmp_path, monk
         unlearn(ul_cfg(target, tmp_path / "run", "ga", checkpoint_every=1))
     msg = str(exc.value)
     assert msg.startswith("training diverged at step 2: the gradient norm is inf while the loss is finite (")
-    assert "train.lr" not in msg and "model.dtype=float32" in msg and "step-1" in msg
+    assert "cannot clip a non-finite norm" in msg and "step-1" in msg      # float32: not the precision

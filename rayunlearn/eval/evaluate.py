@@ -294,7 +294,12 @@ def evaluation_fingerprint(tokenizer, benchmark, data_cfg, eval_cfg, fast: bool 
 
 
 class NonFiniteEvaluationError(UserError):
-    """The evaluated model gives non-finite losses or truth ratios (its weights blew up)."""
+    """The evaluated model gives non-finite losses or truth ratios (its weights blew up);
+    ``step`` is the step the evaluation was made at."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def check_finite(raw: dict, step: int) -> None:
@@ -310,7 +315,7 @@ def check_finite(raw: dict, step: int) -> None:
     if bad:
         raise NonFiniteEvaluationError(
             f"the model evaluated at step {step} gives non-finite values ({'; '.join(bad[:4])}): its "
-            f"weights blew up, so no metric would mean anything")
+            f"weights blew up, so no metric would mean anything", step)
 
 
 def evaluate_model(model, tokenizer, benchmark, data_cfg, eval_cfg, retain_reference=None, progress: bool = False,

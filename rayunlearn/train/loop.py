@@ -58,10 +58,10 @@ def run_loop(kind: str, cfg, run_dir: Path, method: Optional[Method] = None, *,
         raise                                     # status.json = diverged is already written
     except NonFiniteEvaluationError as exc:
         # the loss stayed finite but the weights did not: as deterministic as a non-finite loss
-        msg = (f"training diverged: {exc}, although the training loss stayed finite. Lower train.lr or "
-               f"change the method's hyper-parameters.")
+        msg = (f"training diverged at step {exc.step}: {exc}, although the training loss stayed finite. "
+               f"Lower train.lr or change the method's hyper-parameters.")
         if rank_world()[0] == 0:
-            write_json(run_dir / STATUS_FILE, {"status": DIVERGED, "step": _status_step(run_dir), "message": msg})
+            write_json(run_dir / STATUS_FILE, {"status": DIVERGED, "step": exc.step, "message": msg})
         raise DivergedError(msg) from None
     except Exception as exc:
         if rank_world()[0] == 0:
@@ -160,7 +160,8 @@ def _train(kind: str, cfg, run_dir: Path, method: Optional[Method], *, results_d
             stats_all = {k: v / (n_micro * world) for k, v in _section(totals, "stat").items()}
             grad_norm = par.grad_norm(train.max_grad_norm)
             if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or par.engine is not None)):
-                _diverged(run_dir, is_main, step + 1, loss_value, grad_norm, terms_all, lr, last_ckpt)
+                _diverged(run_dir, is_main, step + 1, loss_value, grad_norm, terms_all, lr, last_ckpt,
+                          reduced_precision=train.bf16 or cfg.model.dtype == "bfloat16")
             callbacks.before_step(step, lr, batch, optimizer)      # G-effects at the weights this step starts from
             ds_norm = par.step()
             if ds_norm is not None:
@@ -193,11 +194,11 @@ def _section(totals: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def _diverged(run_dir: Path, is_main: bool, step: int, loss: float, grad_norm: float, terms: dict,
-              lr: float, last_ckpt: Optional[Path]) -> None:
+              lr: float, last_ckpt: Optional[Path], reduced_precision: bool) -> None:
     """Record and raise the divergence at `step` (1-based), saying what was non-finite: a
     non-finite loss (a term ran off: lr or the method's hyper-parameters) and a non-finite
-    gradient with a finite loss (an overflow in the backward pass, which clipping cannot mend)
-    call for different remedies."""
+    gradient with a finite loss (an overflow in the backward pass, which clipping cannot mend;
+    in reduced precision most likely the precision's range) call for different remedies."""
     kept = f"kept the last good checkpoint {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
     shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
     if not math.isfinite(loss):
@@ -209,9 +210,10 @@ def _diverged(run_dir: Path, is_main: bool, step: int, loss: float, grad_norm: f
     else:
         what = (f"the gradient norm is {grad_norm} while the loss is finite "
                 f"({loss:.6g}{'; ' + shown if shown else ''})")
-        remedy = ("A finite loss with a non-finite gradient is an overflow in the backward pass: train in "
-                  "higher precision (model.dtype=float32, train.bf16=false) or change the method's "
-                  "hyper-parameters")
+        remedy = "A finite loss with a non-finite gradient norm is an overflow in the backward pass"
+        remedy += (": train in full precision (model.dtype=float32, train.bf16=false)" if reduced_precision else
+                   " in full precision, so the objective ran off: lower train.lr or change the method's "
+                   "hyper-parameters (train.max_grad_norm cannot clip a non-finite norm)")
     msg = f"training diverged at step {step}: {what}. Stopped before the update; {kept}. {remedy}."
     if is_main:
         write_json(run_dir / STATUS_FILE, {"status": DIVERGED, "step": step, "message": msg,
