@@ -239,6 +239,8 @@ def test_moved_reference_resumes_an_unfinished_run(target, reference, tmp_path, 
     import json
     import shutil
 
+    import yaml
+
     from rayunlearn.config import ConfigError
     from rayunlearn.train import unlearn
     from rayunlearn.train.progress import Bar
@@ -274,7 +276,22 @@ def test_moved_reference_resumes_an_unfinished_run(target, reference, tmp_path, 
 
     moved = tmp_path / "b" / "retain.json"
     shutil.move(first.parent, moved.parent)
-    metrics = unlearn(cfg_with(moved))
+    monkeypatch.setattr(Bar, "advance", interrupt)
+    with pytest.raises(KeyboardInterrupt):                 # accepted: it runs (and is interrupted again)
+        unlearn(cfg_with(moved))
+    monkeypatch.setattr(Bar, "advance", real_advance)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["eval"]["retain_reference"] == str(moved)
+
+    # a run that names a reference evaluated under other settings (as written before references
+    # were checked up front) never scored anything against it: any matching one may replace it
+    stale = json.loads(moved.read_text())
+    stale["fingerprint"]["generation"]["max_new_tokens"] = 12
+    (moved.parent / "stale.json").write_text(json.dumps(stale))
+    shutil.copy(moved.with_name("retain.raw.json"), moved.parent / "stale.raw.json")   # it loads
+    saved["eval"]["retain_reference"] = str(moved.parent / "stale.json")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    metrics = unlearn(cfg_with(other))
     assert metrics["removal_kind"] == "forget_quality"
     assert read_json(tmp_path / "run" / "status.json")["status"] == "completed"
 
@@ -339,3 +356,17 @@ def test_non_finite_gradient_norm_is_not_blamed_on_the_lr(target, tmp_path, monk
     msg = str(exc.value)
     assert msg.startswith("training diverged at step 2: the gradient norm is inf while the loss is finite (")
     assert "cannot clip a non-finite norm" in msg and "step-1" in msg      # float32: not the precision
+
+
+def test_rerunning_a_finished_run_without_evaluation_does_nothing(target, tmp_path, capsys):
+    """A completed run with evaluate=false is not resumed again (which re-entered the loop at
+    its last step and showed "loss nan"): the rerun returns its last log record, files untouched."""
+    from rayunlearn.train import unlearn
+
+    cfg = ul_cfg(target, tmp_path / "run", "ga", max_steps=2)
+    first = unlearn(cfg)
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    capsys.readouterr()
+    again = unlearn(cfg)
+    assert again == first and first["step"] == 2 and "final_accuracy" not in first
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log and "resuming" not in capsys.readouterr().out
