@@ -143,7 +143,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(target, tmp_path, monkeyp
     run = tmp_path / "nan"
     with pytest.raises(DivergedError) as exc:
         T.unlearn(ul_cfg(target, run, "ga", max_steps=4, checkpoint_every=1))
-    assert "diverged at step 3" in str(exc.value) and "step-2" in str(exc.value)
+    assert "diverged at step 3: the loss is nan" in str(exc.value) and "step-2" in str(exc.value)
     status = read_json(run / "status.json")
     assert status["status"] == "diverged" and status["step"] == 3
     assert status["last_checkpoint"].endswith("step-2")

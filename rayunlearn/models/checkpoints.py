@@ -68,15 +68,15 @@ def check_weight_files(model_dir: str | Path) -> None:
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         problem = safetensors_problem(path)
         if problem is not None:
-            raise CorruptFileError(f"{path} is not a readable safetensors file ({problem}); "
-                                   f"it is truncated or overwritten: restore or re-create the model "
-                                   f"(e.g. rerun the `rayunlearn finetune` that wrote it)")
+            raise CorruptFileError(f"{path} is not a readable safetensors file ({problem}); it is "
+                                   f"truncated or overwritten: restore it, or re-create the model with "
+                                   f"the command that wrote it")
 
 
 def checkpoint_problem(ckpt: str | Path) -> Optional[str]:
     """Why checkpoint directory `ckpt` cannot be resumed from, None when it can: trainer.json
-    must be JSON naming the directory's step, every safetensors file (weights, adapter,
-    optimiser state) readable."""
+    must be JSON naming the directory's step, the optimiser state present, and every
+    safetensors file (weights, adapter, optimiser state) readable."""
     ckpt = Path(ckpt)
     try:
         meta = read_json(ckpt / TRAINER_STATE_FILE)
@@ -84,9 +84,8 @@ def checkpoint_problem(ckpt: str | Path) -> Optional[str]:
         return f"{TRAINER_STATE_FILE}: {exc}"
     if not isinstance(meta, dict) or meta.get("step") != checkpoint_step(ckpt):
         return f"{TRAINER_STATE_FILE}: does not record step {checkpoint_step(ckpt)}"
-    for name in (MODEL_WEIGHTS_FILE, OPTIMIZER_FILE):
-        if not (ckpt / name).exists():
-            return f"{name}: missing"
+    if not (ckpt / OPTIMIZER_FILE).exists():
+        return f"{OPTIMIZER_FILE}: missing"
     for path in sorted(ckpt.glob("*.safetensors")):
         problem = safetensors_problem(path)
         if problem is not None:

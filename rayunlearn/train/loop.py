@@ -12,7 +12,8 @@ optimiser, ``callbacks.py`` the recorder / evaluator / end of a run, ``progress.
 
 A non-finite loss or gradient stops the run before the optimiser step (:class:`DivergedError`),
 records ``status.json`` = diverged and keeps every checkpoint written so far; so does a model
-whose evaluation gives non-finite values while its loss stayed finite (the callbacks raise it).
+whose evaluation gives non-finite values while its loss stayed finite (the evaluator's
+:class:`NonFiniteEvaluationError` becomes a :class:`DivergedError` here).
 Any other exception records ``status.json`` = failed with the error before it propagates (an
 interrupt or a kill leaves "running": the run is resumable, not failed). Re-running resumes
 from the last readable checkpoint (an unreadable latest one is skipped with a warning): the log
@@ -203,9 +204,8 @@ def _diverged(run_dir: Path, is_main: bool, step: int, loss: float, grad_norm: f
     shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
     if not math.isfinite(loss):
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
-        what = (f"the loss is {loss}" + (f" (non-finite terms: {', '.join(bad)}; {shown})" if bad
-                                                         else f" ({shown})" if shown else "")
-                + f" with lr={lr:.3g}")
+        detail = f"non-finite terms: {', '.join(bad)}; {shown}" if bad else shown
+        what = f"the loss is {loss}{f' ({detail})' if detail else ''} with lr={lr:.3g}"
         remedy = "Lower train.lr or change the method's hyper-parameters"
     else:
         what = (f"the gradient norm is {grad_norm} while the loss is finite "
