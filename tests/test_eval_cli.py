@@ -1,6 +1,7 @@
 """evaluate_model / Evaluator / write_eval / references / eval_command on a tiny random model."""
 
 import json
+import math
 import os
 import sys
 import types
@@ -185,3 +186,43 @@ def test_eval_command_on_model_and_run_dirs(tmp_path, tiny, monkeypatch, capsys)
     assert m["fingerprint"]["max_items"] == 1 and calls["model"][1] == str(run / "checkpoints" / "step-10")
     with pytest.raises(UserError, match="neither a model directory"):
         eval_command(str(tmp_path / "out"), None, [])
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_eval_command_refuses_corrupt_weights(tmp_path, tiny, how):
+    """A model directory whose model.safetensors is truncated or garbage: a UserError naming the
+    file (the real loader, before transformers meets the file)."""
+    from rayunlearn.eval.evaluate import eval_command
+
+    target, _, tok, _ = tiny
+    model_dir = tmp_path / "model"
+    target.save_pretrained(str(model_dir), safe_serialization=True)
+    tok.save_pretrained(str(model_dir))
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100] if how == "truncated" else b"not a safetensors file" * 50)
+    with pytest.raises(UserError, match=r"model\.safetensors is not a readable safetensors file"):
+        eval_command(str(model_dir), None, ["data.forget_split=forget01"])
+
+
+def test_evaluation_of_blown_up_weights_is_refused(tiny):
+    """A truth ratio that overflows (NLL difference > 709 nats) or a NaN loss: a one-line error
+    naming the split and the count, not a metric computed on infinities."""
+    from rayunlearn.eval.evaluate import NonFiniteEvaluationError, check_finite
+    from rayunlearn.eval.metrics import truth_ratios
+
+    with np.errstate(over="ignore"):                  # the overflow is the case under test
+        ratios = truth_ratios([800.0, 1.0], [[0.5, 0.5], [1.0, 2.0]])
+    assert math.isinf(ratios[0]) and ratios[1] == pytest.approx(math.exp(1.0 - 1.5))
+    raw = {"forget": {"avg_gt_loss": [1.0, 2.0], "avg_paraphrased_loss": [800.0, 1.0],
+                      "average_perturb_loss": [[0.5, 0.5], [1.0, 2.0]], "truth_ratio": ratios.tolist()},
+           "retain": {"avg_gt_loss": [1.0, float("nan"), 2.0], "avg_paraphrased_loss": [1.0, 1.0, 1.0],
+                      "average_perturb_loss": [[1.0], [float("nan")], [1.0]], "truth_ratio": [1.0, 1.0, 1.0]}}
+    with pytest.raises(NonFiniteEvaluationError) as exc:
+        check_finite(raw, step=7)
+    assert str(exc.value) == ("the model evaluated at step 7 gives non-finite values (forget truth_ratio in "
+                              "1 of 2 items; retain avg_gt_loss in 1 of 3 items; retain average_perturb_loss "
+                              "in 1 of 3 items): its weights blew up, so no metric would mean anything")
+    raw["forget"]["truth_ratio"][0] = 1.0
+    raw["retain"]["avg_gt_loss"][1] = raw["retain"]["average_perturb_loss"][1][0] = 1.0
+    check_finite(raw, step=7)                      # all finite: no error

@@ -190,3 +190,109 @@ def test_two_ray_train_workers_match_one_process(data_dir, base_dir, tmp_path):
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=2e-5), k
     assert max(float((w1[k] - w0[k]).abs().max()) for k in w1) > 3e-3     # the steps moved weights
+
+
+def _spoil(path, how):
+    """Truncate a file to half its length, or overwrite it with bytes that are not its format."""
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"\x00garbage, not a checkpoint file\xff" * 4)
+
+
+@pytest.mark.parametrize("name,how", [("model.safetensors", "truncate"), ("optimizer.safetensors", "garbage"),
+                                      ("trainer.json", "garbage")])
+def test_latest_checkpoint_skips_an_unreadable_one(name, how, tmp_path):
+    from safetensors.torch import save_file
+
+    from rayunlearn.io import write_json
+    from rayunlearn.models.checkpoints import latest_checkpoint
+
+    run = tmp_path / "run"
+    for k in (1, 2):
+        ckpt = run / "checkpoints" / f"step-{k}"
+        ckpt.mkdir(parents=True)
+        save_file({"w": torch.full((64,), float(k))}, str(ckpt / "model.safetensors"))
+        save_file({"rng.torch": torch.zeros(8, dtype=torch.uint8)}, str(ckpt / "optimizer.safetensors"))
+        write_json(ckpt / "trainer.json", {"step": k, "optimizer_format": "index", "param_groups": []})
+    assert latest_checkpoint(run).name == "step-2"
+    _spoil(run / "checkpoints" / "step-2" / name, how)
+    warnings = []
+    assert latest_checkpoint(run, warn=warnings.append).name == "step-1"
+    assert len(warnings) == 1 and "step-2 is unreadable" in warnings[0] and name in warnings[0]
+    assert "previous one (step-1)" in warnings[0]
+    _spoil(run / "checkpoints" / "step-1" / name, how)
+    warnings = []
+    assert latest_checkpoint(run, warn=warnings.append) is None
+    assert len(warnings) == 2 and "starting from the beginning" in warnings[1]
+
+
+@pytest.mark.parametrize("spoiled", ["latest", "all"])
+def test_resume_falls_back_past_a_corrupt_checkpoint(spoiled, data_dir, base_dir, tmp_path, monkeypatch, capsys):
+    """A truncated model.safetensors in the latest checkpoint: the rerun resumes from the one
+    before it (or, with every checkpoint spoiled, from the start) and ends with the weights and
+    log of an uninterrupted run."""
+    import rayunlearn.train as T
+    from rayunlearn.train.progress import Bar
+
+    kw = dict(max_steps=4, checkpoint_every=1, micro_batch_size=4)
+    full = T.finetune(ft_cfg(data_dir, tmp_path / "full", "target", base_dir, **kw))
+    real_advance = Bar.advance
+    calls = {"n": 0}
+
+    def interrupt(self, loss):
+        calls["n"] += 1
+        if calls["n"] == 4:                      # during step 4: checkpoints 1..3 are written
+            raise KeyboardInterrupt
+        real_advance(self, loss)
+
+    monkeypatch.setattr(Bar, "advance", interrupt)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune(ft_cfg(data_dir, cut, "target", base_dir, **kw))
+    monkeypatch.setattr(Bar, "advance", real_advance)
+    for k in ((3,) if spoiled == "latest" else (1, 2, 3)):
+        _spoil(cut / "checkpoints" / f"step-{k}" / "model.safetensors", "truncate")
+    capsys.readouterr()
+    T.finetune(ft_cfg(data_dir, cut, "target", base_dir, **kw))
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "step-3 is unreadable (model.safetensors:" in out
+    if spoiled == "latest":
+        assert "resuming" in out and "from step-2 (2/4 steps)" in out
+    else:
+        assert "resuming" not in out and "starting from the beginning" in out
+    wf, wc = weights(full), weights(cut)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+    assert [r["step"] for r in read_jsonl(cut / "log.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert load_file(cut / "checkpoints" / "step-3" / "model.safetensors")    # rewritten, readable
+    assert read_json(cut / "status.json")["status"] == "completed"
+
+
+def test_truncated_log_is_strict_json(tmp_path):
+    """Records kept on resume are rewritten as strict JSON (an old bare Infinity becomes null)."""
+    import json
+
+    from rayunlearn.train.loop import _truncate_jsonl
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": Infinity, "grad_norm": 2.5}\n{"step": 2, "loss": NaN}\n{"step": 3}\n')
+    _truncate_jsonl(log, 2)
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in log.read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": None, "grad_norm": 2.5}, {"step": 2, "loss": None}]
+
+
+def test_progress_bar_shows_the_last_logged_loss_not_nan():
+    from rayunlearn.train.progress import loss_text, progress_bar
+
+    assert loss_text(None) == "—" and loss_text(0.123456) == "0.1235"
+    bar = progress_bar(True, "finetune x", total=4, done=4, last_loss=1.5)
+    assert bar.progress.tasks[0].fields["loss"] == "1.5000"
+    bar = progress_bar(True, "finetune x", total=4, done=0)
+    assert bar.progress.tasks[0].fields["loss"] == "—"
+    bar.advance(2.0)
+    assert bar.progress.tasks[0].fields["loss"] == "2.0000"

@@ -3,6 +3,7 @@ model, the divergence guard, the reference-model cache, and the end-to-end files
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(target, tmp_path, monkeyp
     run = tmp_path / "nan"
     with pytest.raises(DivergedError) as exc:
         T.unlearn(ul_cfg(target, run, "ga", max_steps=4, checkpoint_every=1))
-    assert "diverged at step 3" in str(exc.value) and "step-2" in str(exc.value)
+    assert "diverged at step 3: the loss is nan" in str(exc.value) and "step-2" in str(exc.value)
     status = read_json(run / "status.json")
     assert status["status"] == "diverged" and status["step"] == 3
     assert status["last_checkpoint"].endswith("step-2")
@@ -167,3 +168,205 @@ def test_unlearn_end_to_end_writes_metrics_and_trajectory(target, tmp_path):
     # a finished trial is not rerun
     again = unlearn_trial(cfg)
     assert again["removal"] == metrics["removal"]
+
+
+def _copy_target(target, dest):
+    import shutil
+
+    return shutil.copytree(target[1], dest, ignore=shutil.ignore_patterns("checkpoints", "*.jsonl"))
+
+
+def test_corrupt_target_weights_are_refused_before_training(target, tmp_path):
+    from rayunlearn import UserError
+    from rayunlearn.train import unlearn
+
+    bad = _copy_target(target, tmp_path / "target")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])                   # truncated
+    cfg = ul_cfg((target[0], str(bad)), tmp_path / "run", "ga")
+    with pytest.raises(UserError, match=re.escape(f"{weights} is not a readable safetensors file")):
+        unlearn(cfg)
+    assert not (tmp_path / "run").exists()                              # nothing started
+
+
+def _reference(target, cfg, out):
+    """The target model's evaluation under `cfg.eval` written as a reference (standing in for
+    the retain model's: only its fingerprint and raw arrays matter here)."""
+    from rayunlearn.data import load_benchmark
+    from rayunlearn.eval.evaluate import evaluate_model, write_eval
+    from rayunlearn.models import load_model
+
+    model, tok = load_model(cfg.model, path=target[1])
+    return write_eval(evaluate_model(model, tok, load_benchmark(cfg.data), cfg.data, cfg.eval), out)
+
+
+@pytest.fixture(scope="module")
+def reference(target, tmp_path_factory):
+    """A reference evaluated with max_new_tokens=8 (ul_cfg's eval settings)."""
+    cfg = ul_cfg(target, tmp_path_factory.mktemp("x"), "ga", evaluate=True)
+    return _reference(target, cfg, tmp_path_factory.mktemp("ref") / "retain.json")
+
+
+def test_bad_retain_reference_is_found_before_training(target, reference, tmp_path):
+    from rayunlearn import UserError
+    from rayunlearn.eval.evaluate import ReferenceMismatchError
+    from rayunlearn.train import unlearn
+
+    def run(ref, **eval_kw):
+        cfg = ul_cfg(target, tmp_path / "run", "ga", evaluate=True)
+        cfg.eval.retain_reference = str(ref)
+        for k, v in eval_kw.items():
+            setattr(cfg.eval, k, v)
+        return unlearn(cfg)
+
+    with pytest.raises(UserError, match="missing.json does not exist"):
+        run(tmp_path / "missing.json")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\x89PNG not json")
+    with pytest.raises(UserError, match="garbage.json: not valid JSON"):
+        run(garbage)
+    # evaluated at 8 new tokens, this run evaluates at 12: refused at once, naming the field
+    with pytest.raises(ReferenceMismatchError, match=r"generation\.max_new_tokens: this evaluation 12, reference 8"):
+        run(reference, max_new_tokens=12)
+    assert not (tmp_path / "run" / "log.jsonl").exists()                # no training happened
+    run(reference)                                                       # the matching settings run
+    assert read_json(tmp_path / "run" / "status.json")["status"] == "completed"
+
+
+def test_moved_reference_resumes_an_unfinished_run(target, reference, tmp_path, monkeypatch):
+    """Only eval.retain_reference's path changed (same content, or the saved one is gone): the
+    unfinished run resumes; a reference with other content is a different config."""
+    import json
+    import shutil
+
+    import yaml
+
+    from rayunlearn.config import ConfigError
+    from rayunlearn.train import unlearn
+    from rayunlearn.train.progress import Bar
+
+    first = tmp_path / "a" / "retain.json"
+    first.parent.mkdir()
+    for p in (reference, reference.with_name("retain.raw.json")):
+        shutil.copy(p, first.parent / p.name)
+
+    def cfg_with(ref):
+        cfg = ul_cfg(target, tmp_path / "run", "ga", evaluate=True, checkpoint_every=1)
+        cfg.eval.retain_reference = str(ref)
+        return cfg
+
+    real_advance = Bar.advance
+
+    def interrupt(self, loss):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Bar, "advance", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(cfg_with(first))
+    monkeypatch.setattr(Bar, "advance", real_advance)
+
+    other = tmp_path / "c" / "retain.json"          # same fingerprint, other truth ratios
+    other.parent.mkdir()
+    shutil.copy(first, other)
+    raw = json.loads(first.with_name("retain.raw.json").read_text())
+    raw["forget"]["truth_ratio"] = [0.5 * r for r in raw["forget"]["truth_ratio"]]
+    other.with_name("retain.raw.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="different config.*retain_reference"):
+        unlearn(cfg_with(other))
+
+    moved = tmp_path / "b" / "retain.json"
+    shutil.move(first.parent, moved.parent)
+    monkeypatch.setattr(Bar, "advance", interrupt)
+    with pytest.raises(KeyboardInterrupt):                 # accepted: it runs (and is interrupted again)
+        unlearn(cfg_with(moved))
+    monkeypatch.setattr(Bar, "advance", real_advance)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["eval"]["retain_reference"] == str(moved)
+
+    # a run that names a reference evaluated under other settings (as written before references
+    # were checked up front) never scored anything against it: any matching one may replace it
+    stale = json.loads(moved.read_text())
+    stale["fingerprint"]["generation"]["max_new_tokens"] = 12
+    (moved.parent / "stale.json").write_text(json.dumps(stale))
+    shutil.copy(moved.with_name("retain.raw.json"), moved.parent / "stale.raw.json")   # it loads
+    saved["eval"]["retain_reference"] = str(moved.parent / "stale.json")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    metrics = unlearn(cfg_with(other))
+    assert metrics["removal_kind"] == "forget_quality"
+    assert read_json(tmp_path / "run" / "status.json")["status"] == "completed"
+
+
+def test_an_error_marks_the_run_failed(target, tmp_path, monkeypatch):
+    from rayunlearn.objectives import Method
+    from rayunlearn.train import unlearn
+
+    def broken(method, views, ctx):
+        raise RuntimeError("boom in the loss")
+
+    monkeypatch.setattr(Method, "loss", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        unlearn(ul_cfg(target, tmp_path / "run", "ga"))
+    status = read_json(tmp_path / "run" / "status.json")
+    assert status == {"status": "failed", "step": 0, "error": "RuntimeError: boom in the loss"}
+
+
+def test_a_model_that_blows_up_at_evaluation_is_diverged(target, tmp_path, monkeypatch):
+    """Finite training loss, infinite truth ratios at the final evaluation (what GA at a huge lr
+    does): a one-line DivergedError, status diverged, no metrics.json."""
+    from rayunlearn.eval.evaluate import Evaluator
+    from rayunlearn.runs import DivergedError
+    from rayunlearn.train import unlearn
+
+    real = Evaluator.build_raw
+
+    def overflowing(self, scores, gens):
+        raw = real(self, scores, gens)
+        raw["forget"]["truth_ratio"][1] = float("inf")          # exp(NLL difference > 709)
+        return raw
+
+    monkeypatch.setattr(Evaluator, "build_raw", overflowing)
+    run = tmp_path / "run"
+    with pytest.raises(DivergedError) as exc:
+        unlearn(ul_cfg(target, run, "ga", evaluate=True))
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("training diverged at step 3: the model evaluated at step 3")
+    assert "forget truth_ratio in 1 of 3 items" in msg
+    assert "loss stayed finite" in msg
+    status = read_json(run / "status.json")
+    assert status == {"status": "diverged", "step": 3, "message": msg}
+    assert not (run / "metrics.json").exists()
+
+
+def test_non_finite_gradient_norm_is_not_blamed_on_the_lr(target, tmp_path, monkeypatch):
+    from rayunlearn.runs import DivergedError
+    from rayunlearn.train.parallel import Parallel
+    from rayunlearn.train import unlearn
+
+    real = Parallel.grad_norm
+    calls = {"n": 0}
+
+    def overflow(self, max_norm):
+        calls["n"] += 1
+        norm = real(self, max_norm)
+        return float("inf") if calls["n"] == 2 else norm
+
+    monkeypatch.setattr(Parallel, "grad_norm", overflow)
+    with pytest.raises(DivergedError) as exc:
+        unlearn(ul_cfg(target, tmp_path / "run", "ga", checkpoint_every=1))
+    msg = str(exc.value)
+    assert msg.startswith("training diverged at step 2: the gradient norm is inf while the loss is finite (")
+    assert "cannot clip a non-finite norm" in msg and "step-1" in msg      # float32: not the precision
+
+
+def test_rerunning_a_finished_run_without_evaluation_does_nothing(target, tmp_path, capsys):
+    """A completed run with evaluate=false is not resumed again (which re-entered the loop at
+    its last step and showed "loss nan"): the rerun returns its last log record, files untouched."""
+    from rayunlearn.train import unlearn
+
+    cfg = ul_cfg(target, tmp_path / "run", "ga", max_steps=2)
+    first = unlearn(cfg)
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    capsys.readouterr()
+    again = unlearn(cfg)
+    assert again == first and first["step"] == 2 and "final_accuracy" not in first
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log and "resuming" not in capsys.readouterr().out

@@ -104,22 +104,7 @@ class Evaluator:
         self.generate = bool(eval_cfg.rouge) and not self.fast
         self.encoder = QAEncoder(tokenizer, data_cfg.template, data_cfg.max_length)
         names = split_names(data_cfg.forget_split)
-        keys = list(SPLITS) + (["holdout"] if eval_cfg.mia else [])
-        self.records: dict[str, list[dict]] = {}
-        for key in keys:
-            name = names[key]
-            if name not in benchmark.splits:
-                if key == "holdout":
-                    raise UserError(f"benchmark {benchmark.name!r} has no split {name!r} for membership "
-                                    f"inference; set eval.mia=false or provide the holdout split")
-                raise UserError(f"benchmark {benchmark.name!r} has no split {name!r} (needed for the "
-                                f"{key} metrics); available: {', '.join(sorted(benchmark.splits))}")
-            recs = list(benchmark.splits[name])
-            if eval_cfg.max_items is not None:
-                recs = recs[: eval_cfg.max_items]
-            if not recs:
-                raise UserError(f"split {name!r} is empty")
-            self.records[key] = recs
+        self.records = evaluation_records(benchmark, data_cfg, eval_cfg)
         # flatten every (item, variant) sequence: kinds "gt", "para", "pert"
         self.probes: list[Probe] = []
         self.slots: list[tuple[str, int, str, int]] = []
@@ -139,7 +124,8 @@ class Evaluator:
                     self._add(key, i, "pert", k, r["question"], a)
         self.prompt_slots = [(key, i) for key in SPLITS for i in range(len(self.records[key]))] if self.generate else []
         self.prompts = [self.encoder.prompt(self.records[k][i]["question"]) for k, i in self.prompt_slots]
-        self.fingerprint = self._fingerprint(benchmark)
+        self.fingerprint = evaluation_fingerprint(tokenizer, benchmark, data_cfg, eval_cfg, fast=self.fast,
+                                                  min_k=self.min_k, records=self.records)
         self.reference = None if retain_reference is None else load_reference(retain_reference)
         if self.reference is not None:
             check_fingerprint(self.fingerprint, self.reference.get("fingerprint"))
@@ -153,24 +139,6 @@ class Evaluator:
                             f"max_length={self.data_cfg.max_length}; raise data.max_length")
         self.probes.append(Probe(ids, labels, extras=extras))
         self.slots.append((key, i, kind, k))
-
-    def _fingerprint(self, benchmark) -> dict:
-        names = split_names(self.data_cfg.forget_split)
-        return {
-            "version": FINGERPRINT_VERSION,
-            "benchmark": getattr(benchmark, "name", "?"), "source": str(getattr(benchmark, "source", "?")),
-            "forget_split": self.data_cfg.forget_split,
-            "splits": {k: names[k] for k in self.records},
-            "split_hash": {k: _hash(v) for k, v in self.records.items()},
-            "items": {k: len(v) for k, v in self.records.items()},
-            "max_items": self.eval_cfg.max_items,
-            "template": self.data_cfg.template, "max_length": self.data_cfg.max_length,
-            "generation": {"greedy": True, "max_new_tokens": self.eval_cfg.max_new_tokens,
-                           "rouge": bool(self.eval_cfg.rouge)},
-            "mia": {"enabled": bool(self.eval_cfg.mia), "min_k": self.min_k},
-            "tokenizer": tokenizer_hash(self.tokenizer),
-            "mode": "fast" if self.fast else "full",
-        }
 
     def __call__(self, model, step: int = 0) -> dict:
         from rayunlearn.eval.probe import generate_greedy, score_probes
@@ -192,6 +160,7 @@ class Evaluator:
             if was_training:
                 model.train()
         raw = self.build_raw(scores, gens)
+        check_finite(raw, step)
         return metrics_from_raw(raw, self.fingerprint, self.reference, step=step)
 
     def _call_distributed(self, model, step: int) -> dict:
@@ -218,6 +187,7 @@ class Evaluator:
             if was_training:
                 model.train()
         raw = self.build_raw(scores, gens)
+        check_finite(raw, step)
         return metrics_from_raw(raw, self.fingerprint, self.reference, step=step)
 
     def build_raw(self, scores, gens) -> dict:
@@ -272,6 +242,80 @@ class Evaluator:
                 r1, rl = M.rouge_recall(text, self.records[key][i]["answer"])
                 raw[key]["generated"][i], raw[key]["rouge1_recall"][i], raw[key]["rougeL_recall"][i] = text, r1, rl
         return raw
+
+
+def evaluation_records(benchmark, data_cfg, eval_cfg) -> dict[str, list[dict]]:
+    """{split key: the records evaluated} (the first ``eval.max_items`` of each split; the
+    holdout split only with ``eval.mia``); UserError for a missing or empty split."""
+    names = split_names(data_cfg.forget_split)
+    keys = list(SPLITS) + (["holdout"] if eval_cfg.mia else [])
+    records: dict[str, list[dict]] = {}
+    for key in keys:
+        name = names[key]
+        if name not in benchmark.splits:
+            if key == "holdout":
+                raise UserError(f"benchmark {benchmark.name!r} has no split {name!r} for membership "
+                                f"inference; set eval.mia=false or provide the holdout split")
+            raise UserError(f"benchmark {benchmark.name!r} has no split {name!r} (needed for the "
+                            f"{key} metrics); available: {', '.join(sorted(benchmark.splits))}")
+        recs = list(benchmark.splits[name])
+        if eval_cfg.max_items is not None:
+            recs = recs[: eval_cfg.max_items]
+        if not recs:
+            raise UserError(f"split {name!r} is empty")
+        records[key] = recs
+    return records
+
+
+def evaluation_fingerprint(tokenizer, benchmark, data_cfg, eval_cfg, fast: bool = False,
+                           min_k: Optional[float] = None, records: Optional[dict] = None) -> dict:
+    """The fingerprint of an evaluation under these settings (what a retain reference must
+    match), computed without a model: a run checks its reference with it before training."""
+    if min_k is None:
+        min_k = getattr(eval_cfg, "mia_min_k", MIN_K)
+    if records is None:
+        records = evaluation_records(benchmark, data_cfg, eval_cfg)
+    names = split_names(data_cfg.forget_split)
+    return {
+        "version": FINGERPRINT_VERSION,
+        "benchmark": getattr(benchmark, "name", "?"), "source": str(getattr(benchmark, "source", "?")),
+        "forget_split": data_cfg.forget_split,
+        "splits": {k: names[k] for k in records},
+        "split_hash": {k: _hash(v) for k, v in records.items()},
+        "items": {k: len(v) for k, v in records.items()},
+        "max_items": eval_cfg.max_items,
+        "template": data_cfg.template, "max_length": data_cfg.max_length,
+        "generation": {"greedy": True, "max_new_tokens": eval_cfg.max_new_tokens,
+                       "rouge": bool(eval_cfg.rouge)},
+        "mia": {"enabled": bool(eval_cfg.mia), "min_k": float(min_k)},
+        "tokenizer": tokenizer_hash(tokenizer),
+        "mode": "fast" if fast else "full",
+    }
+
+
+class NonFiniteEvaluationError(UserError):
+    """The evaluated model gives non-finite losses or truth ratios (its weights blew up);
+    ``step`` is the step the evaluation was made at."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def check_finite(raw: dict, step: int) -> None:
+    """Refuse per-item values that are NaN or infinite (a model whose weights blew up: the
+    metrics would be meaningless), naming the split, the value and how many items."""
+    bad = []
+    for key, d in raw.items():
+        for field in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "truth_ratio"):
+            items = d.get(field, [])
+            n_bad = sum(not np.all(np.isfinite(np.asarray(v, dtype=np.float64))) for v in items)
+            if n_bad:
+                bad.append(f"{key} {field} in {n_bad} of {len(items)} items")
+    if bad:
+        raise NonFiniteEvaluationError(
+            f"the model evaluated at step {step} gives non-finite values ({'; '.join(bad[:4])}): its "
+            f"weights blew up, so no metric would mean anything", step)
 
 
 def evaluate_model(model, tokenizer, benchmark, data_cfg, eval_cfg, retain_reference=None, progress: bool = False,
@@ -390,6 +434,14 @@ def check_fingerprint(ours: dict, theirs: Optional[dict]) -> None:
             ". Re-evaluate the retain model with the same data/eval settings.")
 
 
+def reference_content_hash(reference: dict) -> str:
+    """What identifies a retain reference for scoring, whatever its path: its fingerprint (less
+    ``mode`` and ``source``), its raw forget truth ratios and its Min-K% AUC."""
+    fp = {k: v for k, v in (reference.get("fingerprint") or {}).items() if k not in ("mode", "source")}
+    return _hash({"fingerprint": fp, "truth_ratio": reference["raw"]["forget"]["truth_ratio"],
+                  "mink_auc": (reference.get("mia") or {}).get("mink_auc")})
+
+
 def load_reference(ref) -> dict:
     """A retain model's stored evaluation: a dict, a directory (metrics.json + raw.json), a
     ``X.json`` with a ``X.raw.json`` (or ``raw.json``) sibling, or one JSON with ``raw`` inline."""
@@ -403,6 +455,9 @@ def load_reference(ref) -> dict:
             raise UserError(f"retain reference {ref}: {path} does not exist; evaluate the retain model first "
                             f"(`rayunlearn eval results/models/retain`)")
         out = _read_json(path)
+        if not isinstance(out, dict):
+            raise UserError(f"retain reference {ref}: {path} holds no evaluation (a JSON object written by "
+                            f"`rayunlearn eval`); re-evaluate the retain model")
         if "raw" not in out:
             for cand in (path.with_name(path.stem + ".raw.json"), path.with_name(RAW_FILE)):
                 if cand.exists():
@@ -418,7 +473,7 @@ def load_reference(ref) -> dict:
 def _read_json(path: Path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:    # not JSON, or not even text (JSONDecodeError, UnicodeDecodeError)
         raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 

@@ -24,6 +24,7 @@ import torch
 
 from rayunlearn import UserError
 from rayunlearn.config import ModelConfig
+from rayunlearn.models.checkpoints import check_weight_files
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -109,8 +110,7 @@ def load_model(cfg: ModelConfig, path: str | os.PathLike | None = None, corpus: 
 def prepare_for_training(model, tokenizer, cfg: ModelConfig):
     """dtype, pad token, LoRA and gradient checkpointing as `cfg` says."""
     model = model.to(DTYPES[cfg.dtype])
-    if tokenizer.pad_token is None:          # e.g. Llama-2: pad with EOS (ARCHITECTURE.md)
-        tokenizer.pad_token = tokenizer.eos_token
+    _set_pad_token(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:   # non-reentrant: the G-effect engine needs autograd.grad through it
@@ -124,6 +124,30 @@ def prepare_for_training(model, tokenizer, cfg: ModelConfig):
         model = apply_lora(model, cfg)
     model.eval()
     return model, tokenizer
+
+
+def _set_pad_token(tokenizer) -> None:
+    if tokenizer.pad_token is None:          # e.g. Llama-2: pad with EOS (ARCHITECTURE.md)
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | os.PathLike):
+    """The tokenizer of the saved model in `path` exactly as :func:`load_model` returns it (same
+    pad token), without loading the weights: what checks before a run need (the evaluation
+    fingerprint hashes the tokenizer)."""
+    from transformers import AutoTokenizer
+
+    _quiet()
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json); "
+                             f"expected the output of rayunlearn finetune / save_pretrained")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer in {path}: {exc}") from None
+    _set_pad_token(tok)
+    return tok
 
 
 def apply_lora(model, cfg: ModelConfig):
@@ -167,6 +191,7 @@ def _load_dir(path: Path, cfg: ModelConfig):
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} is not a model directory (no config.json); "
                              f"expected the output of rayunlearn finetune / save_pretrained")
+    check_weight_files(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype],
                                                      trust_remote_code=cfg.trust_remote_code)
@@ -310,6 +335,6 @@ def without_lora(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, lora_r=0, gradient_checkpointing=False)
 
 
-__all__ = ["train_tokenizer", "load_model", "save_model", "smollm2_gguf_path", "apply_lora",
+__all__ = ["train_tokenizer", "load_model", "load_tokenizer", "save_model", "smollm2_gguf_path", "apply_lora",
            "prepare_for_training", "unwrap", "count_parameters", "without_lora", "ModelLoadError",
            "SPECIAL_TOKENS", "DTYPES"]

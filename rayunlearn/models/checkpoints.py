@@ -14,7 +14,9 @@ wrapper gathers sharded state first and hands plain state dicts in) and takes it
 - ``trainer.json``: step, optimiser format and param groups, and the task's own counters.
 
 Writing goes into a hidden temporary sibling renamed into place, so a kill leaves either the
-whole checkpoint or none; :func:`latest_checkpoint` only considers complete ones.
+whole checkpoint or none; :func:`latest_checkpoint` only considers complete ones, and of those
+only readable ones (a disk error or a hand-edited file can still spoil a checkpoint after it was
+written: resuming falls back to the previous good one, never loads a damaged one).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import copy
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from rayunlearn import UserError
 from rayunlearn.io import read_json, save_safetensors, write_json
 from rayunlearn.runs import (ADAPTER_FILE, CHECKPOINT_PREFIX, CHECKPOINTS_DIR, MODEL_WEIGHTS_FILE,
-                             OPTIMIZER_FILE, TRAINER_STATE_FILE, checkpoint_dir, list_checkpoints)
+                             OPTIMIZER_FILE, TRAINER_STATE_FILE, checkpoint_dir, checkpoint_step,
+                             list_checkpoints)
 
 MODEL_CONFIG_FILE = "config.json"       # Hugging Face's name: what makes a directory a model
 STATE_PREFIX = "state."                 # optimiser tensors: state.<index or FQN>.<name>
@@ -41,10 +44,71 @@ RNG_KEY = "rng.torch"
 # finding weights
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The run's last complete checkpoint (one with its trainer state), None when there is none."""
+class CorruptFileError(UserError):
+    """A weights / optimiser / trainer-state file that cannot be read (truncated, garbage)."""
+
+
+def safetensors_problem(path: str | Path) -> Optional[str]:
+    """Why the safetensors file `path` cannot be loaded, None when it can: its header is parsed
+    and its length checked against the tensors it declares (cheap: no tensor is read), which is
+    what a truncated or overwritten file fails."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def check_weight_files(model_dir: str | Path) -> None:
+    """Refuse a model directory whose safetensors files are unreadable (CorruptFileError naming
+    the file), before a model library meets them with a bare SafetensorError."""
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise CorruptFileError(f"{path} is not a readable safetensors file ({problem}); it is "
+                                   f"truncated or overwritten: restore it, or re-create the model with "
+                                   f"the command that wrote it")
+
+
+def checkpoint_problem(ckpt: str | Path) -> Optional[str]:
+    """Why checkpoint directory `ckpt` cannot be resumed from, None when it can: trainer.json
+    must be JSON naming the directory's step, the optimiser state present, and every
+    safetensors file (weights, adapter, optimiser state) readable."""
+    ckpt = Path(ckpt)
+    try:
+        meta = read_json(ckpt / TRAINER_STATE_FILE)
+    except (OSError, ValueError) as exc:
+        return f"{TRAINER_STATE_FILE}: {exc}"
+    if not isinstance(meta, dict) or meta.get("step") != checkpoint_step(ckpt):
+        return f"{TRAINER_STATE_FILE}: does not record step {checkpoint_step(ckpt)}"
+    if not (ckpt / OPTIMIZER_FILE).exists():
+        return f"{OPTIMIZER_FILE}: missing"
+    for path in sorted(ckpt.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            return f"{path.name}: {problem}"
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The run's last complete and readable checkpoint, None when there is none.  A complete
+    checkpoint (one with its trainer state) that cannot be read is skipped for the one before
+    it, and ``warn`` (e.g. ``print``) is told which and why; it stays on disk until training
+    reaches its step again and overwrites it."""
     done = [p for p in list_checkpoints(run_dir) if (p / TRAINER_STATE_FILE).exists()]
-    return done[-1] if done else None
+    for ckpt in reversed(done):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if warn is not None:
+            earlier = [p.name for p in done if checkpoint_step(p) < checkpoint_step(ckpt)]
+            then = (f"trying the previous one ({earlier[-1]})" if earlier
+                    else "no earlier checkpoint: starting from the beginning")
+            warn(f"warning: checkpoint {ckpt} is unreadable ({problem}); {then}")
+    return None
 
 
 def checkpoint_weights(run_dir: str | Path) -> list[tuple[int, Path]]:

@@ -16,11 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
+
 from rayunlearn import UserError
 from rayunlearn.config import FinetuneConfig, UnlearnConfig, check_resume_config, from_dict, save_config, to_dict
+from rayunlearn.eval.evaluate import (check_fingerprint, evaluation_fingerprint, fingerprint_diff,
+                                      load_reference, reference_content_hash)
 from rayunlearn.io import read_json, read_jsonl
 from rayunlearn.objectives import Method, parse_method
-from rayunlearn.models.checkpoints import MODEL_CONFIG_FILE
+from rayunlearn.models.checkpoints import MODEL_CONFIG_FILE, check_weight_files
 from rayunlearn.runs import (COMPLETED, CONFIG_FILE, DIVERGED, LOG_FILE, METRICS_FILE, RAY_TRAIN_DIR,
                              STATUS_FILE, DivergedError, run_dir)
 from rayunlearn.train.callbacks import scalars
@@ -75,10 +79,11 @@ def unlearn_trial(cfg: UnlearnConfig, report: Optional[Callable[[dict], None]] =
     named by ``effects.aggregator``); the trial id is ``cfg.trial_id``, or the name of
     ``cfg.out`` for a run outside a sweep."""
     method = _check_unlearn(cfg)
+    fingerprint = check_retain_reference(cfg) if cfg.evaluate and cfg.eval.retain_reference else None
     out = run_dir(cfg.out, cfg.trial_id)
-    status = prepare_run_dir(cfg, out)
-    if status.get("status") == COMPLETED and (out / METRICS_FILE).exists():
-        metrics = read_json(out / METRICS_FILE)
+    status = prepare_run_dir(cfg, out, fingerprint)
+    metrics = finished_result(cfg, out) if status.get("status") == COMPLETED else None
+    if metrics is not None:
         if report is not None:
             report({**scalars(metrics), "done": True})
         return metrics
@@ -100,12 +105,54 @@ def train_loop_per_worker(config: dict) -> None:
     run_loop(kind, cfg, Path(config["run_dir"]), method, results_dir=results_dir, trial_id=config["trial_id"])
 
 
-def prepare_run_dir(cfg, out: Path) -> dict:
-    """Refuse a run directory holding another config; save ours; return the saved status."""
+def prepare_run_dir(cfg, out: Path, eval_fingerprint: Optional[dict] = None) -> dict:
+    """Refuse a run directory holding another config; save ours; return the saved status.
+
+    The one setting that may change between attempts is an unlearning run's
+    ``eval.retain_reference`` (given `eval_fingerprint`, this run's evaluation fingerprint,
+    which the new reference was checked against): a reference is identified by its content,
+    not its path, so a moved reference with the same content is accepted, and so is any
+    corrected reference when the saved one could never have been used by this run (it no
+    longer loads, or it was evaluated under other settings: every evaluation would have been
+    refused).  A usable saved reference with other content is refused like any other changed
+    setting: forget quality against it would not be comparable with the trajectory written."""
     out.mkdir(parents=True, exist_ok=True)
-    check_resume_config(cfg, out / CONFIG_FILE)
+    ignore = ("progress",)
+    if eval_fingerprint is not None and _reference_replaceable(cfg, out / CONFIG_FILE, eval_fingerprint):
+        ignore += ("retain_reference",)
+    check_resume_config(cfg, out / CONFIG_FILE, ignore=ignore)
     save_config(cfg, out / CONFIG_FILE)
     return read_status(out)
+
+
+def _reference_replaceable(cfg: UnlearnConfig, saved_config: Path, fingerprint: dict) -> bool:
+    """The saved run names another retain reference than `cfg` (whose reference matches
+    `fingerprint`), and the saved one is unusable for this run or holds the same content."""
+    if not saved_config.exists():
+        return False
+    saved = (yaml.safe_load(saved_config.read_text()) or {}).get("eval") or {}
+    before = saved.get("retain_reference")
+    if not before or before == cfg.eval.retain_reference:
+        return False
+    try:
+        old = load_reference(before)
+    except UserError:
+        return True
+    if fingerprint_diff(fingerprint, old.get("fingerprint") or {}):
+        return True
+    return reference_content_hash(old) == reference_content_hash(load_reference(cfg.eval.retain_reference))
+
+
+def finished_result(cfg: UnlearnConfig, out: Path) -> Optional[dict]:
+    """What a completed run returned: its metrics.json, or without evaluation (``evaluate``
+    off) its last log record; None when the run must be finished again (an evaluation that
+    was asked for is missing)."""
+    if (out / METRICS_FILE).exists():
+        return read_json(out / METRICS_FILE)
+    if cfg.evaluate:
+        return None
+    log = read_jsonl(out / LOG_FILE)
+    return dict(log[-1]) if log else None
 
 
 def read_status(out: Path) -> dict:
@@ -161,6 +208,8 @@ def _check_finetune(cfg: FinetuneConfig) -> None:
     if cfg.stage in ("target", "retain") and not cfg.init and cfg.model.name == "tiny":
         raise UserError(f"finetune stage={cfg.stage} starts from the base model: set init=<base model "
                         f"dir> (e.g. init=results/models/base), or model.name=<a pretrained model>")
+    if cfg.init and (Path(cfg.init) / MODEL_CONFIG_FILE).exists():
+        check_weight_files(cfg.init)
     _check_common(cfg)
 
 
@@ -169,8 +218,28 @@ def _check_unlearn(cfg: UnlearnConfig) -> Method:
     if not (Path(cfg.target) / MODEL_CONFIG_FILE).exists():
         raise UserError(f"target model {cfg.target} not found (no {MODEL_CONFIG_FILE}): train it first with "
                         f"`rayunlearn finetune stage=target ...` or set target=<model dir>")
+    check_weight_files(cfg.target)
     _check_common(cfg)
     return parse_method(cfg.method, allow_no_forget=cfg.allow_no_forget)
+
+
+def check_retain_reference(cfg: UnlearnConfig) -> dict:
+    """Load ``eval.retain_reference`` and compare its fingerprint with this run's evaluation
+    settings (the target's tokenizer, the benchmark's splits, ``data.*``, ``eval.*``) before
+    training, not after it: a missing, malformed or differently evaluated reference is a
+    UserError naming the file and the differing fields.  Returns this run's evaluation
+    fingerprint."""
+    from rayunlearn.data import load_benchmark
+    from rayunlearn.models import load_tokenizer
+
+    reference = load_reference(cfg.eval.retain_reference)
+    ours = evaluation_fingerprint(load_tokenizer(cfg.model, cfg.target), load_benchmark(cfg.data),
+                                  cfg.data, cfg.eval)
+    try:
+        check_fingerprint(ours, reference.get("fingerprint"))
+    except UserError as exc:
+        raise type(exc)(f"eval.retain_reference={cfg.eval.retain_reference}: {exc}") from None
+    return ours
 
 
 def _check_common(cfg) -> None:

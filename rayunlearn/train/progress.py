@@ -6,6 +6,8 @@ interrupt a run at a given step through :meth:`Bar.advance`, the one call per op
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class Bar:
     """A rich progress bar over optimiser steps showing the loss; ``print`` goes above it."""
@@ -24,7 +26,7 @@ class Bar:
 
     def advance(self, loss: float) -> None:
         if self.progress is not None:
-            self.progress.update(self.task_id, advance=1, loss=loss)
+            self.progress.update(self.task_id, advance=1, loss=loss_text(loss))
 
     def print(self, text: str) -> None:
         if self.progress is not None:
@@ -33,14 +35,20 @@ class Bar:
             print(text)
 
 
-def progress_bar(enabled: bool, title: str, total: int, done: int) -> Bar:
-    """A bar at `done` of `total` steps; a silent one (prints only) when not `enabled`."""
+def loss_text(loss: Optional[float]) -> str:
+    """The bar's loss field: 4 decimals, or a dash before any step was logged (not "nan")."""
+    return "—" if loss is None else f"{loss:.4f}"
+
+
+def progress_bar(enabled: bool, title: str, total: int, done: int, last_loss: Optional[float] = None) -> Bar:
+    """A bar at `done` of `total` steps showing `last_loss` (the last logged loss of a resumed
+    run) until the next step; a silent one (prints only) when not `enabled`."""
     if not enabled:
         return Bar()
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
-    task_id = progress.add_task(title, total=total, completed=done, loss=float("nan"))
+                        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    task_id = progress.add_task(title, total=total, completed=done, loss=loss_text(last_loss))
     return Bar(progress, task_id)
