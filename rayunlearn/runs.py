@@ -40,7 +40,7 @@ from rayunlearn import UserError
 # names inside a run directory (finetuning run, unlearning run, sweep trial)
 
 CONFIG_FILE = "config.yaml"            # the resolved config; resume refuses a different one
-STATUS_FILE = "status.json"            # {"status": RUNNING|COMPLETED|DIVERGED, "step": ...}
+STATUS_FILE = "status.json"            # {"status": RUNNING|COMPLETED|DIVERGED|FAILED, "step": ...}
 LOG_FILE = "log.jsonl"                 # one line per optimiser step
 METRICS_FILE = "metrics.json"          # the final evaluation
 RAW_FILE = "raw.json"                  # per-item values behind metrics.json
