@@ -240,7 +240,8 @@ class SearchSpace:
             if v not in ("max", "min"):
                 raise ConfigError(f"objectives.{k}: must be max or min, got {v!r}")
         score = check_score_name(self.unlearn.eval.removal_score, "unlearn.eval.removal_score")
-        if score.needs and not (self.prepare.enabled and self.prepare.reference_eval):
+        # (prepare.enabled=false: no models and no evaluation, e.g. a synthetic trainable)
+        if score.needs and self.prepare.enabled and not self.prepare.reference_eval:
             raise ConfigError(f"unlearn.eval.removal_score: {score.name} needs the prepared reference "
                               f"evaluations ({', '.join(score.needs)}); set prepare.reference_eval=true or "
                               f"choose a score that needs none (es_removal, prob_removal)")
