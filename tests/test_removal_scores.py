@@ -1,6 +1,7 @@
 """Removal scores (rayunlearn.eval.scores) and the held-out selection/report split by author
 (rayunlearn.eval.heldout) on hand-made per-item numbers."""
 
+import json
 import math
 
 import numpy as np
@@ -217,3 +218,52 @@ def test_each_part_is_scored_on_its_own_items():
     assert split_items(authors, 0.5, seed=8).selection != tuple(sel)
     assert metrics_from_raw(model, fp, ref, selection_seed=8)["heldout"]["items"]["selection"] == \
         list(split_items(authors, 0.5, seed=8).selection)
+
+
+def test_a_trial_gets_the_score_settings_and_the_target_reference(tmp_path):
+    from rayunlearn import runs
+    from rayunlearn.config import to_dict
+    from rayunlearn.io import write_json
+    from rayunlearn.sweep.space import load_space
+    from rayunlearn.sweep.trial import TrialContext, trial_config
+
+    space = load_space("demo_sweep", [f"results={tmp_path}", "unlearn.eval.removal_score=nll_rise",
+                                      "unlearn.eval.selection_fraction=0.25", "unlearn.eval.selection_seed=3"])
+    sweep = tmp_path / "sweep"
+    retain = runs.reference_eval(sweep, "retain")
+
+    def config():
+        ctx = TrialContext(space=to_dict(space), sweep_dir=str(sweep), target=str(tmp_path / "target"), data=None,
+                           retain_reference=str(retain), aggregator=None)
+        return trial_config(space, ctx, "t0", "wga+kl").eval
+
+    ev = config()
+    assert (ev.removal_score, ev.selection_fraction, ev.selection_seed) == ("nll_rise", 0.25, 3)
+    assert ev.retain_reference == str(retain) and ev.target_reference is None    # no target evaluation yet
+    write_json(runs.reference_eval(sweep, "target"), {})
+    assert config().target_reference == str(runs.reference_eval(sweep, "target"))
+
+
+def test_evaluation_with_a_target_reference_scores_nll_rise(tmp_path):
+    from conftest import data_config, tiny_setup
+
+    from rayunlearn.config import EvalConfig
+    from rayunlearn.eval.evaluate import ReferenceMismatchError, evaluate_model, write_eval
+
+    model, tok, bench = tiny_setup(seed=0)
+    other = tiny_setup(seed=1)[0]
+    cfg = EvalConfig(max_new_tokens=4, rouge=False)
+    write_eval(evaluate_model(model, tok, bench, data_config(), cfg), tmp_path / "target")
+    scored = EvalConfig(max_new_tokens=4, rouge=False, removal_score="nll_rise",
+                        target_reference=str(tmp_path / "target"))
+    same = evaluate_model(model, tok, bench, data_config(), scored)
+    assert same["removal_kind"] == "nll_rise" and same["removal"] == 0.0
+    res = evaluate_model(other, tok, bench, data_config(), scored)
+    target_nll = json.loads((tmp_path / "target" / "raw.json").read_text())["forget"]["avg_gt_loss"]
+    nll = res["raw"]["forget"]["avg_gt_loss"]
+    assert res["removal"] == pytest.approx(np.mean(nll) - np.mean(target_nll), rel=1e-12)
+    # the toy records carry no author field: TOFU's blocks of 20 QA, stored per item in raw.json
+    assert res["raw"]["forget"]["author"] == ["block-0", "block-0"]
+    with pytest.raises(ReferenceMismatchError, match="max_items"):
+        evaluate_model(other, tok, bench, data_config(), EvalConfig(max_new_tokens=4, rouge=False, max_items=1,
+                                                                     target_reference=str(tmp_path / "target")))
