@@ -567,7 +567,8 @@ def print_summary(result: dict, title: str = "TOFU evaluation") -> None:
         t.add_row(key, *(f(b.get(c)) for c in ("prob", "rouge", "truth_ratio", "extraction_strength",
                                                  "exact_memorization")))
     s = Table(show_header=False)
-    for k in ("model_utility", "forget_quality", "ks_statistic", "ks_n", "removal", "removal_kind", "retention"):
+    for k in ("model_utility", "forget_quality", "ks_statistic", "ks_n", "removal", "removal_report", "removal_kind",
+              "retention"):
         s.add_row(k, f(result.get(k)))
     for k, v in result["mia"].items():
         s.add_row(f"mia.{k}", f(v))
