@@ -93,6 +93,22 @@ def test_closeness_is_continuous_where_the_ks_pvalue_is_not():
     assert ta != tb and abs(math.log(ta) - math.log(tb)) == pytest.approx(1e-3 / 30, rel=1e-6)
 
 
+def test_a_score_moves_with_a_small_change_of_one_item_exactly_when_declared_continuous():
+    rng = np.random.default_rng(2)
+    n = 30
+    base = dict(truth_ratio=np.exp(rng.normal(0.3, 1, n)), avg_nll=rng.uniform(0.5, 3, n),
+                extraction_strength=rng.uniform(0, 1, n), mink=rng.normal(0, 1, n), holdout_mink=rng.normal(0, 1, 25),
+                retain_truth_ratio=np.exp(rng.normal(0, 1, n)), retain_mink=rng.normal(0, 1, n),
+                retain_holdout_mink=rng.normal(0, 1, 25), target_avg_nll=rng.uniform(0.1, 1, n))
+    nudged = {k: v.copy() for k, v in base.items()}
+    nudged["truth_ratio"][0] *= math.exp(1e-6)       # one item's losses move by 1e-6 nats: no rank changes
+    nudged["avg_nll"][0] += 1e-6
+    nudged["mink"][0] -= 1e-6
+    for name, s in S.REMOVAL_SCORES.items():
+        a, b = s.fn(S.ScoreInputs(**base)), s.fn(S.ScoreInputs(**nudged))
+        assert (a != b) == s.continuous, name
+
+
 def test_scores_without_their_reference_are_none_and_removal_falls_back_to_prob_removal():
     got = S.part_scores(inputs())
     for name, s in S.REMOVAL_SCORES.items():

@@ -32,7 +32,7 @@ Two questions, two families (docs/spec/TOFU_METRICS.md):
 * **privacy** — ``privleak_closeness``: 1 − |privleak|/100, privleak (MUSE) from the Min-K%
   AUC of these forget items against the holdout items, relative to the retain model's AUC on
   the same items. 1 = exactly the retain model's membership leakage; under- and over-unlearning
-  both lower it (a target model ≈ 0).
+  both lower it (a target model ≈ 0). Rank-based (an AUC), so not continuous.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from rayunlearn.eval import metrics as M
 
 RETAIN, TARGET, MIA = "retain", "target", "mia"   # what a score needs besides the model's raw
 DEFAULT_SCORE = "tr_closeness"
-FALLBACK_SCORE = "prob_removal"   # needs nothing: used (and named) when a reference is missing
+FALLBACK_SCORE = "prob_removal"
+INDISTINGUISHABLE = "indistinguishable from the retain model"   # needs nothing: used (and named) when a reference is missing
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,9 @@ class ScoreInputs:
 @dataclass(frozen=True)
 class RemovalScore:
     name: str
-    family: str                 # "indistinguishable", "full removal" or "privacy"
+    family: str                 # "indistinguishable from the retain model", "full removal" or "privacy"
     needs: tuple[str, ...]
     continuous: bool            # changes with any small change of one item's losses
-    summary: str
     fn: Callable[[ScoreInputs], Optional[float]]
 
 
@@ -100,26 +100,19 @@ def _privleak_closeness(x: ScoreInputs) -> Optional[float]:
 
 
 REMOVAL_SCORES: dict[str, RemovalScore] = {s.name: s for s in (
-    RemovalScore("tr_closeness", "indistinguishable", (RETAIN,), True,
-                 "exp(−W1) between the log truth ratios of the model and of the retain model",
+    RemovalScore("tr_closeness", INDISTINGUISHABLE, (RETAIN,), True,
                  lambda x: float(np.exp(-_w1_log(x.truth_ratio, x.retain_truth_ratio)))),
-    RemovalScore("ks_closeness", "indistinguishable", (RETAIN,), False,
-                 "1 − KS statistic D against the retain model's truth ratios (steps of 1/n)",
+    RemovalScore("ks_closeness", INDISTINGUISHABLE, (RETAIN,), False,
                  lambda x: 1.0 - M.forget_quality(x.truth_ratio, x.retain_truth_ratio)["statistic"]),
-    RemovalScore("forget_quality", "indistinguishable", (RETAIN,), False,
-                 "TOFU's KS p-value against the retain model (discrete, noisy; report it, do not select on it)",
+    RemovalScore("forget_quality", INDISTINGUISHABLE, (RETAIN,), False,
                  lambda x: M.forget_quality(x.truth_ratio, x.retain_truth_ratio)["pvalue"]),
     RemovalScore("nll_rise", "full removal", (TARGET,), True,
-                 "mean forget-answer NLL minus the target model's (nats; rewards over-unlearning)",
                  lambda x: float(np.mean(x.avg_nll) - np.mean(x.target_avg_nll))),
     RemovalScore("es_removal", "full removal", (), False,
-                 "1 − mean extraction strength of the forget answers",
                  lambda x: 1.0 - float(np.mean(x.extraction_strength))),
     RemovalScore("prob_removal", "full removal", (), True,
-                 "1 − mean forget probability",
                  lambda x: 1.0 - M.answer_prob(x.avg_nll)),
-    RemovalScore("privleak_closeness", "privacy", (RETAIN, MIA), True,
-                 "1 − |privleak|/100 (Min-K% AUC vs holdout, relative to the retain model's)",
+    RemovalScore("privleak_closeness", "privacy", (RETAIN, MIA), False,
                  _privleak_closeness),
 )}
 
@@ -129,8 +122,12 @@ def check_score_name(name: str, where: str = "removal_score") -> RemovalScore:
     from rayunlearn.config import ConfigError
 
     if name not in REMOVAL_SCORES:
-        raise ConfigError(f"{where}: unknown removal score {name!r}; valid: {', '.join(REMOVAL_SCORES)} "
-                          f"(rayunlearn/eval/scores.py documents each)")
+        families: dict[str, list[str]] = {}
+        for s in REMOVAL_SCORES.values():
+            families.setdefault(s.family, []).append(s.name)
+        valid = "; ".join(f"{fam}: {', '.join(names)}" for fam, names in families.items())
+        raise ConfigError(f"{where}: unknown removal score {name!r}; valid ({valid}) — rayunlearn/eval/scores.py "
+                          f"documents each")
     return REMOVAL_SCORES[name]
 
 
