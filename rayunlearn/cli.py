@@ -8,8 +8,8 @@
     rayunlearn effects RUN_DIR [key=value ...]
     rayunlearn tofu-summary EVAL_DIR [--retain RETAIN_DIR] [--json]
     rayunlearn sweep SPACE [--resume] [key=value ...]
-    rayunlearn report RESULTS_DIR
-    rayunlearn demo [--model tiny|smollm2-135m] [key=value ...]
+    rayunlearn report RESULTS_DIR [--summary-md PATH]
+    rayunlearn demo [--model tiny|smollm2-135m] [--summary PATH] [key=value ...]
     rayunlearn bench {effects,eval,sweep,gpu,all}
     rayunlearn methods        (objectives, method presets and their hyper-parameters)
 """
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from rayunlearn import UserError
@@ -64,11 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="HTML/Markdown/PNG report from a results directory (no Ray, no model)")
     rp.add_argument("results_dir", metavar="RESULTS_DIR")
+    rp.add_argument("--summary-md", default=None, metavar="PATH",
+                    help="also write a Markdown summary (tables, claim verdicts, commit, command) to PATH")
 
     dm = sub.add_parser("demo", help="the main job: synthesize, train, the paper's study, a sweep, the report")
     dm.add_argument("--model", default="tiny", help="tiny (default) or smollm2-135m")
     dm.add_argument("--out", default="results/demo")
     dm.add_argument("--fresh", action="store_true", help="ignore finished stages and start over")
+    dm.add_argument("--summary", default=None, metavar="PATH",
+                    help="also write a Markdown summary of the results to PATH (e.g. docs/results/demo.md)")
     dm.add_argument("overrides", nargs="*", metavar="key=value")
 
     bn = sub.add_parser("bench", help="performance measurements, printed as side-by-side ratios")
@@ -130,11 +135,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "report":
         from rayunlearn.report import report_command
 
-        return report_command(args.results_dir)
+        return report_command(args.results_dir, summary_md=args.summary_md, command=args.command_line)
     if cmd == "demo":
         from rayunlearn.demo import demo_command
 
-        return demo_command(model=args.model, out=args.out, overrides=args.overrides, fresh=args.fresh)
+        return demo_command(model=args.model, out=args.out, overrides=args.overrides, fresh=args.fresh,
+                            summary=args.summary, command=args.command_line)
     if cmd == "bench":
         from rayunlearn.bench import bench_command
 
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command_line = "rayunlearn " + shlex.join(sys.argv[1:] if argv is None else argv)   # what summaries record
     try:
         return dispatch(args) or 0
     except UserError as exc:

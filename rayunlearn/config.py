@@ -203,7 +203,13 @@ class EvalConfig:
     rouge: bool = True
     mia: bool = True
     retain_reference: Optional[str] = None   # a retain model's stored evaluation (JSON) for FQ/privleak
+    target_reference: Optional[str] = None   # the target model's stored evaluation, for nll_rise
     mia_min_k: float = 0.4         # k of Min-K% / Min-K%++ (fraction of lowest-scoring tokens)
+    # what `removal` measures (rayunlearn/eval/scores.py lists the names) and the held-out split
+    # of the forget set by author: `removal` on the selection part, `removal_report` on the rest
+    removal_score: str = "tr_closeness"
+    selection_fraction: float = 0.5   # share of forget authors in the selection part (1 = no held-out part)
+    selection_seed: int = 0
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "every": NONNEGATIVE_INT,
@@ -211,7 +217,14 @@ class EvalConfig:
         "batch_size": COUNT,
         "max_new_tokens": COUNT,
         "mia_min_k": number(0, 1, low_open=True),
+        "selection_fraction": number(0, 1, low_open=True),
+        "selection_seed": NONNEGATIVE_INT,
     }
+
+    def validate(self) -> None:
+        from rayunlearn.eval.scores import check_score_name
+
+        check_score_name(self.removal_score, "removal_score")
 
 
 @dataclass

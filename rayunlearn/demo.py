@@ -11,7 +11,8 @@ On a local Ray instance with the embedded default (the synthetic benchmark and t
 3. **sweep** — a multi-objective Optuna sweep over the weighting and KL hyper-parameters of the
    paper's proposed families (the shipped space ``demo_sweep``);
 4. **report** — ``<out>/report/report.html`` (+ Markdown and PNG figures) with the Pareto frontier,
-   the paper-style table, G-effect curves and the findings on the paper's claims.
+   the paper-style table, G-effect curves and the findings on the paper's claims; with
+   ``--summary PATH`` also the Markdown summary the README quotes (``rayunlearn.report.summary``).
 
 Each stage records its completion in ``<out>/demo_state.json``; an interrupted demo resumes where
 it stopped (a half-finished Tune experiment is restored, finished trials are not redone).
@@ -50,7 +51,7 @@ SMOLLM2 = [
 
 
 def demo_command(model: str = "tiny", out: str = "results/demo", overrides: list[str] | None = None,
-                 fresh: bool = False) -> int:
+                 fresh: bool = False, summary: str | None = None, command: str = "rayunlearn demo") -> int:
     from rich.console import Console
 
     console = Console()
@@ -110,6 +111,11 @@ def demo_command(model: str = "tiny", out: str = "results/demo", overrides: list
     state["timings"] = timings
     state["report"] = str(html)
     write_json(state_path, state)
+    if summary:
+        from rayunlearn.report.summary import write_summary
+
+        md = write_summary(out_dir, summary, command, html.parent / runs.REPORT_SUMMARY_FILE)
+        console.print(f"wrote the Markdown summary {md}")
     console.print(f"[bold green]done[/] in {timings['this_run_total']:.0f} s — report: {html}")
     console.print("  stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0

@@ -78,6 +78,9 @@ MODELS_DIR = "models"
 PREPARED_DONE_FILE = "done.json"       # in prepared/<hash>/: the preparation stages finished
 DEMO_STATE_FILE = "demo_state.json"    # in a demo directory: the stages `rayunlearn demo` finished
 
+# names in a report directory
+REPORT_SUMMARY_FILE = "summary.json"   # the report's machine-readable answers (fronts, claim verdicts)
+
 EFFECT_TABLES = ("geffects", "steps")
 
 
@@ -177,6 +180,8 @@ EFFECT_KEY_COLUMNS = {"geffects": [f.name for f in GEFFECT_SCHEMA if f.name != "
 
 # trials.parquet: these columns always, then `hp.<name>` per hyper-parameter and the flattened
 # metrics (`forget.prob`, `mia.privleak`, ...) of the trial's final evaluation.
+# `removal` is the removal score on the held-out split's selection part; `removal_report` (among
+# the metrics) the same score on the report part (rayunlearn.eval.evaluate).
 TRIALS_FIXED_COLUMNS = ("trial_id", "family", "method", "status", "error", "time_s", "attempts",
                         "removal", "retention")
 TRIALS_REQUIRED_COLUMNS = ("trial_id", "family", "method", "status", "removal", "retention")

@@ -67,9 +67,11 @@ def test_retain_reference_is_its_own_forget_quality_reference():
 
     model, tok, bench = tiny_setup(seed=3)
     plain = evaluate_model(model, tok, bench, data_config(), EvalConfig(max_new_tokens=4, rouge=False))
-    assert plain["removal_kind"] == "1-forget_prob" and plain["forget_quality"] is None
-    ref = self_referenced(plain)
-    assert ref["removal_kind"] == "forget_quality" and ref["removal"] == 1.0
+    cfg = EvalConfig(max_new_tokens=4, rouge=False)
+    assert plain["removal_kind"] == "prob_removal" and plain["forget_quality"] is None
+    ref = self_referenced(plain, cfg)
+    assert ref["removal_kind"] == "tr_closeness" and ref["removal"] == 1.0
+    assert ref["selection"]["ks_closeness"] == 1.0 and ref["selection"]["privleak_closeness"] == 1.0
     assert ref["forget_quality"] == 1.0 and ref["ks_statistic"] == 0.0
     assert ref["mia"]["privleak"] == 0.0
     # everything else is unchanged

@@ -61,7 +61,14 @@ def test_metrics_follow_raw_arrays(tiny, ref_result):
     ks = ks_2samp(raw["forget"]["truth_ratio"], ref_result["raw"]["forget"]["truth_ratio"])
     assert res["forget_quality"] == pytest.approx(ks.pvalue) and res["ks_statistic"] == pytest.approx(ks.statistic)
     assert res["ks_n"] == [2, 2]
-    assert res["removal_kind"] == "forget_quality" and res["removal"] == res["forget_quality"]
+    # removal = the default score (tr_closeness) on the selection part; one forget author: all
+    # items are selection, no report part
+    from scipy.stats import wasserstein_distance
+
+    assert res["heldout"]["items"] == {"selection": [0, 1], "report": []} and res["removal_report"] is None
+    w1 = wasserstein_distance(np.log(raw["forget"]["truth_ratio"]), np.log(ref_result["raw"]["forget"]["truth_ratio"]))
+    assert res["removal_kind"] == "tr_closeness" and res["removal"] == pytest.approx(np.exp(-w1), rel=1e-12)
+    assert res["selection"]["forget_quality"] == pytest.approx(ks.pvalue) and res["selection"]["n_items"] == 2
     # MIA: AUC of forget vs holdout LOSS scores (higher = member) and privleak vs the reference
     lf, lh = -np.array(f["avg_gt_loss"]), -np.array(raw["holdout"]["avg_gt_loss"])
     brute = np.mean([(a > b) + 0.5 * (a == b) for a in lf for b in lh])
@@ -76,7 +83,7 @@ def test_metrics_follow_raw_arrays(tiny, ref_result):
 
 def test_without_reference_removal_is_one_minus_forget_prob(tiny, ref_result):
     assert ref_result["forget_quality"] is None and ref_result["ks_n"] is None
-    assert ref_result["removal_kind"] == "1-forget_prob"
+    assert ref_result["removal_kind"] == "prob_removal" and ref_result["selection"]["tr_closeness"] is None
     assert ref_result["removal"] == pytest.approx(1 - ref_result["forget"]["prob"])
     assert ref_result["mia"]["privleak"] is None
 

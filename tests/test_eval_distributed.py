@@ -131,7 +131,7 @@ def test_shards_are_uneven(runs):
 
 def test_two_processes_equal_single_process(runs):
     single, ranks, _ = runs
-    assert single["removal_kind"] == "forget_quality" and single["mia"]["privleak"] is not None
+    assert single["removal_kind"] == "tr_closeness" and single["mia"]["privleak"] is not None
     assert "generated" in single["raw"]["forget"]
     for r, got in enumerate(ranks):
         res = got["plain"]

@@ -82,7 +82,11 @@ def test_report_reads_what_the_sweep_wrote(swept, tmp_path):
         row = rows.loc[t["trial_id"]]
         assert (row["removal"], row["retention"]) == (t["removal"], t["retention"])
         shared = [key for key, _, _ in TABLE_COLUMNS if key in table.columns and key != "ks_n"]
-        assert "forget.prob" in shared and "model_utility" in shared
+        assert "forget.prob" in shared and "model_utility" in shared and "removal_report" in shared
+        # removal = the default score on the selection authors, removal_report on the held-out ones
+        assert t["removal_kind"] == "tr_closeness"
+        assert (t["removal"], t["removal_report"]) == (t["selection.tr_closeness"], t["report.tr_closeness"])
+        assert t["selection.n_items"] > 0 and t["report.n_items"] > 0
         for key in shared:           # metrics.json (what the report reads) = the table's value
             assert row[key] == t[key] or (math.isnan(row[key]) and math.isnan(t[key])), key
         steps = pq.read_table(runs.effects_table(sweep_dir, t["trial_id"], "steps")).to_pandas()

@@ -9,10 +9,14 @@ Splits evaluated (`max_items` first items of each, None = all, recorded in the f
 items for membership inference.
 
 Search scores (both maximised, in every metrics dict):
-* ``removal`` = forget quality (KS p-value against the retain model's forget truth ratios) when a
-  retain reference is given, else ``1 − forget probability``; ``removal_kind`` says which
-  (``"forget_quality"`` or ``"1-forget_prob"``).  Only compare removal values of the same kind,
-  and forget-quality values only on forget splits of the same size.
+* ``removal`` = the removal score named by ``eval.removal_score`` (``rayunlearn.eval.scores``;
+  default ``tr_closeness``) on the *selection* part of the forget set, ``removal_report`` the same
+  score on the held-out *report* part (``rayunlearn.eval.heldout``: split by author,
+  ``eval.selection_fraction``, ``eval.selection_seed``); ``removal_kind`` names the score, which is
+  ``prob_removal`` (1 − forget probability) when the chosen score's reference is missing. Every
+  score of each part is under ``selection`` / ``report`` (with the KS statistic, privleak and the
+  number of items), the split under ``heldout``. ``forget_quality`` / ``ks_statistic`` / ``ks_n``
+  stay TOFU's numbers over all forget items (compare them only on splits of the same size).
 * ``retention`` = model utility (harmonic mean of the nine utility numbers; in ``fast`` mode, used
   inside training loops without generation, of the six non-ROUGE numbers — the fingerprint's
   ``mode`` says which).
@@ -25,7 +29,8 @@ by `write_eval`, a ``.json`` written by `write_eval` with its ``.raw.json`` sibl
 holding ``raw`` inline).  Its fingerprint must equal ours in every field but ``mode`` and ``source`` (the splits'
 content hashes are compared instead); otherwise a
 `ReferenceMismatchError` lists the differing fields.  Forget quality uses its raw forget truth
-ratios; privleak its Min-K% AUC.
+ratios; privleak its Min-K% AUC.  ``eval.target_reference`` (the target model's stored
+evaluation, same rules) gives ``nll_rise`` its baseline.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import numpy as np
 
 from rayunlearn import UserError
 from rayunlearn.eval import metrics as M
+from rayunlearn.eval import scores as S
+from rayunlearn.eval.heldout import DEFAULT_FRACTION, block_authors, item_authors, split_items
 from rayunlearn.runs import CONFIG_FILE, METRICS_FILE, RAW_FILE, TOFU_EVAL_DIR
 
 FINGERPRINT_VERSION = 1
@@ -129,6 +136,9 @@ class Evaluator:
         self.reference = None if retain_reference is None else load_reference(retain_reference)
         if self.reference is not None:
             check_fingerprint(self.fingerprint, self.reference.get("fingerprint"))
+        self.target = None if eval_cfg.target_reference is None else load_reference(eval_cfg.target_reference)
+        if self.target is not None:
+            check_fingerprint(self.fingerprint, self.target.get("fingerprint"))
 
     def _add(self, key, i, kind, k, question, answer, extras=False):
         from rayunlearn.eval.probe import Probe
@@ -161,7 +171,7 @@ class Evaluator:
                 model.train()
         raw = self.build_raw(scores, gens)
         check_finite(raw, step)
-        return metrics_from_raw(raw, self.fingerprint, self.reference, step=step)
+        return self.metrics(raw, step)
 
     def _call_distributed(self, model, step: int) -> dict:
         from rayunlearn.eval import distributed as D
@@ -188,7 +198,14 @@ class Evaluator:
                 model.train()
         raw = self.build_raw(scores, gens)
         check_finite(raw, step)
-        return metrics_from_raw(raw, self.fingerprint, self.reference, step=step)
+        return self.metrics(raw, step)
+
+    def metrics(self, raw: dict, step: int) -> dict:
+        """metrics.json of ``raw`` under this evaluator's references and score settings."""
+        return metrics_from_raw(raw, self.fingerprint, self.reference, step=step, target=self.target,
+                                removal_score=self.eval_cfg.removal_score,
+                                selection_fraction=self.eval_cfg.selection_fraction,
+                                selection_seed=self.eval_cfg.selection_seed)
 
     def build_raw(self, scores, gens) -> dict:
         """Per-item arrays per split (TOFU log field names) from probe scores and generations."""
@@ -198,6 +215,8 @@ class Evaluator:
             d: dict[str, Any] = {"index": list(range(n)), "question": [r["question"] for r in recs],
                                  "answer": [r["answer"] for r in recs]}
             raw[key] = d
+            if key == "forget":     # whole authors go to one held-out part (rayunlearn.eval.heldout)
+                d["author"] = item_authors(recs)
             d["gt_loss"], d["num_token_gt"], d["avg_gt_loss"] = [0.0] * n, [0] * n, [0.0] * n
             if key != "holdout":
                 d["paraphrased_loss"], d["num_token_paraphrased"], d["avg_paraphrased_loss"] = [0.0] * n, [0] * n, [0.0] * n
@@ -337,8 +356,13 @@ def _mean(x) -> float:
     return float(np.mean(np.asarray(x, dtype=np.float64)))
 
 
-def metrics_from_raw(raw: dict, fingerprint: dict, reference: Optional[dict] = None, step: int = 0) -> dict:
-    """Every metrics.json field from the raw per-item arrays (and the retain reference's)."""
+def metrics_from_raw(raw: dict, fingerprint: dict, reference: Optional[dict] = None, step: int = 0, *,
+                     target: Optional[dict] = None, removal_score: str = S.DEFAULT_SCORE,
+                     selection_fraction: float = DEFAULT_FRACTION, selection_seed: int = 0) -> dict:
+    """Every metrics.json field from the raw per-item arrays (and the retain / target
+    references'): ``removal`` = score ``removal_score`` on the selection part of the held-out
+    split, ``removal_report`` = the same score on the report part, every score of both parts
+    under ``selection`` / ``report``, the split itself under ``heldout``."""
     out: dict[str, Any] = {"fingerprint": fingerprint, "step": int(step)}
     blocks: dict[str, dict] = {}
     for key in SPLITS:
@@ -360,9 +384,18 @@ def metrics_from_raw(raw: dict, fingerprint: dict, reference: Optional[dict] = N
         ref_auc = ((reference or {}).get("mia") or {}).get("mink_auc")
         if ref_auc is not None:
             mia["privleak"] = M.privleak(mia["mink_auc"], ref_auc)
+    forget = raw["forget"]
+    # raw.json written before the held-out split has no authors: TOFU's blocks of 20 QA then
+    split = split_items(forget.get("author") or block_authors(len(forget["avg_gt_loss"])),
+                        selection_fraction, selection_seed)
+    ref_raw, target_raw = (reference or {}).get("raw"), (target or {}).get("raw")
+    parts = {name: S.part_scores(S.score_inputs(raw, items, ref_raw, target_raw)) if items else None
+             for name, items in (("selection", split.selection), ("report", split.report))}
+    kind = S.removal_kind(removal_score, parts["selection"])
     out.update({
-        "removal": fq["pvalue"] if fq else 1.0 - blocks["forget"]["prob"],
-        "removal_kind": "forget_quality" if fq else "1-forget_prob",
+        "removal": parts["selection"][kind],
+        "removal_report": parts["report"][kind] if parts["report"] else None,
+        "removal_kind": kind,
         "retention": mu,
         "forget_quality": fq["pvalue"] if fq else None,
         "ks_statistic": fq["statistic"] if fq else None,
@@ -372,6 +405,9 @@ def metrics_from_raw(raw: dict, fingerprint: dict, reference: Optional[dict] = N
         "forget": blocks["forget"], "retain": blocks["retain"],
         "real_authors": blocks["real_authors"], "world_facts": blocks["world_facts"],
         "mia": mia,
+        "selection": parts["selection"],
+        "report": parts["report"],
+        "heldout": split.as_dict(),
         "raw": raw,
     })
     return out
@@ -382,7 +418,7 @@ def trajectory_record(result: dict) -> dict:
     retention, forget_quality, ..., ``forget.prob``, ``mia.loss_auc``, ..."""
     rec: dict[str, Any] = {}
     for k, v in result.items():
-        if k in ("raw", "fingerprint"):
+        if k in ("raw", "fingerprint", "heldout"):
             continue
         if isinstance(v, dict):
             for kk, vv in v.items():
@@ -586,7 +622,8 @@ def print_summary(result: dict, title: str = "TOFU evaluation") -> None:
         t.add_row(key, *(f(b.get(c)) for c in ("prob", "rouge", "truth_ratio", "extraction_strength",
                                                  "exact_memorization")))
     s = Table(show_header=False)
-    for k in ("model_utility", "forget_quality", "ks_statistic", "ks_n", "removal", "removal_kind", "retention"):
+    for k in ("model_utility", "forget_quality", "ks_statistic", "ks_n", "removal", "removal_report", "removal_kind",
+              "retention"):
         s.add_row(k, f(result.get(k)))
     for k, v in result["mia"].items():
         s.add_row(f"mia.{k}", f(v))

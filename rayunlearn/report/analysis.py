@@ -108,6 +108,8 @@ def instance_effects(geffects: pd.DataFrame | None) -> pd.DataFrame | None:
 
 # ----------------------------------------------------------------------------- results table
 TABLE_COLUMNS = [
+    ("removal", ("removal",), "removal (sel)"),
+    ("removal_report", ("removal_report",), "removal (report)"),
     ("forget_quality", ("forget_quality",), "FQ"),
     ("ks_statistic", ("ks_statistic",), "KS"),
     ("ks_n", ("ks_n",), "n"),

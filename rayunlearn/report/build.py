@@ -230,7 +230,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     # Pareto
     doc.h(2, "Pareto frontier")
     doc.p("Removal vs retention of every completed trial (both maximised). Ringed, joined and labelled: the "
-          "non-dominated trials (no other trial is at least as good on both and better on one).")
+          "non-dominated trials (no other trial is at least as good on both and better on one). Removal is the "
+          "removal score on the forget authors the sweep selected on; the front's table also gives it on the "
+          "held-out report authors — the honest number, and the gap between the two is the selection's optimism.")
     all_points = []
     for c in collections:
         pts = c.completed[["trial_id", "family", "removal", "retention"]].copy()
@@ -242,9 +244,12 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             continue
         doc.img(fig(F.pareto_figure(pts, fronts[c.name], colors, c.reference, f"Pareto frontier — {c.name}",
                                     fig_dir / f"{_slug(c.name)}_pareto.png")), f"Pareto frontier of {c.name}")
-        front_tbl = pts[pts["trial_id"].isin(fronts[c.name])].sort_values("removal")[
-            ["trial_id", "label", "removal", "retention"]]
-        doc.table(front_tbl.rename(columns={"label": "method"}))
+        front_rows = c.completed[c.completed["trial_id"].isin(fronts[c.name])]
+        front_tbl = pts[pts["trial_id"].isin(fronts[c.name])].assign(
+            removal_report=[c.metric(r, ("removal_report",)) for _, r in front_rows.iterrows()]
+        ).sort_values("removal")[["trial_id", "label", "removal", "removal_report", "retention"]]
+        doc.table(front_tbl.rename(columns={"label": "method", "removal": "removal (selection)",
+                                            "removal_report": "removal (report)"}))
         agree = None
         if c.pareto_file is not None and c.pareto_file.get("trials"):
             agree = set(map(str, c.pareto_file["trials"])) == fronts[c.name]
@@ -392,16 +397,22 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     title = f"rayunlearn report — {root}"
     write_text(out / "report.html", render_html(doc, title))
     write_text(out / "report.md", render_md(doc, title, "figures"))
-    write_json(out / "summary.json", summary)
+    write_json(out / runs.REPORT_SUMMARY_FILE, summary)
     return out / "report.html"
 
 
-def report_command(results_dir: str) -> int:
-    """CLI entry: `rayunlearn report RESULTS_DIR`."""
+def report_command(results_dir: str, summary_md: str | None = None, command: str = "") -> int:
+    """CLI entry: `rayunlearn report RESULTS_DIR [--summary-md PATH]` (``command``: the command
+    line, recorded in the Markdown summary)."""
     from rich.console import Console
 
     console = Console(stderr=True)
     with console.status(f"building the report of {results_dir}…"):
         path = build_report(results_dir)
-    console.print(f"wrote {path} (and report.md, figures/, summary.json beside it)")
+    console.print(f"wrote {path} (and report.md, figures/, {runs.REPORT_SUMMARY_FILE} beside it)")
+    if summary_md:
+        from rayunlearn.report.summary import write_summary
+
+        md = write_summary(results_dir, summary_md, command, path.parent / runs.REPORT_SUMMARY_FILE)
+        console.print(f"wrote the Markdown summary {md}")
     return 0

@@ -116,18 +116,22 @@ def _evaluate(space: SearchSpace, data, model_dir: Path, out: Path, retain_refer
     benchmark = load_benchmark(data)
     ref = load_reference(retain_reference) if retain_reference else None
     result = evaluate_model(model, tokenizer, benchmark, data, space.unlearn.eval, retain_reference=ref)
-    if ref is None:
-        result = self_referenced(result)
-    write_eval(result, out)
+    write_eval(self_referenced(result, space.unlearn.eval, retain_reference=ref), out)
 
 
-def self_referenced(result: dict) -> dict:
-    """The retain model's evaluation with itself as the forget-quality reference: forget quality 1
-    (KS statistic 0) and privleak 0, so its `removal` is on the trials' scale (forget quality)."""
+def self_referenced(result: dict, eval_cfg, retain_reference: dict | None = None) -> dict:
+    """A reference model's evaluation scored against itself, so its `removal` is on the trials'
+    scale. Without ``retain_reference`` it is the retain model's, its own retain reference (forget
+    quality 1, KS statistic 0, closeness 1, privleak 0); with it, the target model's, its own
+    target reference (``nll_rise`` 0)."""
     from rayunlearn.eval.evaluate import metrics_from_raw
 
     raw = result["raw"]
-    return {**metrics_from_raw(raw, result["fingerprint"], reference=result), "raw": raw}
+    is_retain = retain_reference is None
+    return {**metrics_from_raw(raw, result["fingerprint"], reference=result if is_retain else retain_reference,
+                               target=None if is_retain else result, removal_score=eval_cfg.removal_score,
+                               selection_fraction=eval_cfg.selection_fraction,
+                               selection_seed=eval_cfg.selection_seed), "raw": raw}
 
 
 def copy_references(prepared: Prepared, sweep_dir: Path) -> None:

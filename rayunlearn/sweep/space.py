@@ -16,6 +16,13 @@ and how Ray Tune runs the trials. Example (the shipped ``wga_kl``)::
         wga.alpha: {type: loguniform, low: 0.1, high: 10}
         kl.weight: {type: uniform, low: 0.1, high: 5}
     sampler: tpe                    # tpe (multi-objective) | nsga2 | random | grid (each family once)
+    unlearn:
+      eval: {removal_score: tr_closeness, selection_fraction: 0.5}   # what `removal` measures
+
+The two objectives are ``removal`` (the removal score named by ``unlearn.eval.removal_score``,
+``rayunlearn/eval/scores.py``, on the *selection* part of the forget set, split by author with
+``unlearn.eval.selection_fraction`` / ``selection_seed``) and ``retention`` (model utility); the
+held-out *report* part's value is ``removal_report`` in the trials table, never optimised.
     num_samples: 24
     max_concurrent: 2
 
@@ -49,6 +56,7 @@ from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfi
                                ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
                                read_preset, to_dict)
 from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer
+from rayunlearn.eval.scores import MIA, check_score_name
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"   # package data
 DIST_TYPES = ("uniform", "loguniform", "int", "choice", "fixed")
@@ -231,6 +239,15 @@ class SearchSpace:
         for k, v in objs.items():
             if v not in ("max", "min"):
                 raise ConfigError(f"objectives.{k}: must be max or min, got {v!r}")
+        score = check_score_name(self.unlearn.eval.removal_score, "unlearn.eval.removal_score")
+        # (prepare.enabled=false: no models and no evaluation, e.g. a synthetic trainable)
+        if score.needs and self.prepare.enabled and not self.prepare.reference_eval:
+            raise ConfigError(f"unlearn.eval.removal_score: {score.name} needs the prepared reference "
+                              f"evaluations ({', '.join(score.needs)}); set prepare.reference_eval=true or "
+                              f"choose a score that needs none (es_removal, prob_removal)")
+        if MIA in score.needs and not self.unlearn.eval.mia:
+            raise ConfigError(f"unlearn.eval.removal_score: {score.name} needs membership-inference scores; "
+                              f"set unlearn.eval.mia=true or choose another score")
         families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
             for fam, parsed in families.items():

@@ -141,11 +141,13 @@ def print_summary(space: SearchSpace, sweep_dir: Path, summary: dict, console) -
 
     front = set(summary["pareto"])
     table = Table(title=f"sweep {space.name}: {summary['counts']}  (Pareto front: *)")
-    for c in ("", "trial", "status", "removal", "retention", "method"):
+    for c in ("", "trial", "status", "removal", "removal (report)", "retention", "method"):
         table.add_column(c)
     for r in sorted(summary["rows"], key=lambda r: -(r["removal"] if math.isfinite(r["removal"]) else -1e9)):
+        held_out = r.get("removal_report")     # the removal score on the held-out authors
         table.add_row("*" if r["trial_id"] in front else "", r["trial_id"], r["status"], fmt(r["removal"]),
-                      fmt(r["retention"]), r["method"] if r["status"] != runs.FAILED else r["error"][:60])
+                      "–" if held_out is None else fmt(held_out), fmt(r["retention"]),
+                      r["method"] if r["status"] != runs.FAILED else r["error"][:60])
     console.print(table)
     console.print(f"wrote {sweep_dir / runs.TRIALS_TABLE_FILE} and {runs.PARETO_FILE} "
                   f"(hypervolume {fmt(summary['hypervolume'])})")

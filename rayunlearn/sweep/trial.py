@@ -37,6 +37,7 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from rayunlearn import runs
@@ -114,12 +115,16 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
 def trial_config(space: SearchSpace, ctx: TrialContext, trial_id: str, method: str) -> UnlearnConfig:
     """The UnlearnConfig of one trial: the space's ``unlearn`` sections with the trial's method,
     its run directory (``<sweep>/trials/<trial_id>``), the prepared target model and data, the
-    retain reference and the sweep's aggregator actor."""
+    retain and target references and the sweep's aggregator actor."""
     unlearn = to_dict(space.unlearn)
     unlearn["train"]["num_workers"] = space.resources.num_workers
     unlearn["train"]["use_gpu"] = bool(space.resources.gpus > 0)
     if ctx.retain_reference:
         unlearn["eval"]["retain_reference"] = ctx.retain_reference
+        # the target's evaluation lies beside the retain model's (prepare writes both): nll_rise's baseline
+        target_ref = runs.reference_eval(Path(ctx.retain_reference).parents[1], "target")
+        if target_ref.exists():
+            unlearn["eval"]["target_reference"] = str(target_ref)
     if ctx.aggregator:
         unlearn["effects"]["aggregator"] = ctx.aggregator
     values = {"method": method, "out": ctx.sweep_dir, "trial_id": trial_id, "target": ctx.target,
