@@ -296,7 +296,7 @@ def test_perturbed_split_must_cover_every_forget_record_once(tmp_path):
 
 def test_the_evaluation_toy_benchmark_passes_validation():
     from rayunlearn.data.schema import Benchmark, validate_benchmark
-    from rayunlearn.eval.testing import toy_benchmark
+    from conftest import toy_benchmark
 
     toy = toy_benchmark()
     validate_benchmark(Benchmark(toy.name, toy.source, toy.splits, toy.refusals),
