@@ -98,6 +98,7 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
         raise UserError("--resume and --extend: resume an interrupted sweep first, then extend it")
     check_sweep_dir(space, sweep_dir, resume, extend)
     done_before = last_extension(sweep_dir).get("trials_before", 0) if resume else 0
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     storage = None
     if space.sampler != "grid":
         # before preparing anything: a database that cannot be reached fails the sweep at once
@@ -112,7 +113,6 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
         space.num_samples += extend
         record_extension(sweep_dir, extend, done_before, space.num_samples)
         console.print(f"[bold]extending[/] the sweep in {sweep_dir}: {extend} more trial(s) after {done_before}")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text(sweep_dir / runs.SWEEP_SPACE_FILE, dumps_space(space))
     (sweep_dir / runs.STOP_FILE).unlink(missing_ok=True)
 
