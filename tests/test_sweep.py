@@ -371,3 +371,18 @@ def test_mlflow_holds_one_run_per_trial(tmp_path, ray_local, capsys):
                                           tracking_uri="sqlite:////proc/none/mlruns.db"))
     assert summary["finished"] == 2 and summary["counts"] == {"completed": 2}
     assert capsys.readouterr().out.count("MLflow tracking at sqlite:////proc/none/mlruns.db failed") == 1
+
+
+def test_bench_time_breakdown_and_efficiency(tmp_path):
+    import pyarrow as pa
+
+    from rayunlearn.bench.sweep import sweep_efficiency, time_breakdown
+
+    phases = ["time.load", "time.steps", "time.effects", "time.trajectory_eval", "time.final_eval", "time.other"]
+    a, b = [1.0, 4.0, 0.5, 1.5, 7.0, 2.0], [3.0, 2.0, 0.5, 0.5, 5.0, 1.0]
+    table = {k: [x, y] for k, x, y in zip(phases, a, b)}
+    table["time_s"] = [sum(a), sum(b)]
+    pq.write_table(pa.table({**table, "trial_id": ["x", "y"]}), tmp_path / "trials.parquet")
+    got = time_breakdown(tmp_path)
+    assert got == {**{k: (x + y) / 2 for k, x, y in zip(phases, a, b)}, "time_s": (16.0 + 12.0) / 2}
+    assert sweep_efficiency([16.0, 12.0], 2, 20.0) == pytest.approx(0.7)
