@@ -103,7 +103,12 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
     if space.sampler != "grid":
         # before preparing anything: a database that cannot be reached fails the sweep at once
         storage = open_storage(storage_url(space.storage, sweep_dir))
-        if not (resume or extend) and study_exists(storage, space.name):
+        if not (resume or extend) and study_exists(storage, space.name) and space.storage is None:
+            # <sweep>/study.db without a Tune experiment: a start of this sweep killed early
+            import optuna
+
+            optuna.delete_study(study_name=space.name, storage=storage)
+        elif not (resume or extend) and study_exists(storage, space.name):
             raise UserError(f"storage: {space.storage or sweep_dir / runs.STUDY_FILE} already holds a study "
                             f"named {space.name!r}; extend that sweep with --extend N, or choose another "
                             f"name (name=...)")
