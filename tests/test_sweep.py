@@ -311,6 +311,7 @@ def test_extend_adds_n_trials_to_the_study(tmp_path, ray_local):
     # one study: the earlier trials as they were, the new ones after them, each with its values
     trials = _study_trials(sweep_dir, "grow")
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5     # no replayed draws
     assert [(t.params, t.values) for t in trials[:3]] == [(t.params, t.values) for t in before]
     table = _by_hp(rows)
     for t in trials:
@@ -386,3 +387,18 @@ def test_bench_time_breakdown_and_efficiency(tmp_path):
     got = time_breakdown(tmp_path)
     assert got == {**{k: (x + y) / 2 for k, x, y in zip(phases, a, b)}, "time_s": (16.0 + 12.0) / 2}
     assert sweep_efficiency([16.0, 12.0], 2, 20.0) == pytest.approx(0.7)
+
+
+def test_interrupted_extension_resumes_to_the_extended_total(tmp_path, ray_local):
+    from rayunlearn.sweep.driver import run_sweep
+
+    # the STOP file comes after the 4th finished trial: the 1st of the extension
+    space = dict(num_samples=3, max_concurrent=1, trainable_options={"stop_after": 4})
+    run_sweep(_space(tmp_path, "grow2", **space))
+    sweep_dir, summary = run_sweep(_space(tmp_path, "grow2", **space), extend=3)
+    assert summary["interrupted"] and summary["finished"] == 4
+    sweep_dir, summary = run_sweep(_space(tmp_path, "grow2", **space), resume=True)
+    assert summary["finished"] == 6 and not summary["interrupted"]
+    assert len(pq.read_table(sweep_dir / "trials.parquet")) == 6
+    trials = _study_trials(sweep_dir, "grow2")
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 6, [(t.number, t.state.name, t.params) for t in trials]

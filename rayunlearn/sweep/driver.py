@@ -49,7 +49,7 @@ from rayunlearn.config import check_resume_config, to_dict
 from rayunlearn.io import write_text
 from rayunlearn.sweep.space import SearchSpace, dumps_space, load_space
 from rayunlearn.sweep.study import (ExtendError, check_extendable, fail_stale_trials, last_extension, open_storage,
-                                    record_extension, storage_url, study_exists)
+                                    record_extension, storage_url, study_exists, sync_study)
 from rayunlearn.sweep.tables import collect_rows, grid_errors, print_summary, write_tables
 from rayunlearn.sweep.tracking import MlflowTracker
 from rayunlearn.sweep.trial import TrialContext
@@ -113,7 +113,9 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
                             f"named {space.name!r}; extend that sweep with --extend N, or choose another "
                             f"name (name=...)")
     if extend:
-        done_before = len(collect_rows(sweep_dir, {}))
+        rows = collect_rows(sweep_dir, {})
+        done_before = len(rows)
+        sync_study(storage, space, rows)
         fail_stale_trials(storage, space.name)
         space.num_samples += extend
         record_extension(sweep_dir, extend, done_before, space.num_samples)
@@ -151,6 +153,8 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
     finally:
         stop_aggregator(aggregator)
     summary = write_tables(space, sweep_dir, errors=grid_errors(sweep_dir, grid))
+    if storage is not None:
+        sync_study(storage, space, summary["rows"])
     summary["wall_s"] = time.time() - t0
     summary["interrupted"] = (summary["finished"] < space.total_trials)
     print_summary(space, sweep_dir, summary, console)

@@ -2,7 +2,7 @@
 
 Where the study lives. ``storage:`` in the space: a database URL (``postgresql://host/db`` on a
 cluster, where several drivers share one server; each sweep is the study named after the sweep's
-``name``), or by default the SQLite file ``<sweep>/study.db`` (``rayunlearn.runs.STUDY_FILE``).
+``name``), or by default the SQLite file ``<sweep>/study.db`` (``rayunlearn.runs.STUDY_FILE``); one driver works on a study at a time.
 It is Optuna's own RDB storage, so ``optuna.load_study(study_name=NAME, storage=URL)`` and
 ``optuna-dashboard URL`` open it as it is. The URL is checked for its form when the space loads
 and opened before anything is prepared: a server that cannot be reached fails the sweep at once.
@@ -79,6 +79,43 @@ def study_exists(storage, name: str) -> bool:
     import optuna
 
     return name in optuna.study.get_all_study_names(storage)
+
+
+def sync_study(storage, space, rows: list[dict]) -> int:
+    """Tell the study the result of every finished trial it still holds as running: a graceful
+    stop (``STOP``) can end the experiment between a trial's result and Tune's telling the
+    searcher, and the restored searcher never hears of it. Trials are matched by their sampled
+    values (the Tune config is the Optuna trial's params). Returns how many were told."""
+    import math
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from rayunlearn.sweep.space import OBJECTIVES, optuna_name
+
+    finished = {}
+    for r in rows:
+        if r["status"] not in runs.FINISHED_STATUSES:
+            continue
+        dists = space.distributions[r["family"]]
+        params = {optuna_name(space, r["family"], k): r[f"{runs.HP_PREFIX}{k}"]
+                  for k, d in dists.items() if d.type != "fixed"}
+        if space.multi_family:
+            params["family"] = r["family"]
+        finished[tuple(sorted(params.items()))] = r
+    study = optuna.load_study(study_name=space.name, storage=storage)
+    told = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        r = finished.get(tuple(sorted(t.params.items())))
+        if r is None:
+            continue
+        values = [r[k] for k in OBJECTIVES]
+        if r["status"] == runs.COMPLETED and all(math.isfinite(v) for v in values):
+            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
+        else:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        told += 1
+    return told
 
 
 def fail_stale_trials(storage, name: str) -> int:

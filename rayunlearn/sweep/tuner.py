@@ -163,10 +163,12 @@ def make_sampler(name: str, seed: int):
     raise ConfigError(f"sampler: {name!r} is not one of tpe, nsga2, random (grid uses no Optuna sampler)")
 
 
-def make_search_alg(space: SearchSpace, storage):
+def make_search_alg(space: SearchSpace, storage, done_before: int = 0):
     """OptunaSearch (multi-objective, define-by-run space) inside a ConcurrencyLimiter; its study
     is the sweep's study (named ``space.name``) in ``storage`` (``rayunlearn.sweep.study``),
-    loaded with every earlier trial when it exists (``--extend``)."""
+    loaded with every earlier trial when it exists (``--extend``). The sampler's seed is
+    ``seed + done_before``: an extension's sampler must not replay the random draws (random
+    search, TPE's start-up trials) of the sweep it extends."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -174,7 +176,7 @@ def make_search_alg(space: SearchSpace, storage):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # optuna's ExperimentalWarning for multivariate/constant_liar
         searcher = OptunaSearch(space=define_by_run(space), metric=list(OBJECTIVES), mode=modes,
-                                sampler=make_sampler(space.sampler, space.seed), seed=space.seed,
+                                sampler=make_sampler(space.sampler, space.seed + done_before), seed=space.seed,
                                 study_name=space.name, storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
@@ -213,7 +215,7 @@ def build_tuner(space: SearchSpace, trainable, sweep_dir: Path, storage, num_sam
                                       num_samples=1, reuse_actors=False)
         return tune.Tuner(trainable, param_space={"family": tune.grid_search(list(space.families))},
                           tune_config=tune_config, run_config=run_config)
-    tune_config = tune.TuneConfig(search_alg=make_search_alg(space, storage), num_samples=num_samples,
+    tune_config = tune.TuneConfig(search_alg=make_search_alg(space, storage, done_before), num_samples=num_samples,
                                   reuse_actors=False)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
