@@ -63,7 +63,8 @@ class MlflowTracker(Callback):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_client"], state["_runs"] = None, {}
+        # a resumed sweep connects again, and tries again a store that failed before
+        state["_client"], state["_runs"], state["_broken"] = None, {}, None
         return state
 
     # ---------------------------------------------------------------------------------------
