@@ -7,7 +7,7 @@
     rayunlearn eval MODEL_OR_RUN [key=value ...]
     rayunlearn effects RUN_DIR [key=value ...]
     rayunlearn tofu-summary EVAL_DIR [--retain RETAIN_DIR] [--json]
-    rayunlearn sweep SPACE [--resume] [key=value ...]
+    rayunlearn sweep SPACE [--resume | --extend N] [key=value ...]
     rayunlearn report RESULTS_DIR [--summary-md PATH]
     rayunlearn demo [--model tiny|smollm2-135m] [--summary PATH] [key=value ...]
     rayunlearn bench {effects,eval,sweep,gpu,all}
@@ -26,6 +26,16 @@ from rayunlearn import UserError
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="a preset name (rayunlearn/presets) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of trials >= 1, got {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("space", metavar="SPACE",
                     help="a search space: a YAML file or the name of a shipped one (tiny, wga_kl, recipes/...)")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sw.add_argument("--extend", type=_positive_int, default=0, metavar="N",
+                    help="add N trials to a finished sweep (its Optuna study keeps every earlier trial)")
     sw.add_argument("overrides", nargs="*", metavar="key=value")
 
     rp = sub.add_parser("report", help="HTML/Markdown/PNG report from a results directory (no Ray, no model)")
@@ -131,7 +143,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "sweep":
         from rayunlearn.sweep.driver import sweep_command
 
-        return sweep_command(args.space, args.overrides, resume=args.resume)
+        return sweep_command(args.space, args.overrides, resume=args.resume, extend=args.extend)
     if cmd == "report":
         from rayunlearn.report import report_command
 

@@ -17,6 +17,9 @@ Layout (``docs/ARCHITECTURE.md`` draws it with every field)::
         reference/{target,retain}.json      evaluations of the target and retain models
       <sweep>/
         sweep.yaml  trials.parquet  pareto.json  [STOP]
+        study.db                            the Optuna study (SQLite; `storage:` may put it elsewhere)
+        extensions.jsonl                    one line per `--extend N`
+        mlruns.db                           the MLflow store, one run per trial (`tracking_uri:`)
         tune/                               Ray Tune's experiment state (--resume)
         reference/{target,retain}.json
         trials/<trial_id>/                  a run directory (+ trial.json, attempts.jsonl, result.json)
@@ -70,6 +73,10 @@ REFERENCE_DIR = "reference"
 REPORT_DIR = "report"
 TUNE_DIR = "tune"                      # Ray Tune's experiment state (what --resume restores)
 STOP_FILE = "STOP"                     # created by anyone: the sweep stops after the running trials
+STUDY_FILE = "study.db"                # the Optuna study (an RDB storage: optuna-dashboard opens it)
+EXTENSIONS_FILE = "extensions.jsonl"   # one line per `rayunlearn sweep --extend N`
+MLFLOW_FILE = "mlruns.db"              # the MLflow tracking store (SQLite), one MLflow run per trial
+MLFLOW_ARTIFACTS_DIR = "mlartifacts"   # the artifacts of that store
 
 # names under the results root
 DATA_DIR = "data"
@@ -184,6 +191,12 @@ EFFECT_KEY_COLUMNS = {"geffects": [f.name for f in GEFFECT_SCHEMA if f.name != "
 # the metrics) the same score on the report part (rayunlearn.eval.evaluate).
 TRIALS_FIXED_COLUMNS = ("trial_id", "family", "method", "status", "error", "time_s", "attempts",
                         "removal", "retention")
+# where a trial's time_s went (`time.<phase>` in result.json's metrics and trials.parquet): the
+# training loop measures the phases (exclusive: G-effect recording inside a step counts as
+# effects, not steps); `other` is time_s minus their sum (see rayunlearn.train.timing)
+TIME_PREFIX = "time."
+TIME_PHASES = ("load", "steps", "effects", "trajectory_eval", "final_eval")
+TIME_OTHER = "other"
 TRIALS_REQUIRED_COLUMNS = ("trial_id", "family", "method", "status", "removal", "retention")
 HP_PREFIX = "hp."
 

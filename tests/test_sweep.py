@@ -273,3 +273,132 @@ def test_killed_driver_leaves_tables_no_ray_processes_and_resumes(tmp_path):
         if r["trial_id"] in before:
             assert r["time_s"] == before[r["trial_id"]]["time_s"]
             assert read_json(sweep_dir / "trials" / r["trial_id"] / "result.json") == before[r["trial_id"]]
+
+
+def _study_trials(sweep_dir, name):
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def _by_hp(rows):
+    return {(r["hp.wga.alpha"], r["hp.kl.weight"]): r for r in rows}
+
+
+def test_extend_adds_n_trials_to_the_study(tmp_path, ray_local):
+    from rayunlearn.sweep.driver import run_sweep
+    from rayunlearn.sweep.study import ExtendError
+
+    sweep_dir, summary = run_sweep(_space(tmp_path, "grow", num_samples=3))
+    first = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    before = _study_trials(sweep_dir, "grow")
+    assert len(before) == 3 and {t.state.name for t in before} == {"COMPLETE"}
+    # refused: another space (other than num_samples), --extend with --resume
+    with pytest.raises(ExtendError, match="kl.weight"):
+        run_sweep(_space(tmp_path, "grow", families={"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1,
+                                                                              "high": 10}}}), extend=2)
+    with pytest.raises(Exception, match="--resume and --extend"):
+        run_sweep(_space(tmp_path, "grow"), resume=True, extend=2)
+
+    sweep_dir, summary = run_sweep(_space(tmp_path, "grow", num_samples=3), extend=2)
+    assert summary["finished"] == 5 and not summary["interrupted"]
+    rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(rows) == 5 and {r["trial_id"] for r in first} < {r["trial_id"] for r in rows}
+    assert load_space(sweep_dir / "sweep.yaml").num_samples == 5
+    assert read_jsonl(sweep_dir / "extensions.jsonl")[0] | {"time": 0} == \
+        {"time": 0, "added": 2, "trials_before": 3, "num_samples": 5}
+    # one study: the earlier trials as they were, the new ones after them, each with its values
+    trials = _study_trials(sweep_dir, "grow")
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5     # no replayed draws
+    assert [(t.params, t.values) for t in trials[:3]] == [(t.params, t.values) for t in before]
+    table = _by_hp(rows)
+    for t in trials:
+        row = table[(t.params["wga.alpha"], t.params["kl.weight"])]
+        assert t.values == [row["removal"], row["retention"]]
+        assert t.values == pytest.approx(list(_oracle(t.params["wga.alpha"], t.params["kl.weight"])), abs=1e-12)
+
+
+def test_storage_that_cannot_be_opened_fails_before_ray(tmp_path):
+    from rayunlearn.config import ConfigError
+    from rayunlearn.sweep.driver import run_sweep
+    from rayunlearn.sweep.study import StudyStorageError
+
+    with pytest.raises(ConfigError, match="storage: 'not a url'"):
+        _space(tmp_path, "bad", storage="not a url")
+    with pytest.raises(StudyStorageError, match="cannot open the Optuna study storage sqlite:////proc/none"):
+        run_sweep(_space(tmp_path, "bad", storage="sqlite:////proc/none/study.db"))
+
+
+def test_grid_sweep_is_not_extended(tmp_path):
+    from rayunlearn.sweep.study import ExtendError, check_extendable
+
+    with pytest.raises(ExtendError, match="grid"):
+        check_extendable("grid", 2, 2, tmp_path)
+    with pytest.raises(ExtendError, match="finished 1 of its 2 trials"):
+        check_extendable("tpe", 1, 2, tmp_path)
+
+
+def test_mlflow_holds_one_run_per_trial(tmp_path, ray_local, capsys):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from rayunlearn.sweep.driver import run_sweep
+
+    sweep_dir, _ = run_sweep(_space(tmp_path, "tracked", num_samples=3, trainable_options={"diverge_above": 0.55}))
+    rows = {r["trial_id"]: r for r in pq.read_table(sweep_dir / "trials.parquet").to_pylist()}
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("tracked")
+    found = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["trial_id"] for r in found) == sorted(rows)
+    for run in found:
+        row = rows[run.data.tags["trial_id"]]
+        assert run.data.params["hp.wga.alpha"] == str(row["hp.wga.alpha"])
+        assert run.data.params["hp.kl.weight"] == str(row["hp.kl.weight"])
+        assert run.data.params["method"] == row["method"]
+        assert run.data.tags["status"] == row["status"]
+        assert run.info.status == ("FINISHED" if row["status"] == "completed" else "FAILED")
+        assert len(run.data.tags["rayunlearn.git_commit"]) >= 7 and run.data.tags["rayunlearn.version"]
+        if row["status"] == "completed":
+            assert run.data.metrics["removal"] == row["removal"]
+            assert run.data.metrics["retention"] == row["retention"]
+            assert run.data.metrics["forget.prob"] == row["forget.prob"]
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"trial.json", "result.json"} <= arts
+
+    # a store that refuses writes: the sweep goes on, says so once, and its own results are whole
+    sweep_dir, summary = run_sweep(_space(tmp_path, "untracked", num_samples=2,
+                                          tracking_uri="sqlite:////proc/none/mlruns.db"))
+    assert summary["finished"] == 2 and summary["counts"] == {"completed": 2}
+    assert capsys.readouterr().out.count("MLflow tracking at sqlite:////proc/none/mlruns.db failed") == 1
+
+
+def test_bench_time_breakdown_and_efficiency(tmp_path):
+    import pyarrow as pa
+
+    from rayunlearn.bench.sweep import sweep_efficiency, time_breakdown
+
+    phases = ["time.load", "time.steps", "time.effects", "time.trajectory_eval", "time.final_eval", "time.other"]
+    a, b = [1.0, 4.0, 0.5, 1.5, 7.0, 2.0], [3.0, 2.0, 0.5, 0.5, 5.0, 1.0]
+    table = {k: [x, y] for k, x, y in zip(phases, a, b)}
+    table["time_s"] = [sum(a), sum(b)]
+    pq.write_table(pa.table({**table, "trial_id": ["x", "y"]}), tmp_path / "trials.parquet")
+    got = time_breakdown(tmp_path)
+    assert got == {**{k: (x + y) / 2 for k, x, y in zip(phases, a, b)}, "time_s": (16.0 + 12.0) / 2}
+    assert sweep_efficiency([16.0, 12.0], 2, 20.0) == pytest.approx(0.7)
+
+
+def test_interrupted_extension_resumes_to_the_extended_total(tmp_path, ray_local):
+    from rayunlearn.sweep.driver import run_sweep
+
+    # the STOP file comes after the 4th finished trial: the 1st of the extension
+    space = dict(num_samples=3, max_concurrent=1, trainable_options={"stop_after": 4})
+    run_sweep(_space(tmp_path, "grow2", **space))
+    sweep_dir, summary = run_sweep(_space(tmp_path, "grow2", **space), extend=3)
+    assert summary["interrupted"] and summary["finished"] == 4
+    sweep_dir, summary = run_sweep(_space(tmp_path, "grow2", **space), resume=True)
+    assert summary["finished"] == 6 and not summary["interrupted"]
+    assert len(pq.read_table(sweep_dir / "trials.parquet")) == 6
+    trials = _study_trials(sweep_dir, "grow2")
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 6, [(t.number, t.state.name, t.params) for t in trials]

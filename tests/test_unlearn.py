@@ -370,3 +370,29 @@ def test_rerunning_a_finished_run_without_evaluation_does_nothing(target, tmp_pa
     again = unlearn(cfg)
     assert again == first and first["step"] == 2 and "final_accuracy" not in first
     assert (tmp_path / "run" / "log.jsonl").read_text() == log and "resuming" not in capsys.readouterr().out
+
+
+def test_time_breakdown_covers_the_phases_without_double_counting(target, tmp_path):
+    """Each phase of a run is measured (G-effects inside a step count once, as effects) and the
+    trial's breakdown sums to its time: time.other is the remainder, never negative."""
+    import time
+
+    from rayunlearn import runs
+    from rayunlearn.sweep.trial import flatten_metrics, time_breakdown
+    from rayunlearn.train import unlearn_trial
+
+    cfg = ul_cfg(target, tmp_path / "sweep", "npo+kl", evaluate=True, max_steps=2)
+    cfg.trial_id = "t0"
+    cfg.eval.every = 1
+    cfg.effects.every = 1
+    t0 = time.time()
+    metrics = unlearn_trial(cfg)
+    time_s = time.time() - t0
+    assert set(metrics["time"]) == set(runs.TIME_PHASES)
+    assert all(metrics["time"][p] > 0 for p in runs.TIME_PHASES), metrics["time"]
+    flat = flatten_metrics(metrics)
+    other = time_breakdown(flat, time_s)[runs.TIME_PREFIX + runs.TIME_OTHER]
+    parts = [flat[runs.TIME_PREFIX + p] for p in runs.TIME_PHASES]
+    assert other >= 0 and sum(parts) <= time_s
+    assert sum(parts) + other == pytest.approx(time_s, abs=1e-9)
+    assert time_breakdown({"removal": 0.5}, 3.0) == {}       # a run that measured nothing

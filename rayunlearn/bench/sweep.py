@@ -10,8 +10,10 @@ final TOFU evaluation) with ``unlearn.train.epochs`` raised so that one trial is
 work. The Tune run goes first (sampling N methods with TPE); the in-process runs then repeat the
 *same* N method strings with torch threads = 1 (what each of the 2 concurrent Tune trials gets);
 one of them is also run with threads = 2 (one trial using both cores) and projected to N. Reported: the
-wall times, ``ray.init`` separately, the mean time inside a trial in both settings, and the Tune
-overhead (wall - the trials' own time / 2).
+wall times, ``ray.init`` separately, the mean time inside a trial in both settings, the Tune
+overhead (wall - the trials' own time / 2), where a Tune trial's time goes (``time.<phase>`` of
+trials.parquet, :func:`time_breakdown`) and the sweep's efficiency (the trials' own time /
+concurrency, over the wall time: 1 when the trials keep every slot busy).
 
 (b) is a cheap proxy of the removal/retention trade-off (a ZDT1-like front, see
 ``rayunlearn.sweep.synthetic``) asked through the same define-by-run space and samplers the
@@ -125,7 +127,28 @@ def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
             "seq1_s": seq1, "seq2_s": seq2, "tune_trial_mean_s": statistics.mean(tune_inside),
             "seq1_trial_mean_s": statistics.mean(seq1_times), "seq2_trial_mean_s": statistics.mean(seq2_times),
             "tune_overhead_s": t_tune - sum(tune_inside) / 2, "statuses": [s for _, _, s in trials.values()],
+            "breakdown": time_breakdown(tune_dir), "efficiency": sweep_efficiency(tune_inside, 2, t_tune),
             "load": os.getloadavg()}
+
+
+def time_breakdown(sweep_dir: Path) -> dict[str, float]:
+    """The mean seconds per trial of each phase (``rayunlearn.runs.TIME_PHASES`` + other) and of
+    ``time_s`` over the sweep's trials that measured them."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sweep_dir / runs.TRIALS_TABLE_FILE).to_pylist()
+    keys = [runs.TIME_PREFIX + p for p in (*runs.TIME_PHASES, runs.TIME_OTHER)]
+    measured = [r for r in rows if all(isinstance(r.get(k), float) and math.isfinite(r[k]) for k in keys)]
+    if not measured:
+        return {}
+    return {k: statistics.mean(r[k] for r in measured) for k in [*keys, "time_s"]}
+
+
+def sweep_efficiency(trial_times: list[float], concurrency: int, wall_s: float) -> float:
+    """The trials' own time divided by the concurrency, over the sweep's wall time."""
+    return sum(trial_times) / concurrency / wall_s
 
 
 def bench_quality(trials: int = 24, seeds=(0, 1, 2)) -> dict:
@@ -181,6 +204,11 @@ def main(quick: bool = False) -> None:
     print(f"ray.init {r['ray_init_s']:.1f} s; Tune overhead (wall - trial time / 2) {r['tune_overhead_s']:.1f} s "
           f"= {r['tune_overhead_s'] / n:.2f} s per trial; preparation (cached after the first run, not in "
           f"the ratios) {r['prepare_s']:.1f} s; Tune trial statuses: {', '.join(sorted(set(r['statuses'])))}")
+    b = r["breakdown"]
+    if b:
+        print_table(f"sweep (a): where a Tune trial's time goes (mean of {n}; sweep efficiency = trials' time / 2 "
+                    f"over wall = {r['efficiency']:.2f})", ["phase", "s per trial", "share of time_s"],
+                    [[k, f"{v:.2f}", f"{v / b['time_s']:.0%}"] for k, v in b.items()])
     q = bench_quality(24, (0, 1, 2))
     rows = []
     for sampler, hvs in q.items():

@@ -218,6 +218,10 @@ class SearchSpace:
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 1
     ray: RaySettings = field(default_factory=RaySettings)
+    # the Optuna study's database URL (default: <sweep>/study.db; rayunlearn.sweep.study)
+    storage: Optional[str] = None
+    # the MLflow tracking URI (default: <sweep>/mlruns.db; rayunlearn.sweep.tracking)
+    tracking_uri: Optional[str] = None
     # advanced: "module:function" run per trial as fn(cfg: UnlearnConfig, report=None, **options)
     trainable: str = "rayunlearn.train:unlearn_trial"
     trainable_options: dict = field(default_factory=dict)
@@ -248,6 +252,10 @@ class SearchSpace:
         if MIA in score.needs and not self.unlearn.eval.mia:
             raise ConfigError(f"unlearn.eval.removal_score: {score.name} needs membership-inference scores; "
                               f"set unlearn.eval.mia=true or choose another score")
+        if self.storage is not None:
+            from rayunlearn.sweep.study import check_storage_url
+
+            check_storage_url(self.storage)
         families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
             for fam, parsed in families.items():

@@ -11,7 +11,8 @@ and the sweep's :class:`TrialContext`. It
    ``unlearn`` sections, the prepared target model and data, ``effects.aggregator`` = the sweep's
    G-effect aggregator actor) and calls the per-trial function (``space.trainable``, by default
    ``rayunlearn.train:unlearn_trial``), which writes the run directory and sends its G-effect rows;
-4. writes ``result.json`` (status, error, time, the flattened metrics) and reports the objectives
+4. writes ``result.json`` (status, error, time, the flattened metrics, where the time went:
+   ``time.<phase>``, :func:`time_breakdown`) and reports the objectives
    to Tune. A :class:`rayunlearn.runs.DivergedError` is a result (status ``diverged``, NaN
    objectives), not an error: divergence is deterministic, so Tune must not retry it.
 
@@ -106,10 +107,21 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
         else:
             metrics, status, error = {}, runs.FAILED, short_error(root_error(exc))
             mark_run_failed(run_dir, error)
+    time_s = time.time() - t0
     flat = _nan_objectives(flatten_metrics(metrics))
+    flat.update(time_breakdown(flat, time_s))
     write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp), "status": status,
-                                            "error": error, "time_s": time.time() - t0, "metrics": flat})
+                                            "error": error, "time_s": time_s, "metrics": flat})
     tune.report({**base, **flat, "status": status, "error": error})
+
+
+def time_breakdown(flat: dict, time_s: float) -> dict:
+    """``time.other``: the part of the trial's ``time_s`` outside the phases its run measured
+    (``time.<phase>``, ``rayunlearn.train.timing``), so that the breakdown sums to ``time_s``;
+    nothing for a run that measured none (it failed before finishing, or ran with several
+    workers, whose metrics come from metrics.json)."""
+    measured = [flat[f"{runs.TIME_PREFIX}{p}"] for p in runs.TIME_PHASES if f"{runs.TIME_PREFIX}{p}" in flat]
+    return {f"{runs.TIME_PREFIX}{runs.TIME_OTHER}": time_s - sum(measured)} if measured else {}
 
 
 def trial_config(space: SearchSpace, ctx: TrialContext, trial_id: str, method: str) -> UnlearnConfig:

@@ -163,8 +163,12 @@ def make_sampler(name: str, seed: int):
     raise ConfigError(f"sampler: {name!r} is not one of tpe, nsga2, random (grid uses no Optuna sampler)")
 
 
-def make_search_alg(space: SearchSpace):
-    """OptunaSearch (multi-objective, define-by-run space) inside a ConcurrencyLimiter."""
+def make_search_alg(space: SearchSpace, storage, done_before: int = 0):
+    """OptunaSearch (multi-objective, define-by-run space) inside a ConcurrencyLimiter; its study
+    is the sweep's study (named ``space.name``) in ``storage`` (``rayunlearn.sweep.study``),
+    loaded with every earlier trial when it exists (``--extend``). The sampler's seed is
+    ``seed + done_before``: an extension's sampler must not replay the random draws (random
+    search, TPE's start-up trials) of the sweep it extends."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -172,7 +176,8 @@ def make_search_alg(space: SearchSpace):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # optuna's ExperimentalWarning for multivariate/constant_liar
         searcher = OptunaSearch(space=define_by_run(space), metric=list(OBJECTIVES), mode=modes,
-                                sampler=make_sampler(space.sampler, space.seed), seed=space.seed)
+                                sampler=make_sampler(space.sampler, space.seed + done_before), seed=space.seed,
+                                study_name=space.name, storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
 
@@ -190,15 +195,19 @@ def make_trainable(space: SearchSpace, ctx: TrialContext):
     return tune.with_resources(fn, res)
 
 
-def build_tuner(space: SearchSpace, trainable, sweep_dir: Path):
-    """A new Tune experiment in ``<sweep>/tune/``: Optuna's ``num_samples`` trials, or under
-    ``sampler: grid`` every family once (Tune's grid search, no Optuna)."""
+def build_tuner(space: SearchSpace, trainable, sweep_dir: Path, storage, num_samples: int, done_before: int = 0,
+                callbacks: tuple = ()):
+    """A new Tune experiment in ``<sweep>/tune/``: ``num_samples`` Optuna trials (the study in
+    ``storage``; ``done_before`` trials of an extended sweep finished earlier), or under
+    ``sampler: grid`` every family once (Tune's grid search, no Optuna); ``callbacks``: more
+    Tune callbacks (the MLflow tracker)."""
     from ray import tune
 
     run_config = tune.RunConfig(
         name=runs.TUNE_DIR, storage_path=str(sweep_dir),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
-        stop=_stop_file_stopper(sweep_dir), callbacks=[_finished_trial_callback(space, sweep_dir)], verbose=1)
+        stop=_stop_file_stopper(sweep_dir),
+        callbacks=[_finished_trial_callback(space, sweep_dir, done_before), *callbacks], verbose=1)
     if space.sampler == "grid":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -206,7 +215,7 @@ def build_tuner(space: SearchSpace, trainable, sweep_dir: Path):
                                       num_samples=1, reuse_actors=False)
         return tune.Tuner(trainable, param_space={"family": tune.grid_search(list(space.families))},
                           tune_config=tune_config, run_config=run_config)
-    tune_config = tune.TuneConfig(search_alg=make_search_alg(space), num_samples=space.num_samples,
+    tune_config = tune.TuneConfig(search_alg=make_search_alg(space, storage, done_before), num_samples=num_samples,
                                   reuse_actors=False)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -219,17 +228,18 @@ def can_restore(sweep_dir: Path) -> bool:
     return exp.exists() and tune.Tuner.can_restore(str(exp))
 
 
-def restore_tuner(trainable, sweep_dir: Path):
-    """The interrupted experiment of ``<sweep>/tune/`` (the Optuna searcher's state included),
-    set to run only what is missing: finished trials are never re-run."""
+def restore_tuner(trainable, sweep_dir: Path, done_before: int = 0):
+    """The interrupted experiment of ``<sweep>/tune/`` (the Optuna searcher's state and Tune's
+    callbacks included), set to run only what is missing: finished trials are never re-run.
+    ``done_before``: trials finished before this experiment (an interrupted ``--extend``)."""
     from ray import tune
 
     exp_dir = sweep_dir / runs.TUNE_DIR
-    _unfinish_search(exp_dir, sweep_dir)
+    _unfinish_search(exp_dir, sweep_dir, done_before)
     return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
 
 
-def _unfinish_search(exp_dir: Path, sweep_dir: Path) -> None:
+def _unfinish_search(exp_dir: Path, sweep_dir: Path, done_before: int = 0) -> None:
     """A graceful stop (the STOP file: Tune's ``Stopper.stop_all``) marks the search generator
     finished in its saved state, and a restored experiment would then start no new trial. Clear
     that flag in the newest ``search_gen_state-*.json`` (cloudpickle, written by Tune) when
@@ -246,7 +256,7 @@ def _unfinish_search(exp_dir: Path, sweep_dir: Path) -> None:
         state["finished"] = False
         # trials the stop terminated before they reported count as generated: generate again
         # until num_samples trials have finished
-        finished = len(list((sweep_dir / runs.TRIALS_DIR).glob(f"*/{runs.RESULT_FILE}")))
+        finished = len(list((sweep_dir / runs.TRIALS_DIR).glob(f"*/{runs.RESULT_FILE}"))) - done_before
         state["counter"] = min(state["counter"], finished)
         # trials cut by the stop never complete in the limiter's eyes: forget them, or the
         # limiter would wait for them forever
@@ -278,7 +288,7 @@ def _stop_file_stopper(sweep_dir: Path):
     return StopFile(str(sweep_dir / runs.STOP_FILE))
 
 
-def _finished_trial_callback(space: SearchSpace, sweep_dir: Path):
+def _finished_trial_callback(space: SearchSpace, sweep_dir: Path, done_before: int = 0):
     """A Tune callback on the driver: for every finished trial one progress line, and
     ``trials.parquet`` and ``pareto.json`` rewritten (atomically), so the tables are current
     even when the driver is killed."""
@@ -286,7 +296,7 @@ def _finished_trial_callback(space: SearchSpace, sweep_dir: Path):
 
     class FinishedTrials(Callback):
         def __init__(self):
-            self.done = 0
+            self.done = done_before
             self.errors: dict[str, str] = {}
 
         def on_trial_complete(self, iteration, trials, trial, **info):

@@ -44,6 +44,7 @@ from rayunlearn.models import save_model
 from rayunlearn.runs import COMPLETED, LOG_FILE, STATUS_FILE, TOFU_EVAL_DIR, TRAJECTORY_FILE
 from rayunlearn.train.parallel import Parallel
 from rayunlearn.train.tasks import FinetuneTask, UnlearnTask, collated_step_batch
+from rayunlearn.train.timing import PhaseTimer
 
 
 def scalars(metrics: dict) -> dict:
@@ -120,9 +121,10 @@ class UnlearnCallbacks(Callbacks):
 
     def __init__(self, cfg: UnlearnConfig, task: UnlearnTask, parallel: Parallel, *, run_dir: Path,
                  results_dir: Path, trial_id: str, is_main: bool,
-                 report: Optional[Callable[[dict], None]] = None):
+                 report: Optional[Callable[[dict], None]] = None, timer: PhaseTimer):
         self.cfg, self.task, self.parallel = cfg, task, parallel
         self.run_dir, self.is_main, self.report = run_dir, is_main, report
+        self.timer = timer        # the loop's: recording counts as "effects", in-loop evaluation "trajectory_eval"
         self.recorder = None
         if cfg.effects.every > 0:
             sink = default_sink(cfg.effects, results_dir) if is_main else None
@@ -151,21 +153,23 @@ class UnlearnCallbacks(Callbacks):
         if self.cfg.effects.probe == "step":
             col = to_device(collated_step_batch(batch, self.task.tokenizer.pad_token_id), self.task.device)
             fb, rb = col.get("forget"), col.get("retain")
-        with self.parallel.recording():
+        with self.timer.phase("effects"), self.parallel.recording():
             rec.before_step(step, lr, optimizer, forget_batch=fb, retain_batch=rb)
 
     def after_optimizer_step(self, step: int) -> None:
         """Just after optimiser step `step`: the measured probe-risk change (steps.parquet)."""
         if self.recorder is not None:
-            self.recorder.after_step(step)
+            with self.timer.phase("effects"):
+                self.recorder.after_step(step)
 
     def after_step(self, step: int) -> None:
         """After `step` optimiser steps (1-based): the in-loop evaluation when due."""
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step != self.task.schedule.total_steps:
-            metrics = self.evaluate(step, fast=True)
-            if self.is_main and metrics is not None:
-                self._trajectory(metrics, step)
-            self.parallel.train_mode(True)
+            with self.timer.phase("trajectory_eval"):
+                metrics = self.evaluate(step, fast=True)
+                if self.is_main and metrics is not None:
+                    self._trajectory(metrics, step)
+                self.parallel.train_mode(True)
 
     def checkpointed(self) -> None:
         """After a checkpoint: write the G-effect tables, so a resume finds every row up to it."""
@@ -204,10 +208,11 @@ class UnlearnCallbacks(Callbacks):
         rec = self.recorder
         if rec is not None:
             # the final weights (no next step to measure: the steps row has no measured change)
-            if rec.due(total_steps) and self.cfg.effects.probe != "step":
-                with self.parallel.recording():
-                    rec.before_step(total_steps, lr, optimizer)
-            rec.close()
+            with self.timer.phase("effects"):
+                if rec.due(total_steps) and self.cfg.effects.probe != "step":
+                    with self.parallel.recording():
+                        rec.before_step(total_steps, lr, optimizer)
+                rec.close()
         metrics = self.evaluate(total_steps, fast=False)
         if not self.is_main:
             return {}

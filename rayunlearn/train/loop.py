@@ -37,12 +37,13 @@ from rayunlearn.io import append_jsonl, dumps, read_json, read_jsonl, seed_every
 from rayunlearn.models import unwrap
 from rayunlearn.models.checkpoints import latest_checkpoint, load_weights
 from rayunlearn.objectives import Method
-from rayunlearn.runs import DIVERGED, FAILED, LOG_FILE, RUNNING, STATUS_FILE, TRAJECTORY_FILE, DivergedError
+from rayunlearn.runs import DIVERGED, FAILED, LOG_FILE, RUNNING, STATUS_FILE, TIME_PHASES, TRAJECTORY_FILE, DivergedError
 from rayunlearn.train.callbacks import Callbacks, FinetuneCallbacks, UnlearnCallbacks
 from rayunlearn.train.parallel import Parallel, rank_world, sum_over_workers, training_device
 from rayunlearn.train.progress import progress_bar
 from rayunlearn.train.schedule import worker_share
 from rayunlearn.train.tasks import batch_counts, make_task
+from rayunlearn.train.timing import PhaseTimer
 
 
 def run_loop(kind: str, cfg, run_dir: Path, method: Optional[Method] = None, *,
@@ -89,6 +90,7 @@ def _train(kind: str, cfg, run_dir: Path, method: Optional[Method], *, results_d
     train: TrainConfig = cfg.train
     device = training_device(train)
     seed_everything(train.seed)
+    timer = PhaseTimer("load")         # where the time goes: returned with an unlearning run's metrics
     task = make_task(kind, cfg, method, device)
     task.build()
     task.model.to(device)
@@ -119,7 +121,7 @@ def _train(kind: str, cfg, run_dir: Path, method: Optional[Method], *, results_d
 
     if kind == "unlearn":
         callbacks: Callbacks = UnlearnCallbacks(cfg, task, par, run_dir=run_dir, results_dir=Path(results_dir),
-                                                trial_id=trial_id, is_main=is_main, report=report)
+                                                trial_id=trial_id, is_main=is_main, report=report, timer=timer)
     else:
         callbacks = FinetuneCallbacks(task, par, run_dir, is_main)
     callbacks.resumed(start)      # also at 0: a retried attempt's rows are replaced, not duplicated
@@ -130,6 +132,7 @@ def _train(kind: str, cfg, run_dir: Path, method: Optional[Method], *, results_d
     last_ckpt = ckpt
     lr = train.lr
     t0 = time.time()
+    timer.switch("steps")
     with progress_bar(is_main and train.progress, f"{kind} {run_dir.name}", sched.total_steps, start,
                       last_loss) as bar:
         for step in range(start, sched.total_steps):
@@ -186,7 +189,12 @@ def _train(kind: str, cfg, run_dir: Path, method: Optional[Method], *, results_d
                 last_ckpt = par.save_checkpoint(run_dir, done, tokenizer, task.checkpoint_state())
                 callbacks.checkpointed()
     par.train_mode(False)
-    return callbacks.finish(sched.total_steps, lr, optimizer)
+    timer.switch("final_eval")
+    result = callbacks.finish(sched.total_steps, lr, optimizer)
+    timer.stop()
+    if kind == "unlearn" and result:
+        result["time"] = timer.seconds(TIME_PHASES)
+    return result
 
 
 def _section(totals: dict[str, float], prefix: str) -> dict[str, float]:
