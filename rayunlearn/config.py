@@ -223,8 +223,12 @@ class EvalConfig:
 
     def validate(self) -> None:
         from rayunlearn.eval.scores import check_score_name
+        from rayunlearn.registry import UnknownNameError
 
-        check_score_name(self.removal_score, "removal_score")
+        try:
+            check_score_name(self.removal_score, "removal_score")
+        except UnknownNameError as exc:     # a config key: reported as the config's error
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass

@@ -119,7 +119,9 @@ def test_scores_without_their_reference_are_none_and_removal_falls_back_to_prob_
 
 
 def test_unknown_score_name_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown removal score 'fq'.*tr_closeness.*nll_rise"):
+    from rayunlearn.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="unknown removal score 'fq'.*tr_closeness.*nll_rise"):
         S.check_score_name("fq")
     from rayunlearn.config import EvalConfig, from_dict
 

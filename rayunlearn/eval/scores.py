@@ -43,6 +43,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from rayunlearn.eval import metrics as M
+from rayunlearn.registry import UnknownNameError
 
 RETAIN, TARGET, MIA = "retain", "target", "mia"   # what a score needs besides the model's raw
 DEFAULT_SCORE = "tr_closeness"
@@ -119,14 +120,12 @@ REMOVAL_SCORES: dict[str, RemovalScore] = {s.name: s for s in (
 
 def check_score_name(name: str, where: str = "removal_score") -> RemovalScore:
     """The score called ``name``; a clear error listing the valid names otherwise."""
-    from rayunlearn.config import ConfigError
-
     if name not in REMOVAL_SCORES:
         families: dict[str, list[str]] = {}
         for s in REMOVAL_SCORES.values():
             families.setdefault(s.family, []).append(s.name)
         valid = "; ".join(f"{fam}: {', '.join(names)}" for fam, names in families.items())
-        raise ConfigError(f"{where}: unknown removal score {name!r}; valid ({valid}) — rayunlearn/eval/scores.py "
+        raise UnknownNameError(f"{where}: unknown removal score {name!r}; valid ({valid}) — rayunlearn/eval/scores.py "
                           f"documents each")
     return REMOVAL_SCORES[name]
 

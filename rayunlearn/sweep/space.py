@@ -52,6 +52,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
+from rayunlearn import runs
 from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
                                ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
                                read_preset, to_dict)
@@ -253,8 +254,6 @@ class SearchSpace:
             raise ConfigError(f"unlearn.eval.removal_score: {score.name} needs membership-inference scores; "
                               f"set unlearn.eval.mia=true or choose another score")
         if self.storage is not None:
-            from rayunlearn.sweep.study import check_storage_url
-
             check_storage_url(self.storage)
         families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
@@ -464,6 +463,22 @@ def space_to_dict(space: SearchSpace) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # Optuna define-by-run and decoding
+
+
+def check_storage_url(url: str) -> None:
+    """The form of a ``storage:`` URL (a SQLAlchemy database URL); raises ConfigError."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"storage: {url!r} is not a database URL ({exc}); give e.g. "
+                          f"sqlite:////abs/path/study.db or postgresql://host/dbname, or leave it "
+                          f"unset for <sweep>/{runs.STUDY_FILE}") from None
+    if parsed.get_backend_name() == "sqlite" and not parsed.database:
+        raise ConfigError(f"storage: {url!r} is an in-memory SQLite database, which ends with the "
+                          f"driver; give a file (sqlite:////abs/path/study.db)")
 
 
 def optuna_name(space: SearchSpace, family: str, key: str) -> str:

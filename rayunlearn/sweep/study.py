@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from rayunlearn import UserError, runs
-from rayunlearn.config import ConfigError
 from rayunlearn.io import append_jsonl, read_jsonl
 
 CONNECT_TIMEOUT_S = 10   # a database server that does not answer fails the sweep this fast
@@ -35,22 +34,6 @@ class StudyStorageError(UserError):
 
 class ExtendError(UserError):
     """``--extend`` asked of a sweep that cannot be extended."""
-
-
-def check_storage_url(url: str) -> None:
-    """The form of a ``storage:`` URL (a SQLAlchemy database URL); raises ConfigError."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigError(f"storage: {url!r} is not a database URL ({exc}); give e.g. "
-                          f"sqlite:////abs/path/study.db or postgresql://host/dbname, or leave it "
-                          f"unset for <sweep>/{runs.STUDY_FILE}") from None
-    if parsed.get_backend_name() == "sqlite" and not parsed.database:
-        raise ConfigError(f"storage: {url!r} is an in-memory SQLite database, which ends with the "
-                          f"driver; give a file (sqlite:////abs/path/study.db)")
 
 
 def storage_url(configured: str | None, sweep_dir: Path) -> str:
