@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_results import PAPER_METHODS, make_fake_results  # noqa: E402
+from fake_results import STUDY_METHODS, make_fake_results  # noqa: E402
 
 from rayunlearn import runs  # noqa: E402
 from rayunlearn.report import ReportDataError, build_report  # noqa: E402
@@ -40,7 +40,7 @@ def test_summary_tables_equal_the_results_files(results, tmp_path):
     out = write_summary(root, tmp_path / "docs" / "demo.md", "rayunlearn demo --summary docs/demo.md", report_summary)
     text = out.read_text()
     study = _table(text, "study")
-    assert [r[0] for r in study] == ["(target model)", "(retain model)"] + PAPER_METHODS
+    assert [r[0] for r in study] == ["(target model)", "(retain model)"] + STUDY_METHODS
     m = json.loads((root / "study" / "trials" / "000-ga" / "metrics.json").read_text())
     ga = study[2]
     # method, score, removal (sel), removal (report), FQ, KS D, n, MU, forget prob, retain prob, privleak

@@ -292,7 +292,7 @@ def test_moved_reference_resumes_an_unfinished_run(target, reference, tmp_path, 
     saved["eval"]["retain_reference"] = str(moved.parent / "stale.json")
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
     metrics = unlearn(cfg_with(other))
-    assert metrics["removal_kind"] == "forget_quality"
+    assert metrics["removal_kind"] == "tr_closeness"        # the default score, against the retain reference
     assert read_json(tmp_path / "run" / "status.json")["status"] == "completed"
 
 
@@ -368,7 +368,9 @@ def test_rerunning_a_finished_run_without_evaluation_does_nothing(target, tmp_pa
     log = (tmp_path / "run" / "log.jsonl").read_text()
     capsys.readouterr()
     again = unlearn(cfg)
-    assert again == first and first["step"] == 2 and "final_accuracy" not in first
+    # the first call measured its phases; the rerun spent nothing on the run and reports no breakdown
+    assert again == {k: v for k, v in first.items() if k != "time"} and first["step"] == 2
+    assert "final_accuracy" not in first
     assert (tmp_path / "run" / "log.jsonl").read_text() == log and "resuming" not in capsys.readouterr().out
 
 
