@@ -186,7 +186,6 @@ class EffectsConfig:
     probe_size: int = 16           # forget items in the fixed probe (retain probe: half)
     per_instance: bool = True
     estimator: Literal["exact", "ema"] = "exact"
-    optimizer_aware: bool = True   # Adam-preconditioned effect next to the SGD one
     aggregator: Optional[str] = None   # name of a running sweep's G-effect aggregator Ray actor (set by the sweep)
 
     DOMAINS: ClassVar[dict[str, Domain]] = {"every": NONNEGATIVE_INT, "probe_size": COUNT}

@@ -7,7 +7,7 @@ with every input explicit. The loop calls, in this order::
 
     resumed(start)                       once, before the first step (also at 0)
     for each step:
-        before_step(step, lr, batch, optimizer)   just before optimizer.step()
+        before_step(step, lr, batch)              just before optimizer.step()
         after_optimizer_step(step)                just after it
         after_step(done)                          after logging (in-loop evaluation when due)
         checkpointed()                            after a checkpoint was written
@@ -57,7 +57,7 @@ class Callbacks:
     def resumed(self, start: int) -> None:
         pass
 
-    def before_step(self, step: int, lr: float, batch: dict, optimizer) -> None:
+    def before_step(self, step: int, lr: float, batch: dict) -> None:
         pass
 
     def after_optimizer_step(self, step: int) -> None:
@@ -141,7 +141,7 @@ class UnlearnCallbacks(Callbacks):
         if self.recorder is not None:
             self.recorder.resume(start)
 
-    def before_step(self, step: int, lr: float, batch: dict, optimizer) -> None:
+    def before_step(self, step: int, lr: float, batch: dict) -> None:
         """Just before optimiser step `step` (0-based = steps already taken): record the
         G-effects at the current weights with this step's lr (no-op unless due)."""
         rec = self.recorder
@@ -152,7 +152,7 @@ class UnlearnCallbacks(Callbacks):
             col = to_device(collated_step_batch(batch, self.task.tokenizer.pad_token_id), self.task.device)
             fb, rb = col.get("forget"), col.get("retain")
         with self.parallel.recording():
-            rec.before_step(step, lr, optimizer, forget_batch=fb, retain_batch=rb)
+            rec.before_step(step, lr, forget_batch=fb, retain_batch=rb)
 
     def after_optimizer_step(self, step: int) -> None:
         """Just after optimiser step `step`: the measured probe-risk change (steps.parquet)."""
@@ -206,7 +206,7 @@ class UnlearnCallbacks(Callbacks):
             # the final weights (no next step to measure: the steps row has no measured change)
             if rec.due(total_steps) and self.cfg.effects.probe != "step":
                 with self.parallel.recording():
-                    rec.before_step(total_steps, lr, optimizer)
+                    rec.before_step(total_steps, lr)
             rec.close()
         metrics = self.evaluate(total_steps, fast=False)
         if not self.is_main:

@@ -121,7 +121,7 @@ def run_loop(kind: str, cfg, run_dir: Path, method: Optional[Method] = None, *,
             grad_norm = par.grad_norm(train.max_grad_norm)
             if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or par.engine is not None)):
                 _diverged(run_dir, is_main, step + 1, loss_value, grad_norm, terms_all, lr, last_ckpt)
-            callbacks.before_step(step, lr, batch, optimizer)      # G-effects at the weights this step starts from
+            callbacks.before_step(step, lr, batch)      # G-effects at the weights this step starts from
             ds_norm = par.step()
             if ds_norm is not None:
                 grad_norm = ds_norm
