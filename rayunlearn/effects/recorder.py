@@ -16,8 +16,8 @@ For the training loop (``rayunlearn/train/callbacks.py`` is the real caller)::
 
 - Due every ``cfg.every`` optimiser steps (``step % every == 0``); ``every == 0`` disables it.
 - ``cfg.probe == "fixed"``: the fixed ``forget_probe`` / ``retain_probe`` batches (the loop
-  builds them once: ``probe_size`` forget rows, half as many retain rows); ``"step"``: the
-  batches passed to ``before_step`` (the step's own micro-batch).
+  builds them once with :func:`build_probe`: ``effects/probes.py`` says which rows); ``"step"``:
+  the batches passed to ``before_step`` (the step's own micro-batch).
 - ``before_step`` computes the exact (SGD) G-effects e = ∇R·∇L (``gradient_effects``; ``.grad``
   of the training step is left untouched) and keeps the risk gradients ∇R(θ_t) and a copy of
   θ_t until ``after_step``.
@@ -63,6 +63,7 @@ from rayunlearn.data.examples import (collate_examples, encode_records, refusal_
 from rayunlearn.effects import rows as R
 from rayunlearn.effects.engine import (_is_dtensor, _resolve_method, gradient_effects,
                                        parameter_snapshot, realised_effects, risk_nll, tracked_parameters)
+from rayunlearn.effects.probes import probe_rows
 from rayunlearn.forward import token_view
 
 
@@ -262,17 +263,29 @@ def default_sink(effects_cfg, out_dir):
 
 
 def build_probe(cfg, benchmark, tokenizer, method, device=None) -> tuple[dict, Optional[dict]]:
-    """The fixed probe of an ``UnlearnConfig``: the first ``effects.probe_size`` forget rows (with
-    their refusal batch for refusal methods) and ``probe_size // 2`` (at least 1) retain rows, as
-    collated batches (row ids = positions in their split)."""
+    """The fixed probes of an ``UnlearnConfig`` as collated batches (``effects/probes.py``: the
+    removal probe stratified over every forget author, with its refusal batch for refusal
+    methods; the retention probe over retain authors and world facts). Forget row ids are the
+    rows' positions in the forget split (what the reference log-prob caches are keyed by)."""
     method = _resolve_method(method)
-    n = cfg.effects.probe_size
-    forget_rows = benchmark.split(cfg.data.forget_split)[:n]
-    retain_rows = benchmark.split(retain_split(cfg.data.forget_split))[:max(1, n // 2)]
+    eff = cfg.effects
+    rows = probe_rows(benchmark, cfg.data.forget_split, eff.probe_size, eff.retain_probe_size)
+    forget_all = benchmark.split(cfg.data.forget_split)
     pad = tokenizer.pad_token_id
-    fb = collate_examples(encode_records(forget_rows, tokenizer, cfg.data), pad)
+
+    def encoded(records, ids):
+        examples = encode_records(records, tokenizer, cfg.data)
+        for ex, i in zip(examples, ids):
+            ex["row_id"] = i
+        return examples
+
+    fb = collate_examples(encoded([forget_all[i] for i in rows.forget], rows.forget), pad)
     if "idk" in method.views_needed:
-        idk = refusal_records(benchmark.split(cfg.data.forget_split), benchmark.refusals, cfg.train.seed)[:n]
-        fb["idk"] = collate_examples(encode_records(idk, tokenizer, cfg.data), pad)
-    rb = collate_examples(encode_records(retain_rows, tokenizer, cfg.data), pad)
+        idk = refusal_records(forget_all, benchmark.refusals, cfg.train.seed)
+        fb["idk"] = collate_examples(encoded([idk[i] for i in rows.forget], rows.forget), pad)
+    retain_all = benchmark.split(retain_split(cfg.data.forget_split))
+    non_targeted = [retain_all[i] for i in rows.retain] + \
+        [{"question": benchmark.split(s)[i]["question"], "answer": benchmark.split(s)[i]["answer"]}
+         for s, i in rows.world]
+    rb = collate_examples(encode_records(non_targeted, tokenizer, cfg.data), pad)
     return to_device(fb, device or "cpu"), to_device(rb, device or "cpu")
