@@ -72,9 +72,10 @@ class RiskEffect:
 
 @dataclass
 class GEffectResult:
-    """``removal`` and ``retention`` (None without a retain batch) :class:`RiskEffect`. ``tied`` maps a reported parameter name to its aliases (tied input
-    and output embeddings are one tensor: reported once, under the first name, and its value
-    holds both the embedding-row and the LM-head contributions)."""
+    """``removal`` and ``retention`` (None without a retain batch) :class:`RiskEffect`. ``tied``
+    maps a reported parameter name to its aliases (tied input and output embeddings are one
+    tensor: reported once, under the first name, and its value holds both the embedding-row and
+    the LM-head contributions)."""
 
     removal: RiskEffect
     retention: Optional[RiskEffect]
@@ -87,8 +88,8 @@ class GEffectResult:
     # effect (:func:`realised_effects`) dots with the parameter change of the optimiser step
     risk_grads: Optional[dict[str, dict[str, torch.Tensor]]] = None
     # per forget instance (``per_instance``): {term label: (B,) the term's own weight of each
-    # instance} for weighted forget terms (NPO, TNPO, WTNPO, WGA) and {risk: (B,) ∇R·∇(−log π(y_i|x_i))},
-    # the unweighted GA PG-effect of the instance's summed answer log-likelihood
+    # instance} for weighted forget terms (NPO, TNPO, WTNPO, WGA) and {risk: (B,) ∇R·∇ log π(y_i|x_i)},
+    # the unweighted GA PG-effect of the instance (GA's loss of it, summed, without the 1/N)
     instance_weights: dict[str, np.ndarray] = field(default_factory=dict)
     instance_ga: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -343,14 +344,13 @@ def _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cach
         if tracker is not None:
             ga = _GA_TERM
             ga_per = seq_logp(views["forget"].logps, views["forget"].mask)
-            tracker.V, tracker.label, tracker.armed = {k: V[k] for k in risks}, ga.label, True
+            tracker.V, tracker.label, tracker.armed = V, ga.label, True
             try:
                 grads(ga_per.sum())
             finally:
                 tracker.armed = False
             if uncovered:
-                _fallback_instances(fallback, ga, ga_per, plist, uncovered,
-                                    {k: V[k] for k in risks}, acc, B)
+                _fallback_instances(fallback, ga, ga_per, plist, uncovered, V, acc, B)
         weights = {lab: w.detach().double().cpu().numpy() for lab, w in method.instance_weights.items()}
 
         # norms for the cosine
@@ -398,14 +398,14 @@ def _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cach
     normL_total = float(table[("normL",)].sum())
     sides = {t.label: t.side for t in method.terms}
 
-    def build(k, base):
+    def build(k):
         per_param = sum(table[("dot", k, lab)] for lab in labels)
         by_term = {lab: float(table[("dot", k, lab)].sum()) for lab in labels}
         total = float(per_param.sum())
-        nr = float(table[("normR", base)].sum())
+        nr = float(table[("normR", k)].sum())
         cos = total / np.sqrt(nr * normL_total) if nr > 0 and normL_total > 0 else float("nan")
-        eff = RiskEffect(risk=base, total=total, by_parameter=dict(zip(names, per_param.tolist())),
-                         by_term=by_term, cosine=float(cos), risk_value=float(risks[base].detach()),
+        eff = RiskEffect(risk=k, total=total, by_parameter=dict(zip(names, per_param.tolist())),
+                         by_term=by_term, cosine=float(cos), risk_value=float(risks[k].detach()),
                          risk_grad_norm=float(np.sqrt(nr)), instance_ids=ids)
         if tracker is not None:
             forget_labels = [lab for lab in labels if sides[lab] == "forget"]
@@ -414,8 +414,8 @@ def _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cach
         return eff
 
     res = GEffectResult(
-        removal=build("removal", "removal"),
-        retention=build("retention", "retention") if "retention" in risks else None,
+        removal=build("removal"),
+        retention=build("retention") if "retention" in risks else None,
         method=str(method), term_sides=sides, term_losses=term_losses,
         objective_grad_norm=float(np.sqrt(normL_total)), tied=tied)
     if tracker is not None:

@@ -14,8 +14,8 @@ with every input explicit. The loop calls, in this order::
     finish(total_steps, lr, optimizer) -> result
 
 G-effects (``effects.every > 0``): ``before_step`` records them at the weights the step starts
-from, with that step's lr, and ``after_optimizer_step`` the measured probe-risk change of that
-very step (the fidelity of −lr·e); ``finish`` records once more at the final weights. Under
+from, with that step's lr, and ``after_optimizer_step`` the realised-update effect of that very
+step (∇R·(θ_t − θ_{t+1})/lr) and the measured probe-risk change beside both predictions; ``finish`` records once more at the final weights. Under
 ``ddp`` the recorder runs on rank 0 on the bare module (replicated weights); under ``fsdp`` every
 rank takes part (collective forwards; the engine all-reduces its scalar dot products; parameters
 are kept unsharded during the recording) and rank 0 writes the rows.
