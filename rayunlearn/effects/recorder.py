@@ -121,6 +121,9 @@ class Recorder:
         fb, rb = self._batches(forget_batch, retain_batch)
         if self.cfg.estimator == "ema":
             return self._before_ema(step, lr, fb, rb)
+        # θ_t before any forward: under FSDP2 the parameters are still the sharded DTensors here,
+        # as ∇R (read from .grad) and θ_{t+1} after the step are
+        before = parameter_snapshot(self.model)
         res = gradient_effects(self.model, self.method, fb, rb, reference=self.reference,
                                per_instance=self.cfg.per_instance, ctx=self.ctx, ref_cache=self.ref_cache,
                                token_counts=token_counts, keep_risk_grads=True)
@@ -134,7 +137,7 @@ class Recorder:
         # ∇R(θ_t) and θ_t, for the realised update's dot product after the optimiser step
         self._pending = dict(
             step=step, lr=float(lr), batches=(fb, rb), tot=tot,
-            risk_grads=res.risk_grads, before=parameter_snapshot(self.model),
+            risk_grads=res.risk_grads, before=before,
             values=dict(cosine_removal=res.removal.cosine,
                         cosine_retention=res.retention.cosine if res.retention else math.nan,
                         risk_removal=res.removal.risk_value,
