@@ -183,13 +183,16 @@ class EffectsConfig:
 
     every: int = 0                 # optimiser steps; 0 = off
     probe: Literal["step", "fixed"] = "fixed"   # the step's own batches, or a fixed probe subset
-    probe_size: int = 16           # forget items in the fixed probe (retain probe: half)
+    # the fixed probes (rayunlearn/effects/probes.py): forget rows stratified over every forget
+    # author (at least one each); non-targeted rows: half retain authors, half world facts
+    probe_size: int = 24
+    retain_probe_size: int = 16
     per_instance: bool = True
     estimator: Literal["exact", "ema"] = "exact"
-    optimizer_aware: bool = True   # Adam-preconditioned effect next to the SGD one
     aggregator: Optional[str] = None   # name of a running sweep's G-effect aggregator Ray actor (set by the sweep)
 
-    DOMAINS: ClassVar[dict[str, Domain]] = {"every": NONNEGATIVE_INT, "probe_size": COUNT}
+    DOMAINS: ClassVar[dict[str, Domain]] = {"every": NONNEGATIVE_INT, "probe_size": COUNT,
+                                            "retain_probe_size": COUNT}
 
 
 @dataclass

@@ -162,19 +162,42 @@ UNSUCCESSFUL_STATUSES = frozenset({DIVERGED, FAILED, INCOMPLETE, RUNNING})
 # ---------------------------------------------------------------------------------------------
 # tables
 
+# geffects.parquet: one row per value. estimator: EXACT (∇R·∇L at θ_t), REALISED
+# (∇R·(θ_t − θ_{t+1})/lr: the step the optimiser really took; kinds "total" and "parameter") or
+# EMA (the reference code's estimator). kind:
+#   "total" | "term" | "parameter" | "group"      the effect, whole or decomposed
+#   "instance"                                    a forget instance's share ∇R·∇l_i of a term
+#                                                 (`term` = its label; Σ_i = the term's value)
+#   INSTANCE_GA_KIND                              the unweighted GA PG-effect of the instance,
+#                                                 ∇R·∇ log π(y_i|x_i): GA's instance loss (the
+#                                                 summed answer log-likelihood) without its 1/N
+#                                                 (the paper's Fig. 5(b) x-axis)
+#   INSTANCE_WEIGHT_KIND                          the forget term's own weight of the instance
+#                                                 (`term` = its label, `risk` = ""): NPO's
+#                                                 2σ(β·(log π − log π_ref)); TNPO/WTNPO's token
+#                                                 weights and WGA's p^α averaged over the answer
+# Instance rows carry `instance` = the forget row id (-1 elsewhere).
 GEFFECT_SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64()), ("risk", pa.string()),
     ("parameter", pa.string()), ("layer", pa.int64()), ("group", pa.string()), ("kind", pa.string()),
     ("term", pa.string()), ("instance", pa.int64()), ("value", pa.float64()), ("estimator", pa.string()),
 ])
+EXACT, REALISED, EMA = "exact", "realised", "ema"
+INSTANCE_WEIGHT_KIND = "instance_weight"
+INSTANCE_GA_KIND = "instance_ga_unweighted"
 
+# steps.parquet: one row per recorded step. `removal`/`retention`: the SGD G-effect ∇R·∇L;
+# `*_realised`: e_real = ∇R·(θ_t − θ_{t+1})/lr; `predicted_*_change` = −lr·e,
+# `predicted_*_change_realised` = −∇R·(θ_t − θ_{t+1}) (= −lr·e_real), beside
+# `measured_*_change` = R(θ_{t+1}) − R(θ_t) on the same probe; cumulative_* = Σ lr·e·every.
 STEP_FIELDS = (
-    "lr", "removal", "retention", "removal_adam", "retention_adam", "cosine_removal",
+    "lr", "removal", "retention", "removal_realised", "retention_realised", "cosine_removal",
     "cosine_retention", "predicted_removal_change", "measured_removal_change",
     "predicted_retention_change", "measured_retention_change", "risk_removal", "risk_retention",
     # beyond the ARCHITECTURE minimum
-    "predicted_removal_change_adam", "predicted_retention_change_adam",
-    "cumulative_removal", "cumulative_retention", "cumulative_removal_adam", "cumulative_retention_adam",
+    "predicted_removal_change_realised", "predicted_retention_change_realised",
+    "cumulative_removal", "cumulative_retention", "cumulative_removal_realised",
+    "cumulative_retention_realised",
     "removal_forget_terms", "retention_forget_terms", "objective_grad_norm", "every",
 )
 STEPS_SCHEMA = pa.schema([("trial_id", pa.string()), ("method", pa.string()), ("step", pa.int64())]

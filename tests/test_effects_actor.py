@@ -18,6 +18,7 @@ from rayunlearn.effects import gradient_effects
 from rayunlearn.effects.actor import LocalSink
 from rayunlearn.effects.recorder import make_recorder
 from rayunlearn.effects.rows import GEFFECT_SCHEMA, result_rows, step_row
+from rayunlearn.runs import INSTANCE_GA_KIND, INSTANCE_WEIGHT_KIND
 
 
 def _sends(res):
@@ -82,7 +83,7 @@ def test_local_sink_and_ray_actor_write_identical_exact_rows(tmp_path, result):
     np.testing.assert_array_equal(d["value"][:n], rows0["value"])
     np.testing.assert_allclose(d["value"][n:], rows5["value"], rtol=1e-15)
     assert d["step"] == [0] * n + [5] * n
-    assert set(d["kind"]) == {"total", "term", "parameter", "instance"}
+    assert set(d["kind"]) == {"total", "term", "parameter", "instance", INSTANCE_WEIGHT_KIND, INSTANCE_GA_KIND}
     tot = [v for v, k, r, e in zip(d["value"][:n], d["kind"], d["risk"], d["estimator"])
            if k == "total" and r == "removal" and e == "exact"]
     assert tot == [result.removal.total]
@@ -111,7 +112,7 @@ def test_recorder_in_a_small_adamw_loop(tmp_path):
         loss, _, _ = method.loss(views)
         loss.backward()
         grads_before = [p.grad.clone() for p in model.parameters()]
-        rec.before_step(step, lr, opt, forget_batch=forget, retain_batch=retain)
+        rec.before_step(step, lr, forget_batch=forget, retain_batch=retain)
         for p, g in zip(model.parameters(), grads_before):
             assert torch.equal(p.grad, g)          # the step's gradients are untouched
         opt.step()
@@ -120,19 +121,30 @@ def test_recorder_in_a_small_adamw_loop(tmp_path):
     rec.close()
     steps = pq.read_table(tmp_path / "effects/trial-a/steps.parquet").to_pydict()
     assert steps["step"] == [0, 2, 4]
-    # no Adam state before the first step: no adam value at step 0, values afterwards
-    assert np.isnan(steps["removal_adam"][0]) and not np.isnan(steps["removal_adam"][1])
     # NPO at θ = θ_ref equals GA: removal effect < 0 at step 0
     assert steps["removal"][0] < 0
-    # Adam-aware prediction has the right sign and size of the measured removal change
-    for k in (1, 2):
-        pred, meas = steps["predicted_removal_change_adam"][k], steps["measured_removal_change"][k]
-        assert np.sign(pred) == np.sign(meas) and 0.2 < meas / pred < 5
+    # the realised-update prediction tracks the measured change of every measured step (Adam's
+    # first step included, where the optimiser has no state yet)
+    for k in (0, 1, 2):
+        pred, meas = steps["predicted_removal_change_realised"][k], steps["measured_removal_change"][k]
+        assert np.sign(pred) == np.sign(meas) and 0.8 < meas / pred < 1.25
+        assert steps["removal_realised"][k] == pytest.approx(-pred / lr, rel=1e-12)
     assert steps["cumulative_removal"][-1] == pytest.approx(
         sum(lr * e * 2 for e in steps["removal"]), rel=1e-12)
+    assert steps["cumulative_removal_realised"][1] == pytest.approx(
+        -2 * (steps["predicted_removal_change_realised"][0] + steps["predicted_removal_change_realised"][1]),
+        rel=1e-12)
     g = pq.read_table(tmp_path / "effects/trial-a/geffects.parquet").to_pydict()
-    assert set(g["estimator"]) == {"exact", "adam"}
-    assert {s for s, e in zip(g["step"], g["estimator"]) if e == "adam"} == {2, 4}
+    assert set(g["estimator"]) == {"exact", "realised"}
+    assert {s for s, e in zip(g["step"], g["estimator"]) if e == "realised"} == {0, 2, 4}
+    # realised rows: per parameter, summing to the total of the steps row
+    for risk in ("removal", "retention"):
+        tot = [v for v, e, k, r, s in zip(g["value"], g["estimator"], g["kind"], g["risk"], g["step"])
+               if e == "realised" and k == "total" and r == risk and s == 2]
+        per = [v for v, e, k, r, s in zip(g["value"], g["estimator"], g["kind"], g["risk"], g["step"])
+               if e == "realised" and k == "parameter" and r == risk and s == 2]
+        assert len(per) == len(list(model.parameters())) and sum(per) == pytest.approx(tot[0], rel=1e-9)
+        assert tot[0] == pytest.approx(steps[f"{risk}_realised"][1], rel=1e-12)
     assert g["trial_id"][0] == "trial-a" and g["method"][0] == str(method)
 
 
@@ -163,7 +175,7 @@ def test_recorder_ema_estimator_rows(tmp_path):
 
 
 def test_recorder_train_loop_callback_interface(tmp_path):
-    """The training loop's interface: recorder.before_step(step, lr, optimizer, batches) just
+    """The training loop's interface: recorder.before_step(step, lr, batches) just
     before the optimiser step and recorder.after_step(step) just after it; the fidelity is
     measured across that very step; close() sends the final row without a measured change."""
     from rayunlearn.effects.recorder import default_sink
@@ -180,18 +192,19 @@ def test_recorder_train_loop_callback_interface(tmp_path):
     for step in range(4):
         views = {"forget": token_view(model, forget), "retain": token_view(model, retain)}
         method.loss(views)[0].backward()
-        rec.before_step(step, 1e-3, opt, forget_batch=forget, retain_batch=retain)
+        rec.before_step(step, 1e-3, forget_batch=forget, retain_batch=retain)
         opt.step()
         rec.after_step(step)
         opt.zero_grad()
-    rec.before_step(4, 1e-3, opt, forget_batch=forget, retain_batch=retain)
+    rec.before_step(4, 1e-3, forget_batch=forget, retain_batch=retain)
     rec.close()
     steps = pq.read_table(tmp_path / "sweep/effects/t7/steps.parquet").to_pydict()
     assert steps["step"] == [0, 2, 4]
     assert np.isnan(steps["measured_removal_change"][2])             # the final weights: no next step
-    assert np.isnan(steps["predicted_removal_change_adam"][0])        # no Adam state before step 0
-    pred, meas = steps["predicted_removal_change_adam"][1], steps["measured_removal_change"][1]
-    assert np.sign(pred) == np.sign(meas) and 0.2 < meas / pred < 5
+    assert np.isnan(steps["predicted_removal_change_realised"][2])
+    for k in (0, 1):
+        pred, meas = steps["predicted_removal_change_realised"][k], steps["measured_removal_change"][k]
+        assert np.sign(pred) == np.sign(meas) and 0.8 < meas / pred < 1.25
 
 
 def test_replay_on_saved_checkpoints(tmp_path):

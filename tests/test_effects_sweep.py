@@ -112,7 +112,7 @@ def test_recorder_resume_continues_cumulative_sums(tmp_path):
     model = torch.nn.Linear(2, 2)
     rec = Recorder(EffectsConfig(every=1), model, "ga", None, None, None, None, sink, "t")
     rec.resume(2)
-    assert rec.cum["removal"] == pytest.approx(-0.1 * (1 + 2)) and rec.cum["removal_adam"] == 0.0
+    assert rec.cum["removal"] == pytest.approx(-0.1 * (1 + 2)) and rec.cum["removal_realised"] == 0.0
 
 
 def test_sink_selection_without_ray(tmp_path):

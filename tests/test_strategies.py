@@ -233,7 +233,7 @@ def test_sharded_live_geffects_match_one_process(runs, strategy):
     t2 = s2.set_index("step").sort_index()
     assert np.isfinite(t2.loc[[0, 1, 2, 3], "measured_removal_change"]).all()
     assert math.isnan(t2.loc[4, "measured_removal_change"])     # the final weights: no step to measure
-    for col in ("removal", "retention", "removal_adam", "retention_adam", "risk_removal",
+    for col in ("removal", "retention", "removal_realised", "retention_realised", "risk_removal",
                 "measured_removal_change"):
         np.testing.assert_allclose(t2[col].values, t1[col].values, rtol=GE_REL, atol=1e-14, err_msg=col)
     inst2 = g2[g2.kind == "instance"]

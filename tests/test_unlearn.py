@@ -398,3 +398,33 @@ def test_time_breakdown_covers_the_phases_without_double_counting(target, tmp_pa
     assert other >= 0 and sum(parts) <= time_s
     assert sum(parts) + other == pytest.approx(time_s, abs=1e-9)
     assert time_breakdown({"removal": 0.5}, 3.0) == {}       # a run that measured nothing
+
+
+def test_fixed_probe_covers_every_forget_author_and_is_held_out_of_the_regulariser(target, tmp_path):
+    from rayunlearn.data.examples import encode_records, retain_split
+    from rayunlearn.effects.probes import probe_rows
+    from rayunlearn.effects.recorder import build_probe
+    from rayunlearn.objectives import parse_method
+    from rayunlearn.train.tasks import UnlearnTask as _UnlearnTask
+
+    cfg = ul_cfg(target, tmp_path, "ga+gd")
+    cfg.effects.every, cfg.effects.probe_size, cfg.effects.retain_probe_size = 1, 4, 6
+    method = parse_method("ga+gd")
+    task = _UnlearnTask(cfg, method, torch.device("cpu"))
+    task.build()
+    bench = task.benchmark
+    rows = probe_rows(bench, cfg.data.forget_split, 4, 6)
+    forget = bench.split(cfg.data.forget_split)
+    assert {forget[i]["author"] for i in rows.forget} == {r["author"] for r in forget}    # both forget authors
+    retain = bench.split(retain_split(cfg.data.forget_split))
+    assert len(rows.retain) == 3 and len(rows.world) == 3
+    held = {tuple(e["input_ids"]) for e in encode_records([retain[i] for i in rows.retain], task.tokenizer, cfg.data)}
+    trained = {tuple(e["input_ids"]) for e in task.retain}
+    assert len(task.retain) == len(retain) - 3 and not held & trained
+    fb, rb = build_probe(cfg, bench, task.tokenizer, method)
+    assert fb["row_ids"].tolist() == list(rows.forget) and rb["input_ids"].shape[0] == 6
+    # without recording the regulariser trains on every retain row
+    cfg.effects.every = 0
+    task = _UnlearnTask(cfg, method, torch.device("cpu"))
+    task.build()
+    assert len(task.retain) == len(retain)

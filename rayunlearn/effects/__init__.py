@@ -5,7 +5,10 @@ Sign convention: e = ∇R·∇L; removal wants e_u < 0, retention wants e_r ≥ 
 - ``gradient_effects(model, method, forget_batch, retain_batch, reference=None,
   per_instance=True, ctx=None) -> GEffectResult`` (``engine.py``)
 - ``groups``: blocks, attention/MLP, the paper's buckets, the reference code's 5 buckets
-- ``make_recorder(...) -> Recorder`` for the unlearning loop (``recorder.py``)
+- ``make_recorder(...) -> Recorder`` for the unlearning loop (``recorder.py``): the exact
+  effect before each recorded step, the realised-update effect ∇R·(θ_t − θ_{t+1})/lr after it
+- ``probes.probe_rows``: the fixed probes (stratified over forget authors; retain authors and
+  world facts; held out of the regulariser's rows)
 - ``LocalSink`` / ``RaySink`` + ``make_aggregator`` (the ``GEffectAggregator`` Ray actor)
 - ``replay.replay_command(run_dir, preset, overrides)``: offline on saved checkpoints
 """

@@ -34,6 +34,7 @@ How it is computed (docs/spec/GEFFECT.md, "Computing it fast"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 
 from rayunlearn import UserError
 from rayunlearn.forward import token_view
+from rayunlearn.objectives.base import seq_logp
 
 
 class EffectsError(UserError):
@@ -70,11 +72,10 @@ class RiskEffect:
 
 @dataclass
 class GEffectResult:
-    """``removal`` and ``retention`` (None without a retain batch) :class:`RiskEffect`; the
-    optimizer-aware (Adam-preconditioned) ones in ``removal_adam`` / ``retention_adam`` when a
-    preconditioner was given. ``tied`` maps a reported parameter name to its aliases (tied input
-    and output embeddings are one tensor: reported once, under the first name, and its value
-    holds both the embedding-row and the LM-head contributions)."""
+    """``removal`` and ``retention`` (None without a retain batch) :class:`RiskEffect`. ``tied``
+    maps a reported parameter name to its aliases (tied input and output embeddings are one
+    tensor: reported once, under the first name, and its value holds both the embedding-row and
+    the LM-head contributions)."""
 
     removal: RiskEffect
     retention: Optional[RiskEffect]
@@ -83,8 +84,14 @@ class GEffectResult:
     term_losses: dict[str, float]
     objective_grad_norm: float
     tied: dict[str, list[str]] = field(default_factory=dict)
-    removal_adam: Optional[RiskEffect] = None
-    retention_adam: Optional[RiskEffect] = None
+    # {risk: {parameter name: ∇R}} when asked for (``keep_risk_grads``): what the realised-update
+    # effect (:func:`realised_effects`) dots with the parameter change of the optimiser step
+    risk_grads: Optional[dict[str, dict[str, torch.Tensor]]] = None
+    # per forget instance (``per_instance``): {term label: (B,) the term's own weight of each
+    # instance} for weighted forget terms (NPO, TNPO, WTNPO, WGA) and {risk: (B,) ∇R·∇ log π(y_i|x_i)},
+    # the unweighted GA PG-effect of the instance (GA's loss of it, summed, without the 1/N)
+    instance_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    instance_ga: dict[str, np.ndarray] = field(default_factory=dict)
 
     def risks(self) -> dict[str, RiskEffect]:
         out = {"removal": self.removal}
@@ -168,8 +175,8 @@ def risk_nll(view) -> torch.Tensor:
 
 def gradient_effects(model, method, forget_batch: dict, retain_batch: Optional[dict] = None,
                      reference=None, per_instance: bool = True, ctx=None, *, ref_cache=None,
-                     preconditioner: Optional[dict] = None, all_reduce: bool = True,
-                     token_counts: Optional[dict] = None, accumulate_grad: bool = False) -> GEffectResult:
+                     all_reduce: bool = True, token_counts: Optional[dict] = None,
+                     accumulate_grad: bool = False, keep_risk_grads: bool = False) -> GEffectResult:
     """G-effects of `method` at the model's current weights (see the module docstring for the
     sign convention: e = ∇R·∇L, removal wants e_u < 0, retention wants e_r ≥ 0).
 
@@ -184,8 +191,6 @@ def gradient_effects(model, method, forget_batch: dict, retain_batch: Optional[d
             the reference log-probs of every row and no other ref field is needed).
         per_instance: also compute the per-forget-instance values (PG-effects) through hooks.
         ctx: ``ObjectiveContext`` (RMU's random direction comes from its seed).
-        preconditioner: {parameter name: tensor P} (same shape as the parameter): also report
-            the optimizer-aware effect ∇R·(P⊙∇L) (``removal_adam`` / ``retention_adam``).
         all_reduce: for DTensor (FSDP2) parameters, all-reduce the per-shard partial dot
             products (every rank gets the totals); False leaves per-rank partial sums.
         token_counts: optional {"forget"|"retain"|"idk": (token_count, seq_count)} for the
@@ -193,6 +198,8 @@ def gradient_effects(model, method, forget_batch: dict, retain_batch: Optional[d
         accumulate_grad: add the objective's gradient ∇L to ``.grad`` (a training step that also
             records: the step then needs no forward/backward of its own). Default False: every
             ``.grad`` is left exactly as it was.
+        keep_risk_grads: return the risk gradients ∇R in ``result.risk_grads`` (on the device;
+            the recorder dots them with the optimiser's parameter change: :func:`realised_effects`).
 
     Returns a :class:`GEffectResult`. Never changes weights; leaves every ``.grad`` as it was;
     removes every hook it adds, also on error.
@@ -232,8 +239,8 @@ def gradient_effects(model, method, forget_batch: dict, retain_batch: Optional[d
         if tracker is not None:
             tracker.install()
         return _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cache, params,
-                        names, tied, acc, tracker, preconditioner, sharded and all_reduce,
-                        token_counts or {}, grad_out if accumulate_grad else None)
+                        names, tied, acc, tracker, sharded and all_reduce,
+                        token_counts or {}, grad_out if accumulate_grad else None, keep_risk_grads)
     finally:
         if tracker is not None:
             tracker.remove()
@@ -275,7 +282,7 @@ def _view(model, batch, needs, reference, ref_cache, counts):
 
 
 def _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cache, params, names,
-             tied, acc, tracker, precond, reduce, token_counts, grad_out=None) -> GEffectResult:
+             tied, acc, tracker, reduce, token_counts, grad_out=None, keep_risk_grads=False) -> GEffectResult:
     grads = _Grads(params)
     plist = [p for _, p in params]
     with torch.enable_grad():
@@ -301,12 +308,6 @@ def _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cach
         # risk gradients: kept on the device, one buffer per tensor and risk
         gR = {k: grads(r) for k, r in risks.items()}
         V = {k: {id(p): g for p, g in zip(plist, gR[k])} for k in risks}
-        P = None
-        if precond is not None:
-            P = [precond.get(n) for n in names]
-            for k in list(risks):
-                V[k + "_adam"] = {id(p): (None if g is None or pk is None else pk.to(g.dtype) * g)
-                                  for p, g, pk in zip(plist, gR[k], P)}
         keys = list(V)
         B = int(forget_batch["input_ids"].shape[0])
 
@@ -337,6 +338,20 @@ def _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cach
             else:
                 gL_sum = [a if b is None else (b if a is None else a + b) for a, b in zip(gL_sum, g_t)]
             del g_t
+
+        # the unweighted GA PG-effect per instance: ∇R·∇ log π(y_i|x_i) (summed answer
+        # log-likelihood, GA's per-instance loss without its 1/N), for the paper's Fig. 5(b)
+        if tracker is not None:
+            ga = _GA_TERM
+            ga_per = seq_logp(views["forget"].logps, views["forget"].mask)
+            tracker.V, tracker.label, tracker.armed = V, ga.label, True
+            try:
+                grads(ga_per.sum())
+            finally:
+                tracker.armed = False
+            if uncovered:
+                _fallback_instances(fallback, ga, ga_per, plist, uncovered, V, acc, B)
+        weights = {lab: w.detach().double().cpu().numpy() for lab, w in method.instance_weights.items()}
 
         # norms for the cosine
         normR = {k: [_dot(g, g, acc) for g in gR[k]] for k in risks}
@@ -383,33 +398,36 @@ def _compute(model, method, forget_batch, retain_batch, reference, ctx, ref_cach
     normL_total = float(table[("normL",)].sum())
     sides = {t.label: t.side for t in method.terms}
 
-    def build(k, base):
+    def build(k):
         per_param = sum(table[("dot", k, lab)] for lab in labels)
         by_term = {lab: float(table[("dot", k, lab)].sum()) for lab in labels}
         total = float(per_param.sum())
-        nr = float(table[("normR", base)].sum())
+        nr = float(table[("normR", k)].sum())
         cos = total / np.sqrt(nr * normL_total) if nr > 0 and normL_total > 0 else float("nan")
-        eff = RiskEffect(risk=base, total=total, by_parameter=dict(zip(names, per_param.tolist())),
-                         by_term=by_term, cosine=float(cos), risk_value=float(risks[base].detach()),
+        eff = RiskEffect(risk=k, total=total, by_parameter=dict(zip(names, per_param.tolist())),
+                         by_term=by_term, cosine=float(cos), risk_value=float(risks[k].detach()),
                          risk_grad_norm=float(np.sqrt(nr)), instance_ids=ids)
         if tracker is not None:
             forget_labels = [lab for lab in labels if sides[lab] == "forget"]
             eff.by_instance_term = {lab: inst.get((k, lab), np.zeros(B)) for lab in forget_labels}
             eff.by_instance = sum(eff.by_instance_term.values(), np.zeros(B))
-        if k.endswith("_adam"):
-            eff.cosine = float("nan")
         return eff
 
     res = GEffectResult(
-        removal=build("removal", "removal"),
-        retention=build("retention", "retention") if "retention" in risks else None,
+        removal=build("removal"),
+        retention=build("retention") if "retention" in risks else None,
         method=str(method), term_sides=sides, term_losses=term_losses,
         objective_grad_norm=float(np.sqrt(normL_total)), tied=tied)
-    if precond is not None:
-        res.removal_adam = build("removal_adam", "removal")
-        if "retention" in risks:
-            res.retention_adam = build("retention_adam", "retention")
+    if tracker is not None:
+        res.instance_ga = {k: inst.get((k, _GA_TERM.label), np.zeros(B)) for k in risks}
+        res.instance_weights = weights
+    if keep_risk_grads:
+        res.risk_grads = {k: {n: g for n, g in zip(names, gR[k]) if g is not None} for k in risks}
     return res
+
+
+# the pseudo-term of the unweighted GA PG-effect (weight 1, never part of any total)
+_GA_TERM = SimpleNamespace(label="ga_unweighted", weight=1.0)
 
 
 def _fallback_instances(out, term, per_ex, plist, uncovered, V, acc, B) -> None:
@@ -425,3 +443,40 @@ def _fallback_instances(out, term, per_ex, plist, uncovered, V, acc, B) -> None:
             if key not in out:
                 out[key] = torch.zeros(B, dtype=acc)
             out[key][i] += s.cpu()
+
+
+def parameter_snapshot(model) -> dict[str, torch.Tensor]:
+    """θ_t of the tracked tensors (detached copies on their device): what
+    :func:`realised_effects` subtracts θ_{t+1} from."""
+    with torch.no_grad():
+        return {n: p.detach().clone() for n, p in tracked_parameters(model)[0]}
+
+
+def realised_effects(model, risk_grads: dict[str, dict[str, torch.Tensor]], before: dict[str, torch.Tensor],
+                     all_reduce: bool = True) -> dict[str, dict[str, float]]:
+    """{risk: {parameter name: ∇R(θ_t)·(θ_t − θ_{t+1})}} for the optimiser step that moved the
+    model from `before` (:func:`parameter_snapshot`) to its current weights, with `risk_grads`
+    taken at θ_t (``gradient_effects(..., keep_risk_grads=True)``).
+
+    Divided by the step's lr this is the realised-update G-effect e_real: R(θ_{t+1}) − R(θ_t) =
+    −∇R·(θ_t − θ_{t+1}) + O(‖Δθ‖²) whatever the optimiser did (momentum, Adam's
+    preconditioning, weight decay, clipping), where −η·∇R·∇L holds for plain SGD only.
+    DTensor (FSDP2) tensors are dotted shard by shard and the scalars all-reduced once."""
+    params, _ = tracked_parameters(model)
+    acc = _acc_dtype(params)
+    keys = [(k, n) for k in risk_grads for n, _ in params if n in risk_grads[k] and n in before]
+    cur = dict(params)
+    with torch.no_grad():
+        dots = [_dot(risk_grads[k][n], before[n] - cur[n].detach(), acc) for k, n in keys]
+        if not dots:
+            return {k: {} for k in risk_grads}
+        flat = torch.stack(dots)
+        if all_reduce and any(_is_dtensor(p) for _, p in params):
+            import torch.distributed as dist
+
+            dist.all_reduce(flat)
+    host = flat.cpu().double().tolist()
+    out: dict[str, dict[str, float]] = {k: {} for k in risk_grads}
+    for (k, n), v in zip(keys, host):
+        out[k][n] = v
+    return out

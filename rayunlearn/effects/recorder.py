@@ -9,29 +9,28 @@ For the training loop (``rayunlearn/train/callbacks.py`` is the real caller)::
                         sink, trial_id, rank=rank)
     for step in ...:                       # step = optimiser steps already taken (0, 1, ...)
         ... forward / backward of the training step (gradients in .grad) ...
-        rec.before_step(step, lr, optimizer, forget_batch=fb, retain_batch=rb)   # no-op unless due
+        rec.before_step(step, lr, forget_batch=fb, retain_batch=rb)   # no-op unless due
         optimizer.step(); scheduler.step(); optimizer.zero_grad()
         rec.after_step(step)                                                     # no-op unless due
     rec.close()
 
 - Due every ``cfg.every`` optimiser steps (``step % every == 0``); ``every == 0`` disables it.
 - ``cfg.probe == "fixed"``: the fixed ``forget_probe`` / ``retain_probe`` batches (the loop
-  builds them once: ``probe_size`` forget rows, half as many retain rows); ``"step"``: the
-  batches passed to ``before_step`` (the step's own micro-batch).
-- ``before_step`` computes the exact G-effects (``gradient_effects``; ``.grad`` of the training
-  step is left untouched) and, with ``cfg.optimizer_aware`` and an Adam-family optimiser that has
-  state, the **Adam-preconditioned** effect ∇R·(P⊙∇L) with P = 1/(sqrt(v̂)+eps), v̂ the
-  bias-corrected second moment *before* this step. Approximation (documented choice): the
-  momentum term (m̂ mixes earlier gradients) and decoupled weight decay are ignored, i.e. the
-  Adam step is modelled as −lr·P⊙∇L. Before the optimiser's first step there is no state: no
-  "adam" rows (NaN in steps.parquet).
-- ``after_step`` re-measures both probe risks (no grad) and writes the steps row: predicted
-  change −lr·e (and −lr·e_adam) beside the measured change — the fidelity of the linearisation.
-  The prediction refers to the probe's objective gradient, so it matches the real update's
-  effect when ``probe == "step"`` and the step's batch is the probe.
+  builds them once with :func:`build_probe`: ``effects/probes.py`` says which rows); ``"step"``:
+  the batches passed to ``before_step`` (the step's own micro-batch).
+- ``before_step`` computes the exact (SGD) G-effects e = ∇R·∇L (``gradient_effects``; ``.grad``
+  of the training step is left untouched) and keeps the risk gradients ∇R(θ_t) and a copy of
+  θ_t until ``after_step``.
+- ``after_step`` (just after ``optimizer.step()``) dots ∇R(θ_t) with the parameter change of that
+  step: the **realised-update** G-effect e_real = ∇R·(θ_t − θ_{t+1})/lr (estimator "realised",
+  per parameter tensor and total), exact to first order whatever the optimiser did (momentum,
+  Adam, weight decay, clipping) — then re-measures both probe risks (no grad) and writes the
+  steps row: predicted changes −lr·e (SGD) and −lr·e_real beside the measured change. The SGD
+  prediction refers to the probe's objective gradient (it matches plain SGD on the probe only);
+  the realised one to the update the optimiser really made, on whatever batch.
 - ``cumulative_*`` = Σ over recorded steps of lr·e·every (each recorded step stands for
   ``every`` optimiser steps; with every = 1 this is exactly Σ_t η_t·e_t, the first-order
-  prediction of −(R_T − R_0)).
+  prediction of −(R_T − R_0)); ``cumulative_*_realised`` the same with e_real.
 - ``cfg.estimator == "ema"``: the reference code's estimator instead (``effects/ema.py``) on the
   probe split into micro-batches of 4; rows with estimator "ema", kind "group" (the 5 buckets)
   and "total"; the steps row carries the EMA totals.
@@ -62,32 +61,10 @@ from rayunlearn import UserError
 from rayunlearn.data.examples import (collate_examples, encode_records, refusal_records, retain_split,
                                       to_device)
 from rayunlearn.effects import rows as R
-from rayunlearn.effects.engine import (_is_dtensor, _resolve_method, gradient_effects, risk_nll,
-                                       tracked_parameters)
+from rayunlearn.effects.engine import (_is_dtensor, _resolve_method, gradient_effects,
+                                       parameter_snapshot, realised_effects, risk_nll, tracked_parameters)
+from rayunlearn.effects.probes import probe_rows
 from rayunlearn.forward import token_view
-
-
-def adam_preconditioner(optimizer, model) -> Optional[dict]:
-    """{parameter name: P = 1/(sqrt(v̂)+eps)} from an Adam/AdamW optimiser's state (bias-corrected
-    second moments); None for other optimisers or before the first step."""
-    if optimizer is None:
-        return None
-    names = {id(p): n for n, p in tracked_parameters(model)[0]}
-    out = {}
-    for group in optimizer.param_groups:
-        betas = group.get("betas")
-        if betas is None or "eps" not in group:
-            return None
-        eps, beta2 = group["eps"], betas[1]
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st or "exp_avg_sq" not in st or id(p) not in names:
-                continue
-            k = float(st["step"])
-            v = st["exp_avg_sq"]
-            vhat = v / (1.0 - beta2 ** k)
-            out[names[id(p)]] = 1.0 / (vhat.sqrt() + eps)
-    return out or None
 
 
 class Recorder:
@@ -108,7 +85,7 @@ class Recorder:
         self.computes = cfg.every > 0 and (sharded or self.rank == 0)
         self.sends = self.computes and self.rank == 0
         self._pending: Optional[dict] = None
-        self.cum = {"removal": 0.0, "retention": 0.0, "removal_adam": 0.0, "retention_adam": 0.0}
+        self.cum = {"removal": 0.0, "retention": 0.0, "removal_realised": 0.0, "retention_realised": 0.0}
 
     def resume(self, start: int) -> Optional[dict]:
         """Before the first step of a run that starts at optimiser step `start` (0: from
@@ -136,7 +113,7 @@ class Recorder:
             return forget_batch, retain_batch
         return self.forget_probe, self.retain_probe
 
-    def before_step(self, step: int, lr: float, optimizer=None, forget_batch=None,
+    def before_step(self, step: int, lr: float, forget_batch=None,
                     retain_batch=None, token_counts=None):
         """Compute and send the G-effect rows of this step (call before ``optimizer.step()``)."""
         if not self.due(step):
@@ -144,21 +121,23 @@ class Recorder:
         fb, rb = self._batches(forget_batch, retain_batch)
         if self.cfg.estimator == "ema":
             return self._before_ema(step, lr, fb, rb)
-        P = adam_preconditioner(optimizer, self.model) if self.cfg.optimizer_aware else None
+        # θ_t before any forward: under FSDP2 the parameters are still the sharded DTensors here,
+        # as ∇R (read from .grad) and θ_{t+1} after the step are
+        before = parameter_snapshot(self.model)
         res = gradient_effects(self.model, self.method, fb, rb, reference=self.reference,
                                per_instance=self.cfg.per_instance, ctx=self.ctx, ref_cache=self.ref_cache,
-                               preconditioner=P, token_counts=token_counts)
+                               token_counts=token_counts, keep_risk_grads=True)
         if self.sends:
             self.sink.add("geffects", R.result_rows(res, self.trial_id, self.method_str, step),
                           trial_id=self.trial_id, step=step, part="exact")
         tot = {"removal": res.removal.total,
-               "retention": res.retention.total if res.retention else math.nan,
-               "removal_adam": res.removal_adam.total if res.removal_adam else math.nan,
-               "retention_adam": res.retention_adam.total if res.retention_adam else math.nan}
+               "retention": res.retention.total if res.retention else math.nan}
         fshare = {k: sum(v for lab, v in eff.by_term.items() if res.term_sides[lab] == "forget")
                   for k, eff in res.risks().items()}
+        # ∇R(θ_t) and θ_t, for the realised update's dot product after the optimiser step
         self._pending = dict(
             step=step, lr=float(lr), batches=(fb, rb), tot=tot,
+            risk_grads=res.risk_grads, before=before,
             values=dict(cosine_removal=res.removal.cosine,
                         cosine_retention=res.retention.cosine if res.retention else math.nan,
                         risk_removal=res.removal.risk_value,
@@ -166,6 +145,7 @@ class Recorder:
                         removal_forget_terms=fshare["removal"],
                         retention_forget_terms=fshare.get("retention", math.nan),
                         objective_grad_norm=res.objective_grad_norm))
+        res.risk_grads = None      # the recorder holds them until after_step
         return res
 
     def _before_ema(self, step, lr, fb, rb):
@@ -183,38 +163,49 @@ class Recorder:
             rr = float(risk_nll(token_view(self.model, rb))) if rb is not None else math.nan
             rf = float(risk_nll(token_view(self.model, fb)))
         self._pending = dict(step=step, lr=float(lr), batches=(fb, rb),
-                             tot={"removal": eff["removal"]["total"], "retention": eff["retention"]["total"],
-                                  "removal_adam": math.nan, "retention_adam": math.nan},
-                             values=dict(risk_removal=rf, risk_retention=rr))
+                             tot={"removal": eff["removal"]["total"], "retention": eff["retention"]["total"]},
+                             risk_grads=None, before=None, values=dict(risk_removal=rf, risk_retention=rr))
         return eff
 
     def after_step(self, step: int) -> Optional[dict]:
-        """Measure the probe risks after the optimiser step and send the steps row."""
+        """After the optimiser step: the realised-update effect of that step (rows with
+        estimator "realised"), the probe risks re-measured, and the steps row."""
         pend = self._pending
         if pend is None or pend["step"] != step:
             return None
         self._pending = None
         fb, rb = pend["batches"]
+        lr, tot, every = pend["lr"], dict(pend["tot"]), self.cfg.every
+        # predicted change of the realised update: −∇R·(θ_t − θ_{t+1}) (= −lr·e_real)
+        real_change = {"removal": math.nan, "retention": math.nan}
+        if pend["risk_grads"] is not None:
+            dots = realised_effects(self.model, pend["risk_grads"], pend["before"])
+            pend["risk_grads"] = pend["before"] = None
+            for k, by_param in dots.items():
+                real_change[k] = -sum(by_param.values())
+            if self.sends:
+                self.sink.add("geffects", R.realised_rows(dots, lr, self.trial_id, self.method_str, step),
+                              trial_id=self.trial_id, step=step, part=R.REALISED)
+        for k in ("removal", "retention"):
+            tot[f"{k}_realised"] = -real_change[k] / lr if lr else math.nan
         with torch.no_grad():
             after_f = float(risk_nll(token_view(self.model, fb)))
             after_r = float(risk_nll(token_view(self.model, rb))) if rb is not None else math.nan
-        lr, tot, every = pend["lr"], pend["tot"], self.cfg.every
-        for k in self.cum:
+        for k in ("removal", "retention"):
             if not math.isnan(tot[k]):
                 self.cum[k] += lr * tot[k] * every
+            if not math.isnan(real_change[k]):
+                self.cum[f"{k}_realised"] -= real_change[k] * every
         v = pend["values"]
         row = dict(
-            lr=lr, removal=tot["removal"], retention=tot["retention"], removal_adam=tot["removal_adam"],
-            retention_adam=tot["retention_adam"],
+            lr=lr, **tot,
             predicted_removal_change=-lr * tot["removal"],
             measured_removal_change=after_f - v["risk_removal"],
             predicted_retention_change=-lr * tot["retention"],
             measured_retention_change=after_r - v["risk_retention"],
-            predicted_removal_change_adam=-lr * tot["removal_adam"],
-            predicted_retention_change_adam=-lr * tot["retention_adam"],
-            cumulative_removal=self.cum["removal"], cumulative_retention=self.cum["retention"],
-            cumulative_removal_adam=self.cum["removal_adam"],
-            cumulative_retention_adam=self.cum["retention_adam"], every=float(every), **v)
+            predicted_removal_change_realised=real_change["removal"],
+            predicted_retention_change_realised=real_change["retention"],
+            every=float(every), **{f"cumulative_{k}": c for k, c in self.cum.items()}, **v)
         if self.sends:
             self.sink.add("steps", R.step_row(self.trial_id, self.method_str, step, **row),
                           trial_id=self.trial_id, step=step, part=self.cfg.estimator)
@@ -230,8 +221,7 @@ class Recorder:
             tot, v = pend["tot"], pend["values"]
             self.sink.add("steps", R.step_row(
                 self.trial_id, self.method_str, pend["step"], lr=pend["lr"], removal=tot["removal"],
-                retention=tot["retention"], removal_adam=tot["removal_adam"],
-                retention_adam=tot["retention_adam"], every=float(self.cfg.every), **v),
+                retention=tot["retention"], every=float(self.cfg.every), **v),
                 trial_id=self.trial_id, step=pend["step"], part=self.cfg.estimator)
 
     def close(self) -> None:
@@ -276,17 +266,29 @@ def default_sink(effects_cfg, out_dir):
 
 
 def build_probe(cfg, benchmark, tokenizer, method, device=None) -> tuple[dict, Optional[dict]]:
-    """The fixed probe of an ``UnlearnConfig``: the first ``effects.probe_size`` forget rows (with
-    their refusal batch for refusal methods) and ``probe_size // 2`` (at least 1) retain rows, as
-    collated batches (row ids = positions in their split)."""
+    """The fixed probes of an ``UnlearnConfig`` as collated batches (``effects/probes.py``: the
+    removal probe stratified over every forget author, with its refusal batch for refusal
+    methods; the retention probe over retain authors and world facts). Forget row ids are the
+    rows' positions in the forget split (what the reference log-prob caches are keyed by)."""
     method = _resolve_method(method)
-    n = cfg.effects.probe_size
-    forget_rows = benchmark.split(cfg.data.forget_split)[:n]
-    retain_rows = benchmark.split(retain_split(cfg.data.forget_split))[:max(1, n // 2)]
+    eff = cfg.effects
+    rows = probe_rows(benchmark, cfg.data.forget_split, eff.probe_size, eff.retain_probe_size)
+    forget_all = benchmark.split(cfg.data.forget_split)
     pad = tokenizer.pad_token_id
-    fb = collate_examples(encode_records(forget_rows, tokenizer, cfg.data), pad)
+
+    def encoded(records, ids):
+        examples = encode_records(records, tokenizer, cfg.data)
+        for ex, i in zip(examples, ids):
+            ex["row_id"] = i
+        return examples
+
+    fb = collate_examples(encoded([forget_all[i] for i in rows.forget], rows.forget), pad)
     if "idk" in method.views_needed:
-        idk = refusal_records(benchmark.split(cfg.data.forget_split), benchmark.refusals, cfg.train.seed)[:n]
-        fb["idk"] = collate_examples(encode_records(idk, tokenizer, cfg.data), pad)
-    rb = collate_examples(encode_records(retain_rows, tokenizer, cfg.data), pad)
+        idk = refusal_records(forget_all, benchmark.refusals, cfg.train.seed)
+        fb["idk"] = collate_examples(encoded([idk[i] for i in rows.forget], rows.forget), pad)
+    retain_all = benchmark.split(retain_split(cfg.data.forget_split))
+    non_targeted = [retain_all[i] for i in rows.retain] + \
+        [{"question": benchmark.split(s)[i]["question"], "answer": benchmark.split(s)[i]["answer"]}
+         for s, i in rows.world]
+    rb = collate_examples(encode_records(non_targeted, tokenizer, cfg.data), pad)
     return to_device(fb, device or "cpu"), to_device(rb, device or "cpu")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -54,11 +54,15 @@ class MissingViewError(ValueError):
 
 @dataclass
 class TermOutput:
-    """What a term returns: ``per_example`` (B,) with batch loss = ``per_example.sum()``, and
-    ``stats``: logging statistics as Python floats (computed without grad)."""
+    """What a term returns: ``per_example`` (B,) with batch loss = ``per_example.sum()``,
+    ``stats``: logging statistics as Python floats (computed without grad), and for weighted
+    forget terms ``instance_weight`` (B,): the weight the term gives each instance (sequence
+    weight, or its token weights averaged over the answer; no grad) — what the G-effect
+    recorder stores per instance (the paper's Fig. 5(b))."""
 
     per_example: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    instance_weight: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -245,6 +249,13 @@ def token_mean_terms(values: torch.Tensor, view: TokenView) -> torch.Tensor:
 def seq_logp(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) sequence log-prob log π(y|x) = Σ_t log p_t over answer tokens."""
     return (logps * mask).sum(-1)
+
+
+@torch.no_grad()
+def row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) -> (B,): each row's mean of ``values`` over its answer tokens (no grad)."""
+    m = mask.to(values.dtype)
+    return ((values * m).sum(-1) / m.sum(-1).clamp_min(1)).detach()
 
 
 @torch.no_grad()

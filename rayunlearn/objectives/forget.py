@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from rayunlearn.domains import BOOL, LAYER, NONNEGATIVE, POSITIVE
 from rayunlearn.forward import TokenView
 from rayunlearn.objectives.base import (MissingViewError, ObjectiveContext, TermOutput,
-                                        layer_states, masked_mean, objective, seq_logp,
-                                        token_mean_terms, upcast)
+                                        layer_states, masked_mean, objective, row_mean,
+                                        seq_logp, token_mean_terms, upcast)
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def wga(forget: TokenView, *, alpha: float = 1.0) -> TermOutput:
     lp = upcast(forget.logps)
     w = torch.exp(alpha * lp.detach())                                   # (B, T-1) = p^α
     stats = {"weight_mean": masked_mean(w, forget.mask), "inv_p_mean": _inverse_confidence(forget)}
-    return TermOutput(token_mean_terms(w * lp, forget), stats)
+    return TermOutput(token_mean_terms(w * lp, forget), stats, row_mean(w, forget.mask))
 
 
 @objective("npo", side="forget", needs={"forget": ("ref_logps",)}, domains={"beta": POSITIVE})
@@ -81,9 +81,10 @@ def npo(forget: TokenView, *, beta: float = 0.5) -> TermOutput:
     # β(L − L_ref) = −β·log_ratio
     per_example = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio) / forget.seq_count
     with torch.no_grad():
-        stats = {"weight_mean": float((2 * torch.sigmoid(beta * log_ratio)).double().mean()),
+        weight = 2 * torch.sigmoid(beta * log_ratio)
+        stats = {"weight_mean": float(weight.double().mean()),
                  "log_ratio_mean": float(log_ratio.double().mean())}
-    return TermOutput(per_example, stats)
+    return TermOutput(per_example, stats, weight)
 
 
 @objective("tnpo", side="forget", needs={"forget": ("ref_logps",)},
@@ -99,7 +100,8 @@ def tnpo(forget: TokenView, *, beta: float = 4.0, eps: float = 0.0) -> TermOutpu
     """
     lp = upcast(forget.logps)
     w = torch.exp(_tnpo_log_weight(lp.detach(), upcast(forget.ref_logps), beta, eps))
-    return TermOutput(token_mean_terms(w * lp, forget), {"weight_mean": masked_mean(w, forget.mask)})
+    return TermOutput(token_mean_terms(w * lp, forget), {"weight_mean": masked_mean(w, forget.mask)},
+                      row_mean(w, forget.mask))
 
 
 @objective("wtnpo", side="forget", needs={"forget": ("ref_logps",)},
@@ -115,7 +117,8 @@ def wtnpo(forget: TokenView, *, beta: float = 4.0, alpha: float = 1.5, eps: floa
     lp = upcast(forget.logps)
     lpd = lp.detach()
     w = torch.exp(alpha * lpd + _tnpo_log_weight(lpd, upcast(forget.ref_logps), beta, eps))
-    return TermOutput(token_mean_terms(w * lp, forget), {"weight_mean": masked_mean(w, forget.mask)})
+    return TermOutput(token_mean_terms(w * lp, forget), {"weight_mean": masked_mean(w, forget.mask)},
+                      row_mean(w, forget.mask))
 
 
 @objective("po", side="forget", needs={"idk": ()}, uses_refusal=True)

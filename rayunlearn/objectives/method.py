@@ -92,6 +92,7 @@ class Method:
             raise ObjectiveError("a method needs at least one term, e.g. 'npo+kl'")
         self.terms: tuple[Term, ...] = tuple(terms)
         self._stats: dict[str, float] = {}
+        self._instance_weights: dict[str, torch.Tensor] = {}
 
     # -- description ---------------------------------------------------------------------
     def __str__(self) -> str:
@@ -148,17 +149,25 @@ class Method:
         return dict(self._stats)
 
     # -- evaluation ----------------------------------------------------------------------
+    @property
+    def instance_weights(self) -> dict[str, torch.Tensor]:
+        """{label: (B,) per-instance weight} of the weighted terms in the last ``per_example`` /
+        ``loss`` call (``TermOutput.instance_weight``)."""
+        return dict(self._instance_weights)
+
     def per_example(self, views: Mapping[str, TokenView],
                     ctx: ObjectiveContext | None = None) -> dict[str, torch.Tensor]:
         """Unweighted per-example terms {label: (B_side,) tensor}; the batch loss is
         Σ_terms weight · per_example[label].sum()."""
         ctx = ctx if ctx is not None else ObjectiveContext()
-        out, stats = {}, {}
+        out, stats, weights = {}, {}, {}
         for t in self.terms:
             res = t.objective(views, ctx, **t.params)
             out[t.label] = res.per_example
             stats.update({f"{t.label}.{k}": float(v) for k, v in res.stats.items()})
-        self._stats = stats
+            if res.instance_weight is not None:
+                weights[t.label] = res.instance_weight
+        self._stats, self._instance_weights = stats, weights
         return out
 
     def loss(self, views: Mapping[str, TokenView], ctx: ObjectiveContext | None = None):

@@ -7,15 +7,15 @@ with every input explicit. The loop calls, in this order::
 
     resumed(start)                       once, before the first step (also at 0)
     for each step:
-        before_step(step, lr, batch, optimizer)   just before optimizer.step()
+        before_step(step, lr, batch)              just before optimizer.step()
         after_optimizer_step(step)                just after it
         after_step(done)                          after logging (in-loop evaluation when due)
         checkpointed()                            after a checkpoint was written
     finish(total_steps, lr, optimizer) -> result
 
 G-effects (``effects.every > 0``): ``before_step`` records them at the weights the step starts
-from, with that step's lr, and ``after_optimizer_step`` the measured probe-risk change of that
-very step (the fidelity of −lr·e); ``finish`` records once more at the final weights. Under
+from, with that step's lr, and ``after_optimizer_step`` the realised-update effect of that very
+step (∇R·(θ_t − θ_{t+1})/lr) and the measured probe-risk change beside both predictions; ``finish`` records once more at the final weights. Under
 ``ddp`` the recorder runs on rank 0 on the bare module (replicated weights); under ``fsdp`` every
 rank takes part (collective forwards; the engine all-reduces its scalar dot products; parameters
 are kept unsharded during the recording) and rank 0 writes the rows.
@@ -58,7 +58,7 @@ class Callbacks:
     def resumed(self, start: int) -> None:
         pass
 
-    def before_step(self, step: int, lr: float, batch: dict, optimizer) -> None:
+    def before_step(self, step: int, lr: float, batch: dict) -> None:
         pass
 
     def after_optimizer_step(self, step: int) -> None:
@@ -143,7 +143,7 @@ class UnlearnCallbacks(Callbacks):
         if self.recorder is not None:
             self.recorder.resume(start)
 
-    def before_step(self, step: int, lr: float, batch: dict, optimizer) -> None:
+    def before_step(self, step: int, lr: float, batch: dict) -> None:
         """Just before optimiser step `step` (0-based = steps already taken): record the
         G-effects at the current weights with this step's lr (no-op unless due)."""
         rec = self.recorder
@@ -154,7 +154,7 @@ class UnlearnCallbacks(Callbacks):
             col = to_device(collated_step_batch(batch, self.task.tokenizer.pad_token_id), self.task.device)
             fb, rb = col.get("forget"), col.get("retain")
         with self.timer.phase("effects"), self.parallel.recording():
-            rec.before_step(step, lr, optimizer, forget_batch=fb, retain_batch=rb)
+            rec.before_step(step, lr, forget_batch=fb, retain_batch=rb)
 
     def after_optimizer_step(self, step: int) -> None:
         """Just after optimiser step `step`: the measured probe-risk change (steps.parquet)."""
@@ -211,7 +211,7 @@ class UnlearnCallbacks(Callbacks):
             with self.timer.phase("effects"):
                 if rec.due(total_steps) and self.cfg.effects.probe != "step":
                     with self.parallel.recording():
-                        rec.before_step(total_steps, lr, optimizer)
+                        rec.before_step(total_steps, lr)
                 rec.close()
         metrics = self.evaluate(total_steps, fast=False)
         if not self.is_main:

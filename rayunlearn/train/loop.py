@@ -166,7 +166,7 @@ def _train(kind: str, cfg, run_dir: Path, method: Optional[Method], *, results_d
             if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or par.engine is not None)):
                 _diverged(run_dir, is_main, step + 1, loss_value, grad_norm, terms_all, lr, last_ckpt,
                           reduced_precision=train.bf16 or cfg.model.dtype == "bfloat16")
-            callbacks.before_step(step, lr, batch, optimizer)      # G-effects at the weights this step starts from
+            callbacks.before_step(step, lr, batch)      # G-effects at the weights this step starts from
             ds_norm = par.step()
             if ds_norm is not None:
                 grad_norm = ds_norm

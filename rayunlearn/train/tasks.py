@@ -23,6 +23,7 @@ from rayunlearn.config import FinetuneConfig, UnlearnConfig
 from rayunlearn.data import benchmark_corpus, load_benchmark
 from rayunlearn.data.examples import (FULL_SPLIT, WORLD_SPLIT, collate_examples, encode_records,
                                       refusal_records, retain_split, to_device)
+from rayunlearn.effects.probes import probe_rows
 from rayunlearn.forward import IGNORE, RefLogpCache, token_view
 from rayunlearn.models import load_model, without_lora
 from rayunlearn.objectives import Method, ObjectiveContext
@@ -118,6 +119,12 @@ class UnlearnTask:
         self.model, self.tokenizer = load_model(cfg.model, path=cfg.target)
         forget_records = self.benchmark.split(cfg.data.forget_split)
         retain_records = self.benchmark.split(retain_split(cfg.data.forget_split))
+        if cfg.effects.every > 0 and cfg.effects.probe == "fixed":
+            # the retention probe's rows are held out of the retain-side terms' rows, so the
+            # regularisers' own retention G-effects are not +‖∇R‖² by construction
+            held = set(probe_rows(self.benchmark, cfg.data.forget_split, cfg.effects.probe_size,
+                                  cfg.effects.retain_probe_size).retain)
+            retain_records = [r for i, r in enumerate(retain_records) if i not in held]
         self.needs = {v: method.needs(v) for v in VIEW_ORDER}
         self.views = [v for v in VIEW_ORDER if v in method.views_needed]
         self.examples = encode_records(forget_records, self.tokenizer, cfg.data)
