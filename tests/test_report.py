@@ -224,3 +224,31 @@ def test_malformed_inputs_raise_user_errors(tmp_path):
         build_report(tmp_path / "r" / "study" / "trials")
     with pytest.raises(ReportDataError, match="no such results directory"):
         build_report(tmp_path / "nope")
+
+
+def test_fidelity_stats_read_the_realised_prediction():
+    """Median measured/predicted ratio and sign agreement, by hand, on a steps table where the
+    realised-update and the plain-gradient predictions disagree: reading the wrong column fails."""
+    import pandas as pd
+
+    from rayunlearn.report.analysis import fidelity_stats
+
+    steps = pd.DataFrame({
+        "predicted_removal_change_realised": [0.10, 0.20, -0.40, 0.0],     # last: zero prediction, skipped
+        "measured_removal_change": [0.11, 0.18, 0.40, 0.3],
+        "predicted_retention_change_realised": [-0.05, -0.10, float("nan"), -0.2],
+        "measured_retention_change": [-0.05, -0.12, 0.01, -0.1],
+        "predicted_removal_change": [0.01, 0.02, 0.04, 0.01],              # SGD: 10x too small
+        "predicted_retention_change": [0.5, 0.5, 0.5, 0.5],
+    })
+    real = fidelity_stats(steps, "realised")
+    assert real["removal"]["n"] == 3
+    assert real["removal"]["median_ratio"] == pytest.approx(0.9)          # ratios 1.1, 0.9, -1.0
+    assert real["removal"]["sign_agreement"] == pytest.approx(2 / 3)
+    assert real["retention"]["n"] == 3                                    # the NaN step is skipped
+    assert real["retention"]["median_ratio"] == pytest.approx(1.0)        # ratios 1.0, 1.2, 0.5
+    assert real["retention"]["sign_agreement"] == pytest.approx(1.0)
+    sgd = fidelity_stats(steps, "sgd")
+    assert sgd["removal"]["median_ratio"] == pytest.approx(10.5)          # ratios 11, 9, 10, 30
+    assert sgd["retention"]["sign_agreement"] == pytest.approx(0.25)      # only the 0.01 rise agrees
+    assert fidelity_stats(steps.drop(columns=["measured_removal_change"])) is None

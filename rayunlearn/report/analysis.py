@@ -126,6 +126,31 @@ EFFECT_COLUMNS = [("cum_lr_removal", "Σlr·e_u"), ("cum_lr_retention", "Σlr·e
                   ("sum_removal", "Σe_u"), ("sum_retention", "Σe_r")]
 
 
+PREDICTIONS = {"realised": "predicted_{risk}_change_realised",   # -∇R·(θ_t − θ_{t+1}): any optimiser
+               "sgd": "predicted_{risk}_change"}                  # -lr·∇R·∇L: plain gradient descent only
+
+
+def fidelity_stats(steps: pd.DataFrame | None, prediction: str = "realised") -> dict[str, dict] | None:
+    """How well a first-order prediction of the probe-risk change matches the measured change over
+    the same step, per risk: ``median_ratio`` = median of measured / predicted over steps with a
+    finite, non-zero prediction (1 = exact), ``sign_agreement`` = fraction of those steps where
+    both have the same sign, ``n`` = how many steps. None when the columns are absent."""
+    if steps is None:
+        return None
+    out = {}
+    for risk in ("removal", "retention"):
+        pcol, mcol = PREDICTIONS[prediction].format(risk=risk), f"measured_{risk}_change"
+        if pcol not in steps.columns or mcol not in steps.columns:
+            return None
+        pred, meas = steps[pcol].to_numpy(float), steps[mcol].to_numpy(float)
+        ok = np.isfinite(pred) & np.isfinite(meas) & (pred != 0)
+        n = int(ok.sum())
+        out[risk] = {"median_ratio": float(np.median(meas[ok] / pred[ok])) if n else math.nan,
+                     "sign_agreement": float(np.mean(np.sign(meas[ok]) == np.sign(pred[ok]))) if n else math.nan,
+                     "n": n}
+    return out
+
+
 def _metric_from_dict(m: dict, path):
     from rayunlearn.report.data import as_float, get_path
 

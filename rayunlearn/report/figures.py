@@ -205,24 +205,30 @@ def trajectories_figure(series: dict[str, tuple[pd.DataFrame, str]], colors: dic
 
 
 def fidelity_figure(series: dict[str, tuple[pd.DataFrame, str]], colors: dict, title: str, path: Path) -> Path | None:
-    """First-order fidelity: predicted (-lr·e) vs measured risk change per recorded step, y = x."""
-    cols = ("predicted_removal_change", "measured_removal_change", "predicted_retention_change",
-            "measured_retention_change")
-    series = {k: v for k, v in series.items() if all(c in v[0].columns for c in cols)}
+    """First-order fidelity: the realised-update prediction −lr·e_real = −∇R·(θ_t − θ_{t+1}) against
+    the measured probe-risk change per recorded step, with y = x (older results without the
+    realised columns fall back to the plain-gradient prediction −lr·e)."""
+    def pred_col(s, risk):
+        col = f"predicted_{risk}_change_realised"
+        return col if col in s.columns else f"predicted_{risk}_change"
+
+    series = {k: v for k, v in series.items()
+              if all(c in v[0].columns for risk in ("removal", "retention")
+                     for c in (pred_col(v[0], risk), f"measured_{risk}_change"))}
     if not series:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5))
     for ax, risk in zip(axes, ("removal", "retention")):
         allv = []
         for label, (s, fam) in series.items():
-            x, y = s[f"predicted_{risk}_change"].to_numpy(float), s[f"measured_{risk}_change"].to_numpy(float)
+            x, y = s[pred_col(s, risk)].to_numpy(float), s[f"measured_{risk}_change"].to_numpy(float)
             ax.scatter(x, y, s=16, color=colors.get(fam, "k"), label=label, alpha=0.8)
             allv += [x[np.isfinite(x)], y[np.isfinite(y)]]
         v = np.concatenate(allv) if allv else np.zeros(1)
         lo, hi = (float(v.min()), float(v.max())) if len(v) else (-1.0, 1.0)
         pad = 0.05 * (hi - lo or 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x")
-        ax.set_xlabel(f"predicted {risk} risk change  -lr·e" + ("_u" if risk == "removal" else "_r"))
+        ax.set_xlabel(f"predicted {risk} risk change  −∇R·Δθ (realised update)")
         ax.set_ylabel(f"measured {risk} risk change")
         ax.set_title(f"{risk} risk ({'want increase' if risk == 'removal' else 'want ≤ 0 change'})")
         ax.grid(alpha=0.3)
