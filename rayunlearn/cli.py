@@ -8,7 +8,7 @@
     rayunlearn effects RUN_DIR [key=value ...]
     rayunlearn tofu-summary EVAL_DIR [--retain RETAIN_DIR] [--json]
     rayunlearn sweep SPACE [--resume | --extend N] [key=value ...]
-    rayunlearn report RESULTS_DIR [--summary-md PATH]
+    rayunlearn report RESULTS_DIR [--summary-md PATH [--readme README.md]]
     rayunlearn demo [--model tiny|smollm2-135m] [--summary PATH] [key=value ...]
     rayunlearn bench {effects,eval,sweep,gpu,all}
     rayunlearn methods        (objectives, method presets and their hyper-parameters)
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("results_dir", metavar="RESULTS_DIR")
     rp.add_argument("--summary-md", default=None, metavar="PATH",
                     help="also write a Markdown summary (tables, claim verdicts, commit, command) to PATH")
+    rp.add_argument("--readme", default=None, metavar="FILE",
+                    help="with --summary-md: replace FILE's generated-summary block with the new summary")
 
     dm = sub.add_parser("demo", help="the main job: synthesize, train, the paper's study, a sweep, the report")
     dm.add_argument("--model", default="tiny", help="tiny (default) or smollm2-135m")
@@ -147,7 +149,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "report":
         from rayunlearn.report import report_command
 
-        return report_command(args.results_dir, summary_md=args.summary_md, command=args.command_line)
+        if args.readme and not args.summary_md:
+            raise UserError("report: --readme quotes the summary that --summary-md PATH writes; give both")
+        return report_command(args.results_dir, summary_md=args.summary_md, command=args.command_line,
+                              readme=args.readme)
     if cmd == "demo":
         from rayunlearn.demo import demo_command
 

@@ -426,9 +426,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     return out / "report.html"
 
 
-def report_command(results_dir: str, summary_md: str | None = None, command: str = "") -> int:
-    """CLI entry: `rayunlearn report RESULTS_DIR [--summary-md PATH]` (``command``: the command
-    line, recorded in the Markdown summary)."""
+def report_command(results_dir: str, summary_md: str | None = None, command: str = "",
+                   readme: str | None = None) -> int:
+    """CLI entry: `rayunlearn report RESULTS_DIR [--summary-md PATH [--readme README.md]]`
+    (``command``: the command line, recorded in the Markdown summary; ``readme``: a file whose
+    generated-summary block is replaced by the new summary)."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -440,4 +442,8 @@ def report_command(results_dir: str, summary_md: str | None = None, command: str
 
         md = write_summary(results_dir, summary_md, command, path.parent / runs.REPORT_SUMMARY_FILE)
         console.print(f"wrote the Markdown summary {md}")
+        if readme:
+            from rayunlearn.report.summary import embed_in_readme
+
+            console.print(f"quoted it in {embed_in_readme(readme, md, summary_md)}")
     return 0

@@ -139,3 +139,31 @@ def write_summary(results_dir: str | Path, path: str | Path, command: str, repor
     path = Path(path)
     write_text(path, text)
     return path
+
+
+README_BEGIN = "<!-- generated from {path}: do not edit; `rayunlearn report RESULTS --summary-md {path} --readme README.md` -->"
+README_END = "<!-- end of generated summary -->"
+
+
+def readme_block(summary_text: str, summary_path: str) -> str:
+    """The README's quotation of a summary: its body (the title dropped, headings one level down)
+    between the markers, so a test can hold the README to the committed file."""
+    body = summary_text.split("\n", 1)[1] if summary_text.startswith("# ") else summary_text
+    body = "\n".join("#" + line if line.startswith("## ") else line for line in body.strip("\n").split("\n"))
+    return f"{README_BEGIN.format(path=summary_path)}\n{body}\n{README_END}"
+
+
+def embed_in_readme(readme: str | Path, summary_file: str | Path, summary_path: str) -> Path:
+    """Replace the generated block of ``readme`` with ``summary_file``'s (``summary_path``: how the
+    README names it, relative to the repository). The markers must already be there."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    begin = README_BEGIN.format(path=summary_path)
+    if begin not in text or README_END not in text:
+        raise ReportDataError(f"{readme}: no generated-summary markers for {summary_path} "
+                              f"(a line `{begin}` … `{README_END}`)")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(README_END, 1)
+    block = readme_block(Path(summary_file).read_text(encoding="utf-8"), summary_path)
+    write_text(readme, head + block + tail)
+    return readme
