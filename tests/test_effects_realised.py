@@ -140,7 +140,7 @@ def test_stored_realised_effect_matches_an_independent_computation(name, tmp_pat
 # ----------------------------------------------------------------------------- per instance
 
 def _expected_weights(name, lp, lp_ref, mask, hp):
-    """The objectives' weights from their formulas (OBJECTIVES.md), per instance."""
+    """The objectives' weights from their formulas (docs/spec/OBJECTIVES.md), per instance."""
     p, p_ref = lp.exp(), lp_ref.exp()
     rows = mask.sum(-1)
     if name == "npo":
