@@ -137,7 +137,10 @@ def runs(root):
     unlearn(single)
     ddp = ul_cfg(root, out / "ddp", effects=EFFECTS, num_workers=2, strategy="ddp")
     fsdp = ul_cfg(root, out / "fsdp", effects=EFFECTS, num_workers=2, strategy="fsdp")
-    cut = ul_cfg(root, out / "fsdp_cut", num_workers=2, strategy="fsdp", shard_reference=True, evaluate=True)
+    # the same effects settings as fsdp: a fixed probe's retain rows are held out of the regulariser's
+    # training rows, so recording (not just its cost) is part of what the resumed run must reproduce
+    cut = ul_cfg(root, out / "fsdp_cut", effects=EFFECTS, num_workers=2, strategy="fsdp", shard_reference=True,
+                 evaluate=True)
     jobs = []
     for cfg, cut_after in ((ddp, 0), (fsdp, 0), (cut, 3)):
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -197,8 +200,8 @@ def test_fsdp_resume_after_interruption_gives_uninterrupted_weights(runs):
         ["step-2", "step-4"]
     assert [r["step"] for r in _log(cut)] == [1, 2, 3, 4]
     # same strategy and batches, fresh processes after step 2: the resumed optimiser state is the
-    # gathered full state, re-sharded. (The uninterrupted run also recorded G-effects and kept a
-    # replicated reference: neither may change the training.)
+    # gathered full state, re-sharded. (The uninterrupted run kept a replicated reference, the cut
+    # one a sharded one: that may not change the training.)
     wa, wb = _weights(runs["fsdp"]), _weights(cut)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-12), (k, float((wa[k] - wb[k]).abs().max()))
