@@ -267,8 +267,12 @@ def test_killed_driver_leaves_tables_no_ray_processes_and_resumes(tmp_path):
     out = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
-    for r in rows:
+    done = [r for r in rows if r["status"] == "completed"]
+    assert len(done) == 3
+    # a 3rd trial killed before Tune saved its experiment state is replaced by a new one on resume;
+    # its directory stays, recorded as incomplete (never as completed twice)
+    assert all(r["status"] == "incomplete" and r["trial_id"] not in before for r in rows if r not in done)
+    for r in done:
         assert r["attempts"] == 1
         if r["trial_id"] in before:
             assert r["time_s"] == before[r["trial_id"]]["time_s"]
