@@ -89,10 +89,10 @@ def demo_command(model: str = "tiny", out: str = "results/demo", overrides: list
                 continue
             console.rule(f"[bold]{stage}[/]: {_describe(space)}")
             t0 = time.time()
-            summary = _run_stage(space, console)
+            result = _run_stage(space, console)
             timings[stage] = timings.get(stage, 0.0) + time.time() - t0
             state["timings"] = timings
-            if summary.get("interrupted"):
+            if result.get("interrupted"):
                 write_json(state_path, state)
                 console.print(f"[yellow]{stage} stopped before all trials finished; run the demo again to "
                               f"continue[/]")
