@@ -92,6 +92,7 @@ def _worker(rank, world, port, jobs):
     try:
         for cfg_dict, run_dir, cut_after in jobs:
             cfg = from_dict(UnlearnConfig, cfg_dict)
+            results_dir, trial_id = launch.effects_destination(cfg)
             if cut_after:
                 real, calls = Bar.advance, {"n": 0}
 
@@ -104,8 +105,7 @@ def _worker(rank, world, port, jobs):
                 Bar.advance = advance
                 try:
                     loop.run_loop("unlearn", cfg, Path(run_dir), parse_method(cfg.method),
-                                  results_dir=launch.effects_destination(cfg)[0],
-                                  trial_id=launch.effects_destination(cfg)[1])
+                                  results_dir=results_dir, trial_id=trial_id)
                     raise AssertionError("the run was not interrupted")
                 except _Cut:
                     pass
@@ -116,8 +116,7 @@ def _worker(rank, world, port, jobs):
                     (Path(run_dir) / "checkpoints_at_cut.json").write_text(json.dumps(ck))
                 dist.barrier()
             loop.run_loop("unlearn", cfg, Path(run_dir), parse_method(cfg.method),
-                                  results_dir=launch.effects_destination(cfg)[0],
-                                  trial_id=launch.effects_destination(cfg)[1])      # (re)start: resumes from the last checkpoint
+                          results_dir=results_dir, trial_id=trial_id)      # (re)start: resumes from the last checkpoint
             dist.barrier()
     finally:
         dist.destroy_process_group()

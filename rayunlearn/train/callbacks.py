@@ -11,7 +11,7 @@ with every input explicit. The loop calls, in this order::
         after_optimizer_step(step)                just after it
         after_step(done)                          after logging (in-loop evaluation when due)
         checkpointed()                            after a checkpoint was written
-    finish(total_steps, lr, optimizer) -> result
+    finish(total_steps, lr) -> result
 
 G-effects (``effects.every > 0``): ``before_step`` records them at the weights the step starts
 from, with that step's lr, and ``after_optimizer_step`` the realised-update effect of that very
@@ -70,7 +70,7 @@ class Callbacks:
     def checkpointed(self) -> None:
         pass
 
-    def finish(self, total_steps: int, lr: float, optimizer):
+    def finish(self, total_steps: int, lr: float):
         raise NotImplementedError
 
 
@@ -96,7 +96,7 @@ class FinetuneCallbacks(Callbacks):
     def __init__(self, task: FinetuneTask, parallel: Parallel, run_dir: Path, is_main: bool):
         self.task, self.parallel, self.run_dir, self.is_main = task, parallel, run_dir, is_main
 
-    def finish(self, total_steps: int, lr: float, optimizer) -> Path:
+    def finish(self, total_steps: int, lr: float) -> Path:
         task, run_dir = self.task, self.run_dir
         model = self.parallel.eval_model()           # collective under fsdp / deepspeed; None off rank 0
         if not self.is_main:
@@ -203,7 +203,7 @@ class UnlearnCallbacks(Callbacks):
         if report and self.report is not None:
             self.report({**scalars(rec), "done": False})
 
-    def finish(self, total_steps: int, lr: float, optimizer) -> dict:
+    def finish(self, total_steps: int, lr: float) -> dict:
         """The last G-effect recording, the full evaluation, status.json = completed."""
         rec = self.recorder
         if rec is not None:

@@ -190,7 +190,7 @@ def _train(kind: str, cfg, run_dir: Path, method: Optional[Method], *, results_d
                 callbacks.checkpointed()
     par.train_mode(False)
     timer.switch("final_eval")
-    result = callbacks.finish(sched.total_steps, lr, optimizer)
+    result = callbacks.finish(sched.total_steps, lr)
     timer.stop()
     if kind == "unlearn" and result:
         result["time"] = timer.seconds(TIME_PHASES)
