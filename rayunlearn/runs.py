@@ -88,7 +88,16 @@ DEMO_STATE_FILE = "demo_state.json"    # in a demo directory: the stages `rayunl
 # names in a report directory
 REPORT_SUMMARY_FILE = "summary.json"   # the report's machine-readable answers (fronts, claim verdicts)
 
+NOISE_FILE = "noise.json"              # in reference/: the score noise floor (noise_path)
+
 EFFECT_TABLES = ("geffects", "steps")
+
+
+def noise_path(results_dir: str | Path) -> Path:
+    """``<results_dir>/reference/noise.json``: the noise floor of every score, measured between
+    retain-model replicates: {"removal": half-width, "retention": half-width, "replicates": k,
+    ...per-score values}. The Pareto front's noise band and early stopping read it."""
+    return Path(results_dir) / REFERENCE_DIR / NOISE_FILE
 
 
 def run_dir(out: str | Path, trial_id: Optional[str]) -> Path:
@@ -153,10 +162,11 @@ COMPLETED = "completed"    # finished and evaluated
 DIVERGED = "diverged"      # stopped by the divergence guard (deterministic: never retried)
 FAILED = "failed"          # raised an error (its message is in the trial's `error`)
 INCOMPLETE = "incomplete"  # a trial directory without a result (the sweep was interrupted)
+STOPPED = "stopped"        # ended early by the sweep's early stopping (its reason in `stop_reason`)
 
-STATUSES = (RUNNING, COMPLETED, DIVERGED, FAILED, INCOMPLETE)
-FINISHED_STATUSES = frozenset({COMPLETED, DIVERGED, FAILED})   # a resumed sweep does not rerun these
-UNSUCCESSFUL_STATUSES = frozenset({DIVERGED, FAILED, INCOMPLETE, RUNNING})
+STATUSES = (RUNNING, COMPLETED, DIVERGED, FAILED, INCOMPLETE, STOPPED)
+FINISHED_STATUSES = frozenset({COMPLETED, DIVERGED, FAILED, STOPPED})   # a resumed sweep does not rerun these
+UNSUCCESSFUL_STATUSES = frozenset({DIVERGED, FAILED, INCOMPLETE, RUNNING, STOPPED})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +230,19 @@ TRIALS_FIXED_COLUMNS = ("trial_id", "family", "method", "status", "error", "time
 TIME_PREFIX = "time."
 TIME_PHASES = ("load", "steps", "effects", "trajectory_eval", "final_eval")
 TIME_OTHER = "other"
+# replicates (`seeds: k` in a search space): `removal`/`retention` are the means over the seeds,
+# SD_SUFFIX columns their standard deviations, SEEDS_COLUMN the number of seeds, and every seed's
+# own values are kept as `seed<j>.<column>`
+SD_SUFFIX = "_sd"
+SEEDS_COLUMN = "n_seeds"
+SEED_PREFIX = "seed"
+# the retention floor (`retention_floor:` in a search space): whether a trial met it
+FEASIBLE_COLUMN = "feasible"
+# early stopping: why a `stopped` trial was stopped, and the step of its last evaluation
+STOP_REASON_COLUMN = "stop_reason"
+# attacks (`eval.attacks`): `attack.<name>.<metric>` (e.g. attack.relearn.forget.prob); an attack
+# that failed leaves its metrics NaN and its reason in `attack.<name>.error`
+ATTACK_PREFIX = "attack."
 TRIALS_REQUIRED_COLUMNS = ("trial_id", "family", "method", "status", "removal", "retention")
 HP_PREFIX = "hp."
 
