@@ -1,5 +1,6 @@
 """Assemble the report: sections of blocks (headings, text, notes, figures, tables) rendered to
-one self-contained ``report.html`` (PNGs embedded as base64) and ``report.md``; PNGs go to
+one self-contained ``report.html`` (PNGs embedded as base64; the Pareto fronts and G-effect curves
+interactive, with plotly.js inline: report/interactive.py) and ``report.md`` (the PNGs); PNGs go to
 ``figures/`` and the machine-readable answers (Pareto fronts, verdicts) to ``summary.json``.
 Reads results files only — no Ray, no model: a report can be rebuilt anywhere the files are.
 """
@@ -18,6 +19,7 @@ import pandas as pd
 from rayunlearn import runs
 from rayunlearn.io import write_json, write_text
 from rayunlearn.report import figures as F
+from rayunlearn.report import interactive as I
 from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, TABLE_COLUMNS, fidelity_stats, front_of, group_effects,
                                         hp_importance, instance_effects, results_table, trial_label)
 from rayunlearn.report.data import Collection, discover
@@ -49,6 +51,14 @@ class Doc:
             self.note(f"{alt}: {missing}.")
         else:
             self.blocks.append(("img", Path(path), alt))
+
+    def plot(self, fig, png: Path | None, alt: str, kind: str, name: str):
+        """An interactive figure (report.html) with its static PNG (report.md, and folded under
+        the plot in report.html); ``kind`` and ``name`` label the plot for the browser test."""
+        if fig is None:
+            self.img(png, alt)
+        else:
+            self.blocks.append(("plot", fig, png, alt, kind, name))
 
     def table(self, df: pd.DataFrame):
         self.blocks.append(("table", df))
@@ -85,8 +95,15 @@ def _how_judged(f) -> list[tuple[str, str]]:
     return [(k, v) for k, v in items if v]
 
 
+def _img_html(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
 def render_html(doc: Doc, title: str) -> str:
+    interactive = any(b[0] == "plot" for b in doc.blocks)
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+           I.head_scripts() if interactive else "",
            "<style>body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
            "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
            "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
@@ -102,9 +119,14 @@ def render_html(doc: Doc, title: str) -> str:
         elif kind == "note":
             out.append(f"<p class='note'>{html.escape(b[1])}</p>")
         elif kind == "img":
-            data = base64.b64encode(b[1].read_bytes()).decode("ascii")
-            out.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+            out.append(f"<figure>{_img_html(b[1], b[2])}<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        elif kind == "plot":
+            fig, png, alt, plot_kind, name = b[1:]
+            out.append(f"<figure>{I.plot_html(fig, f'plot-{len(out)}', plot_kind, name)}"
+                       f"<figcaption>{html.escape(alt)}</figcaption>")
+            if png is not None:
+                out.append(f"<details><summary>static image</summary>{_img_html(png, alt)}</details>")
+            out.append("</figure>")
         elif kind == "table":
             df = b[1]
             out.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns) + "</tr>")
@@ -120,7 +142,7 @@ def render_html(doc: Doc, title: str) -> str:
                            f"<b>{f.verdict}</b></td><td style='text-align:left'>{nums}</td>"
                            f"<td style='text-align:left'>{judged}</td></tr>")
             out.append("</table>")
-    out.append("</body></html>")
+    out.append((I.RENDERER if interactive else "") + "</body></html>")
     return "\n".join(out)
 
 
@@ -138,8 +160,9 @@ def render_md(doc: Doc, title: str, fig_dir_rel: str) -> str:
             out += [b[1], ""]
         elif kind == "note":
             out += [f"_{b[1]}_", ""]
-        elif kind == "img":
-            out += [f"![{b[2]}]({fig_dir_rel}/{b[1].name})", ""]
+        elif kind == "img" or (kind == "plot" and b[2] is not None):
+            path, alt = (b[1], b[2]) if kind == "img" else (b[2], b[3])
+            out += [f"![{alt}]({fig_dir_rel}/{path.name})", ""]
         elif kind == "table":
             df = b[1]
             out.append("| " + " | ".join(_md_cell(c) for c in df.columns) + " |")
@@ -242,8 +265,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         if pts.empty:
             doc.note(f"{c.name}: no completed trials.")
             continue
-        doc.img(fig(F.pareto_figure(pts, fronts[c.name], colors, c.reference, f"Pareto frontier — {c.name}",
-                                    fig_dir / f"{_slug(c.name)}_pareto.png")), f"Pareto frontier of {c.name}")
+        doc.plot(I.pareto_plot([c], colors, root, f"Pareto frontier — {c.name}"),
+                 fig(F.pareto_figure(pts, fronts[c.name], colors, c.reference, f"Pareto frontier — {c.name}",
+                                     fig_dir / f"{_slug(c.name)}_pareto.png")), f"Pareto frontier of {c.name}",
+                 "pareto", c.name)
         front_rows = c.completed[c.completed["trial_id"].isin(fronts[c.name])]
         front_tbl = pts[pts["trial_id"].isin(fronts[c.name])].assign(
             removal_report=[c.metric(r, ("removal_report",)) for _, r in front_rows.iterrows()]
@@ -269,8 +294,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         summary["combined_pareto"] = sorted(front_all)
         ref = next((c.reference for c in collections if c.reference), {})
         doc.h(3, "all results together")
-        doc.img(fig(F.pareto_figure(allp, front_all, colors, ref, "Pareto frontier — all trials",
-                                    fig_dir / "all_pareto.png")), "Pareto frontier over every collection")
+        doc.plot(I.pareto_plot([c for c in collections if not c.completed.empty], colors, root,
+                               "Pareto frontier — all trials"),
+                 fig(F.pareto_figure(allp, front_all, colors, ref, "Pareto frontier — all trials",
+                                     fig_dir / "all_pareto.png")), "Pareto frontier over every collection",
+                 "pareto", "all")
 
     # Results table
     doc.h(2, "Results table")
@@ -295,8 +323,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         if not any(c.steps(t) is not None for t in trials["trial_id"]):
             doc.note("cumulative G-effects: not recorded (no effects/<trial>/steps.parquet).")
 
-    def per_trial_series(title, intro, load, draw, name, stem, caption, missing):
-        """One section: per collection, a figure of `load(c, trial)` for the trials that have it."""
+    def per_trial_series(title, intro, load, draw, name, stem, caption, missing, interactive=None):
+        """One section: per collection, a figure of `load(c, trial)` for the trials that have it
+        (and, in report.html, `interactive(c, colors, title)`'s plot of every such trial)."""
         doc.h(2, title)
         doc.p(intro)
         for c in collections:
@@ -305,15 +334,18 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             if note:
                 doc.note(note)
             series = {_short(trial_label(r, c.hp_columns)): (load(c, r["trial_id"]), str(r["family"])) for r in rows}
-            doc.img(fig(draw(series, colors, f"{name} — {c.name}", fig_dir / f"{_slug(c.name)}_{stem}.png")),
-                    f"{caption} of {c.name}", missing)
+            png = fig(draw(series, colors, f"{name} — {c.name}", fig_dir / f"{_slug(c.name)}_{stem}.png"))
+            if interactive is not None and png is not None:
+                doc.plot(interactive(c, colors, f"{name} — {c.name}"), png, f"{caption} of {c.name}", stem, c.name)
+            else:
+                doc.img(png, f"{caption} of {c.name}", missing)
 
     # G-effect curves
     per_trial_series("G-effect curves",
                      "Removal and retention G-effects per recorded step (exact totals from steps.parquet). "
                      "Zero line drawn; removal wants e_u < 0, retention wants e_r ≥ 0.",
                      lambda c, t: c.steps(t), F.curves_figure, "G-effects per step", "geffect_curves", "G-effect curves",
-                     "not recorded (no steps.parquet)")
+                     "not recorded (no steps.parquet)", I.curves_plot)
 
     # Layer groups
     doc.h(2, "Layer groups")

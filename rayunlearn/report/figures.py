@@ -55,7 +55,8 @@ def _grid(n: int, ncols: int = 5, w: float = 3.2, h: float = 2.6):
 
 def pareto_figure(points: pd.DataFrame, front_ids: set[str], colors: dict, reference: dict[str, dict],
                   title: str, path: Path) -> Path:
-    """Removal vs retention of every trial; the non-dominated ones ringed, joined and labelled.
+    """Removal vs retention of every trial; the non-dominated ones ringed, joined and numbered
+    (the numbers' labels listed beside the axes).
     ``points``: trial_id, family, label, removal, retention (and optional ``collection``)."""
     fig, ax = plt.subplots(figsize=(9.5, 6.5))
     markers = {}
@@ -73,10 +74,6 @@ def pareto_figure(points: pd.DataFrame, front_ids: set[str], colors: dict, refer
                 label="Pareto front")
         ax.scatter(front["removal"], front["retention"], s=130, facecolors="none", edgecolors="k", lw=1.4,
                    zorder=3)
-        for k, (_, r) in enumerate(front.iterrows()):
-            ax.annotate(r["label"], (r["removal"], r["retention"]), xytext=(6, 8 if k % 2 == 0 else -12),
-                        textcoords="offset points", fontsize=7.5,
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.7))
     for which, marker in (("target", "*"), ("retain", "P")):
         if which in reference:
             r = reference[which]
@@ -84,12 +81,50 @@ def pareto_figure(points: pd.DataFrame, front_ids: set[str], colors: dict, refer
                        zorder=4, label=f"{which} model")
             ax.annotate(f"{which} model", (r["removal"], r["retention"]), xytext=(8, -4),
                         textcoords="offset points", fontsize=8, fontweight="bold")
+    if not front.empty:   # once every mark is drawn: the axes' limits are final
+        _number_front(ax, front, points[["removal", "retention"]].to_numpy(float))
     ax.set_xlabel("removal (higher = more forgotten)")
     ax.set_ylabel("retention (higher = more kept)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
     return _save(fig, path)
+
+
+def _number_front(ax, front: pd.DataFrame, avoid: np.ndarray, fontsize: float = 7.5) -> None:
+    """Number the front's points 1..n (by removal) and list the numbers' labels beside the axes:
+    full labels at the points overlap wherever the front is dense. Each number goes to the first
+    of a ring of offsets where its box overlaps no number placed before and no trial's marker."""
+    ax.autoscale_view()
+    to_px = ax.transData.transform
+    px_per_pt = ax.figure.dpi / 72
+    markers = to_px(avoid)
+    placed: list[tuple[float, float, float, float]] = []
+    candidates = [(r * math.cos(a), r * math.sin(a)) for r in (9, 16, 24)
+                  for a in np.deg2rad([45, 135, -45, -135, 90, -90, 0, 180])]
+    xy = front[["removal", "retention"]].to_numpy(float)
+    for k, ((x, y), at) in enumerate(zip(to_px(xy), xy), start=1):
+        w, h = (0.6 * len(str(k)) + 0.4) * fontsize * px_per_pt, 1.2 * fontsize * px_per_pt
+
+        def box_at(offset):
+            cx, cy = x + offset[0] * px_per_pt, y + offset[1] * px_per_pt
+            return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+        def clear(box):
+            return (all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in placed)
+                    and not np.any((markers[:, 0] > box[0] - 3) & (markers[:, 0] < box[2] + 3)
+                                   & (markers[:, 1] > box[1] - 3) & (markers[:, 1] < box[3] + 3)))
+
+        # crowded all round: the first offset, which at least never sits on its own point
+        dx, dy = next((o for o in candidates if clear(box_at(o))), candidates[0])
+        box = box_at((dx, dy))
+        placed.append(box)
+        ax.annotate(str(k), at, xytext=(dx, dy), textcoords="offset points",
+                    ha="center", va="center", fontsize=fontsize, fontweight="bold",
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.4", shrinkA=0, shrinkB=4))
+    key = "\n".join(f"{k}  {label}" for k, label in enumerate(front["label"], start=1))
+    ax.text(1.02, 1.0, "Pareto front\n" + key, transform=ax.transAxes, va="top", ha="left", fontsize=fontsize,
+            family="monospace")
 
 
 def curves_figure(series: dict[str, tuple[pd.DataFrame, str]], colors: dict, title: str, path: Path) -> Path | None:
