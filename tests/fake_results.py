@@ -252,3 +252,59 @@ def make_fake_results(root: str | Path, *, claim1_holds: bool = True, ga_cosine:
         write_references(sw, rng)
         write_json(sw / "pareto.json", {"objectives": ["removal", "retention"], "trials": [], "points": []})
     return root
+
+
+# the small results directory of the interactive report's tests (tests/test_report_interactive.py,
+# tests/test_report_browser.py): every extra the front can draw, with numbers easy to check by hand
+SMALL_NOISE = {"removal": 0.02, "retention": 0.01, "replicates": 3}
+SMALL_FLOOR = 0.9                 # sweep.yaml's retention_floor: 0.9 x the target's retention 0.6
+SMALL_TARGET = {"removal": 0.05, "retention": 0.6}
+SMALL_RETAIN = {"removal": 0.9, "retention": 0.58}
+SMALL_COMPLETED = {"study": 4, "sweep": 5}
+
+
+def make_small_results(root: str | Path) -> Path:
+    """``root/study`` (four completed trials, one failed) and ``root/sweep`` (five completed trials
+    of two families with seed standard deviations, one stopped early, one failed; G-effect steps for
+    two trials; ``sweep.yaml`` sets the retention floor); references and the noise floor in
+    ``root/reference``. Returns ``root``."""
+    root = Path(root)
+    write_json(root / "reference" / "target.json", SMALL_TARGET)
+    write_json(root / "reference" / "retain.json", SMALL_RETAIN)
+    write_json(root / "reference" / "noise.json", SMALL_NOISE)
+    nan = float("nan")
+    _trials_table([
+        {"trial_id": "000-ga", "family": "ga", "method": "ga", "status": "completed", "removal": 0.95,
+         "retention": 0.2},
+        {"trial_id": "001-npo", "family": "npo", "method": "npo", "status": "completed", "removal": 0.7,
+         "retention": 0.45},
+        {"trial_id": "002-wga_kl", "family": "wga+kl", "method": "wga+kl", "status": "completed", "removal": 0.85,
+         "retention": 0.5},
+        {"trial_id": "003-ga_gd", "family": "ga+gd", "method": "ga+gd", "status": "completed", "removal": 0.6,
+         "retention": 0.3},
+        {"trial_id": "004-po_kl", "family": "po+kl", "method": "po+kl", "status": "error", "removal": nan,
+         "retention": nan, "error": "RuntimeError: out of memory"},
+    ], root / "study" / "trials.parquet")
+    sweep = []
+    for i, (alpha, rem, ret) in enumerate([(0.5, 0.8, 0.56), (1.0, 0.86, 0.55), (2.0, 0.9, 0.5), (4.0, 0.7, 0.4)]):
+        sweep.append({"trial_id": f"trial-{i:03d}", "family": "wga+kl", "method": f"wga(alpha={alpha:g})+1*kl",
+                      "status": "completed", "removal": rem, "retention": ret, "removal_sd": 0.01 * (i + 1),
+                      "retention_sd": 0.005 * (i + 1), "n_seeds": 3, "feasible": ret >= SMALL_FLOOR * 0.6,
+                      "hp.alpha": alpha, "hp.beta": None})
+    sweep.append({"trial_id": "trial-004", "family": "npo+kl", "method": "npo(beta=0.2)+1*kl", "status": "completed",
+                  "removal": 0.75, "retention": 0.52, "removal_sd": 0.03, "retention_sd": 0.02, "n_seeds": 3,
+                  "feasible": False, "hp.alpha": None, "hp.beta": 0.2})
+    sweep.append({"trial_id": "trial-005", "family": "npo+kl", "method": "npo(beta=0.9)+1*kl", "status": "stopped",
+                  "stop_reason": "collapse: retention below the floor", "removal": 0.99, "retention": 0.1,
+                  "removal_sd": nan, "retention_sd": nan, "n_seeds": 1, "feasible": False, "hp.alpha": None,
+                  "hp.beta": 0.9})
+    sweep.append({"trial_id": "trial-006", "family": "npo+kl", "method": "npo(beta=0.5)+1*kl", "status": "error",
+                  "error": "RuntimeError: out of memory", "removal": nan, "retention": nan, "hp.alpha": None,
+                  "hp.beta": 0.5})
+    _trials_table(sweep, root / "sweep" / "trials.parquet")
+    (root / "sweep" / "sweep.yaml").write_text(f"name: sweep\nretention_floor: {SMALL_FLOOR}\n")
+    for tid, sign in (("trial-000", 1.0), ("trial-004", 0.5)):
+        write_parquet(root / "sweep" / "effects" / tid / "steps.parquet", pa.table({
+            "step": [2, 4, 6], "lr": [1e-3, 1e-3, 1e-3], "removal": [-1.0 * sign, -2.0 * sign, -3.0 * sign],
+            "retention": [0.1 * sign, -0.2 * sign, 0.05 * sign]}))
+    return root
