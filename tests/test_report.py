@@ -54,9 +54,10 @@ def test_every_section_and_figure(built):
         data = (out / "figures" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"](figures/{name})" in md
-    # self-contained: one embedded image per PNG, no external references
+    # self-contained: one embedded image per PNG, no external references (plotly.js is inline)
     assert html.count("src='data:image/png;base64,") == len(pngs)
-    assert "src='http" not in html and "href=" not in html
+    outside_scripts = re.sub(r"<script\b.*?</script>", "", html, flags=re.S)
+    assert "<script src" not in html and "src='http" not in outside_scripts and "href=" not in outside_scripts
     # the failed sweep trial is reported, not plotted
     assert "trial-012" in html and "out of memory" in html
 
