@@ -52,13 +52,10 @@ class Doc:
         else:
             self.blocks.append(("img", Path(path), alt))
 
-    def plot(self, fig, png: Path | None, alt: str, kind: str, name: str):
+    def plot(self, fig, png: Path, alt: str, kind: str, name: str):
         """An interactive figure (report.html) with its static PNG (report.md, and folded under
         the plot in report.html); ``kind`` and ``name`` label the plot for the browser test."""
-        if fig is None:
-            self.img(png, alt)
-        else:
-            self.blocks.append(("plot", fig, png, alt, kind, name))
+        self.blocks.append(("plot", fig, Path(png), alt, kind, name))
 
     def table(self, df: pd.DataFrame):
         self.blocks.append(("table", df))
@@ -123,10 +120,8 @@ def render_html(doc: Doc, title: str) -> str:
         elif kind == "plot":
             fig, png, alt, plot_kind, name = b[1:]
             out.append(f"<figure>{I.plot_html(fig, f'plot-{len(out)}', plot_kind, name)}"
-                       f"<figcaption>{html.escape(alt)}</figcaption>")
-            if png is not None:
-                out.append(f"<details><summary>static image</summary>{_img_html(png, alt)}</details>")
-            out.append("</figure>")
+                       f"<figcaption>{html.escape(alt)}</figcaption>"
+                       f"<details><summary>static image</summary>{_img_html(png, alt)}</details></figure>")
         elif kind == "table":
             df = b[1]
             out.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns) + "</tr>")
@@ -160,7 +155,7 @@ def render_md(doc: Doc, title: str, fig_dir_rel: str) -> str:
             out += [b[1], ""]
         elif kind == "note":
             out += [f"_{b[1]}_", ""]
-        elif kind == "img" or (kind == "plot" and b[2] is not None):
+        elif kind in ("img", "plot"):
             path, alt = (b[1], b[2]) if kind == "img" else (b[2], b[3])
             out += [f"![{alt}]({fig_dir_rel}/{path.name})", ""]
         elif kind == "table":
