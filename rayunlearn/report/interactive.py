@@ -155,8 +155,9 @@ def _error(sub: pd.DataFrame, col: str) -> dict | None:
 
 def noise_band(front: pd.DataFrame, noise: dict[str, float]) -> tuple[list[float], list[float]]:
     """The region within the noise floor of the front: the front (sorted by removal, so retention
-    does not increase) widened by ± the half-widths in both objectives — its outer edge, the
-    last point's lower-right corner, the inner edge back and the first point's upper-left corner."""
+    does not increase) widened by ± the half-widths in both objectives: a polygon from the first
+    point's upper-left corner along the outer edge to the last point's lower-right corner and back
+    along the inner edge."""
     f = front.sort_values(["removal", "retention"], ascending=[True, False])
     x, y = f["removal"].to_numpy(float), f["retention"].to_numpy(float)
     dx, dy = noise["removal"], noise["retention"]
