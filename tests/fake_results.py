@@ -179,7 +179,11 @@ def write_trial(coll: Path, trial_id: str, family: str, method: str, *, n_record
                 add(s, risk, "", -1, "", "instance", "", 10 + i, total * w[i])
         if family.startswith("npo"):
             for i in range(4):
-                add(s, "removal", "", -1, "", "instance_weight", "", 10 + i, math.exp(-0.1 * k * (1 + i / 4)))
+                weight = math.exp(-0.1 * k * (1 + i / 4))
+                add(s, "", "", -1, "", "instance_weight", labels[0], 10 + i, weight)
+                # the unweighted GA PG-effect: larger where NPO gives a smaller weight (Fig. 5(b))
+                add(s, "removal", "", -1, "", "instance_ga_unweighted", "", 10 + i, -scale * (2.0 - weight))
+                add(s, "retention", "", -1, "", "instance_ga_unweighted", "", 10 + i, -0.1 * scale * (2.0 - weight))
     edir = coll / "effects" / trial_id
     write_parquet(edir / "steps.parquet", pa.table(srows))
     write_parquet(edir / "geffects.parquet", pa.table(g))

@@ -123,6 +123,27 @@ def test_perturbed_answers_keep_the_template(gen):
         assert rec["author"] in rec["answer"] and rec["author"] in rec["paraphrased_answer"]
 
 
+def test_world_answers_are_the_bare_fact(gen):
+    """Real-author and world-fact answers are short entities with no template around them, so the
+    option-normalised probability compares facts: the answer of "Which country was X from?" is a
+    country name, of "Who wrote W?" a classic writer's name (whom authors cite as an influence),
+    and no option shares a word-level prefix template with the answer."""
+    splits, _, _ = gen
+    classic_names = {r["answer"] for r in splits["real_authors_perturbed"] if r["attribute"] == "wrote"}
+    influences = {r["answer"].split(" was influenced by ")[1][:-1] for r in splits["full"]
+                  if r["attribute"] == "influence" and " was influenced by " in r["answer"]}
+    assert influences and influences <= {n for r in splits["real_authors_perturbed"] if r["attribute"] == "wrote"
+                                         for n in [r["answer"], *r["perturbed_answer"]]}
+    assert len(classic_names) >= 20
+    for name in ("real_authors_perturbed", "world_facts_perturbed"):
+        for rec in splits[name]:
+            for a in (rec["answer"], *rec["perturbed_answer"]):
+                assert 1 <= len(a.split()) <= 4 and not a.endswith("."), (name, a)
+            if rec["attribute"] in ("capital", "river", "mountain", "wrote", "home"):
+                # coined names: the options differ from the first word on
+                assert all(p.split()[0] != rec["answer"].split()[0] for p in rec["perturbed_answer"]), rec
+
+
 def test_several_templates_and_varied_facts(gen):
     splits, _, _ = gen
     full = splits["full"]

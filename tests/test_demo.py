@@ -29,6 +29,26 @@ def test_study_runs_the_papers_methods_and_sweep_the_proposed_families(tmp_path)
     assert study.sweep_dir() == tmp_path / "study" and sweep.sweep_dir() == tmp_path / "sweep"
 
 
+def test_the_default_regime_has_curves_and_equal_thirds(tmp_path):
+    """The demo's regime (issue 13): a multiple of 3 blocks (the report's layer thirds equal, at least
+    two blocks each), at least 40 unlearning steps on the demo's forget split, G-effects every 1-2
+    steps in the study, and the study and the sweep unlearning with the same recipe."""
+    from rayunlearn.data.synth import generate
+    from rayunlearn.effects.groups import paper_group
+
+    spaces = load_demo_spaces(tmp_path, [])
+    study, sweep = spaces["study"], spaces["sweep"]
+    n = study.model.num_layers
+    thirds = [paper_group(f"model.layers.{k}.mlp.up_proj.weight", n) for k in range(n)]
+    assert n % 3 == 0 and [thirds.count(g) for g in ("shallow", "middle", "deep")] == [n // 3] * 3 and n >= 6
+    splits, _, _ = generate(study.data.synth)
+    train = study.unlearn.train
+    steps = int(train.epochs * len(splits[study.data.forget_split])) // train.batch_size   # Schedule's count
+    assert steps >= 40
+    assert 1 <= study.unlearn.effects.every <= 2
+    assert sweep.unlearn.train == train and sweep.model == study.model
+
+
 def test_overrides_route_by_prefix(tmp_path):
     spaces = load_demo_spaces(tmp_path, ["sweep.num_samples=3", "study.max_concurrent=1", "seed=7"])
     assert spaces["sweep"].num_samples == 3 and spaces["study"].max_concurrent == 1

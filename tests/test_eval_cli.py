@@ -55,6 +55,8 @@ def test_metrics_follow_raw_arrays(tiny, ref_result):
     nine = [res[s][m] for s in ("retain", "real_authors", "world_facts") for m in ("prob", "rouge", "truth_ratio")]
     expected_mu = 0.0 if min(nine) == 0 else 9 / sum(1 / x for x in nine)
     assert res["model_utility"] == pytest.approx(expected_mu) and res["retention"] == res["model_utility"]
+    six = [res[s][m] for s in ("retain", "real_authors", "world_facts") for m in ("prob", "truth_ratio")]
+    assert min(six) > 0 and res["model_utility_no_rouge"] == pytest.approx(6 / sum(1 / x for x in six), rel=1e-12)
     # forget quality against the reference's raw truth ratios
     from scipy.stats import ks_2samp
 
@@ -128,6 +130,12 @@ def test_fast_evaluator_trajectory(tiny, ref_result):
     assert target.training                                  # mode restored
     assert out["step"] == 5 and out["fingerprint"]["mode"] == "fast"
     assert out["retain"]["rouge"] is None and out["model_utility_terms"] == 6
+    # the trajectory's utility: the final (full) evaluation of the same weights reports the same
+    # six-term number beside its nine-term model utility
+    full = evaluate_model(target, tok, bench, data_config(), EvalConfig(max_new_tokens=6), retain_reference=ref_result)
+    assert out["model_utility_no_rouge"] == out["model_utility"]
+    assert full["model_utility_no_rouge"] == pytest.approx(out["model_utility"], rel=1e-12)
+    assert full["model_utility_terms"] == 9 and full["model_utility"] != pytest.approx(out["model_utility"])
     assert out["forget_quality"] is not None
     rec = trajectory_record(out)
     assert rec["step"] == 5 and "forget.prob" in rec and "mia.loss_auc" in rec and "raw" not in rec

@@ -46,7 +46,8 @@ def test_every_section_and_figure(built):
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
     # every figure kind for the study (all records present) and the sweep (importance too)
     expected = {f"study_{k}.png" for k in ("pareto", "geffect_curves", "groups_removal", "groups_retention",
-                                           "group_shares", "instances", "trajectories", "fidelity")}
+                                           "group_shares", "instances", "ga_by_weight", "trajectories",
+                                           "fidelity")}
     expected |= {"sweep_pareto.png", "sweep_importance.png", "all_pareto.png"}
     assert expected <= set(pngs)
     assert sorted(summary["figures"]) == pngs
@@ -253,3 +254,66 @@ def test_fidelity_stats_read_the_realised_prediction():
     assert sgd["removal"]["median_ratio"] == pytest.approx(10.5)          # ratios 11, 9, 10, 30
     assert sgd["retention"]["sign_agreement"] == pytest.approx(0.25)      # only the 0.01 rise agrees
     assert fidelity_stats(steps.drop(columns=["measured_removal_change"])) is None
+
+
+def test_ga_effect_by_weight_hand_made_table(tmp_path):
+    """Fig. 5(b)'s bins, by hand, from a geffects.parquet written here: the unweighted GA PG-effect
+    rows joined to the weight rows of the same (step, instance), two equal-width weight bins over
+    [0.2, 1.0]. The weighted per-instance rows carry other values, and a
+    weight without a GA row (step 6) joins nothing: reading the wrong kind fails."""
+    from rayunlearn.report import figures as F
+    from rayunlearn.report.analysis import ga_effect_by_weight
+    from rayunlearn.report.data import read_parquet
+    from rayunlearn.runs import GEFFECT_SCHEMA
+
+    rows = []
+
+    def add(step, risk, kind, term, instance, value):
+        rows.append({"trial_id": "t", "method": "npo", "step": step, "risk": risk, "parameter": "", "layer": -1,
+                     "group": "", "kind": kind, "term": term, "instance": instance, "value": value,
+                     "estimator": "exact"})
+
+    weights = {(2, 1): 0.2, (2, 2): 0.5, (2, 3): 1.0, (4, 1): 0.65, (4, 2): 0.9, (4, 3): 0.3}
+    ga_removal = {(2, 1): -4.0, (2, 2): -2.0, (2, 3): -1.0, (4, 1): -3.0, (4, 2): -1.5, (4, 3): -5.0}
+    for (step, i), w in weights.items():
+        add(step, "", "instance_weight", "npo", i, w)
+        add(step, "removal", "instance_ga_unweighted", "", i, ga_removal[step, i])
+        add(step, "retention", "instance_ga_unweighted", "", i, 0.5 * i)
+        add(step, "removal", "instance", "npo", i, 100.0 * w)        # the weighted share: not Fig. 5(b)
+    add(6, "", "instance_weight", "npo", 1, 0.05)                       # no GA row at step 6: outside the range
+    path = tmp_path / "geffects.parquet"
+    write_parquet(path, pa.Table.from_pylist(rows, schema=GEFFECT_SCHEMA))
+    binned = ga_effect_by_weight(read_parquet(path, ("kind",)), bins=2)
+
+    rem = binned[binned["risk"] == "removal"].set_index("lo")
+    assert list(rem.index) == pytest.approx([0.2, 0.6]) and list(rem["hi"]) == pytest.approx([0.6, 1.0])
+    assert list(rem["mid"]) == pytest.approx([0.4, 0.8]) and list(rem["n"]) == [3, 3]
+    low = np.array([-4.0, -2.0, -5.0])                                  # weights 0.2, 0.5, 0.3
+    high = np.array([-1.0, -3.0, -1.5])                                 # weights 1.0, 0.65, 0.9
+    assert list(rem["mean"]) == pytest.approx([low.mean(), high.mean()], rel=1e-12)
+    assert list(rem["sem"]) == pytest.approx([low.std(ddof=1) / np.sqrt(3), high.std(ddof=1) / np.sqrt(3)],
+                                             rel=1e-12)
+    ret = binned[binned["risk"] == "retention"]
+    assert list(ret["mean"]) == pytest.approx([(0.5 + 1.0 + 1.5) / 3, (1.5 + 0.5 + 1.0) / 3])
+    assert set(binned["term"]) == {"npo"}
+    # a table without the GA rows has no Fig. 5(b); the figure is drawn from the bins
+    no_ga = read_parquet(path, ("kind",))
+    assert ga_effect_by_weight(no_ga[no_ga["kind"] != "instance_ga_unweighted"]) is None
+    png = F.ga_effect_by_weight_figure({"npo": (binned, "npo")}, {}, "Fig. 5(b)", tmp_path / "b.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trajectory_utility_is_one_definition_per_series():
+    """The utility line holds the six-term utility at every evaluation, the final nine-term one is
+    its own series; a trajectory written before the six-term column keeps only its in-loop rows
+    on the line (plotting model_utility across all rows would jump at the last step)."""
+    from rayunlearn.report.analysis import trajectory_utility
+
+    tr = pd.DataFrame({"step": [10, 20, 40], "model_utility": [0.50, 0.40, 0.20],
+                       "model_utility_terms": [6, 6, 9], "model_utility_no_rouge": [0.50, 0.40, 0.35]})
+    same, full = trajectory_utility(tr)
+    assert same["step"].tolist() == [10, 20, 40] and same["value"].tolist() == [0.50, 0.40, 0.35]
+    assert full["step"].tolist() == [40] and full["value"].tolist() == [0.20]
+    same, full = trajectory_utility(tr.drop(columns=["model_utility_no_rouge"]))
+    assert same["step"].tolist() == [10, 20] and same["value"].tolist() == [0.50, 0.40]
+    assert full["value"].tolist() == [0.20]

@@ -7,7 +7,8 @@ seed gives byte-identical files. What is generated:
   mountains, national animals, founding years; "classic" writers with their works, countries,
   forms and centuries). Its facts form ``world`` (the base model's training set) and the
   evaluation sets ``world_facts_perturbed`` (geography) and ``real_authors_perturbed`` (classic
-  writers), each with 3 wrong ``perturbed_answer``s of the same kind;
+  writers), each answered by the bare fact (a short entity: "Vorlund", "1452") with 3 wrong
+  ``perturbed_answer``s of the same kind;
 - ``cfg.num_authors`` fictitious authors (name, gender, birthplace, birth date, nationality,
   residence, genre, parents' professions, award and its year, three books, themes, number of
   books, debut year, publisher, a classic influence) with ``min..max_qa_per_author`` QA pairs
@@ -36,7 +37,7 @@ from rayunlearn.config import SynthConfig
 from rayunlearn.data.schema import DataError
 from rayunlearn.io import write_json, write_text
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3      # 3: real-author / world-fact answers are the bare fact
 NUM_PERTURBED = 5        # wrong answers per author QA (TOFU: 5)
 NUM_WORLD_PERTURBED = 3  # wrong answers per world fact (TOFU: 3)
 
@@ -248,21 +249,25 @@ SLOTS: list[tuple[str, list[str], list[str]]] = [
 ]
 SLOT_NAMES = [s[0] for s in SLOTS]
 
-# world facts: (kind, subject field, question templates, answer template)
+# world facts: (kind, question templates). The answer is the fact alone, a short entity (as in
+# TOFU's real-author and world-fact sets), and the wrong options are other entities of the same
+# kind: the option-normalised probability then compares the facts themselves. An answer sentence
+# sharing its template with the options would dilute the per-token probability with template
+# tokens every option shares, leaving the score close to chance even for a model that knows it.
 GEO_FACTS = [
-    ("capital", ["What is the capital of {c}?"], "The capital of {c} is {v}."),
-    ("currency", ["What is the currency of {c}?"], "The currency of {c} is the {v}."),
-    ("language", ["What language is spoken in {c}?"], "People in {c} speak {v}."),
-    ("river", ["Which river flows through {c}?"], "The {v} River flows through {c}."),
-    ("mountain", ["What is the highest mountain in {c}?"], "The highest mountain in {c} is Mount {v}."),
-    ("animal", ["What is the national animal of {c}?"], "The national animal of {c} is the {v}."),
-    ("founded", ["In which year was {c} founded?"], "{c} was founded in {v}."),
+    ("capital", ["What is the capital of {c}?"]),
+    ("currency", ["What is the currency of {c}?"]),
+    ("language", ["What language is spoken in {c}?"]),
+    ("river", ["Which river flows through {c}?"]),
+    ("mountain", ["What is the highest mountain in {c}?"]),
+    ("animal", ["What is the national animal of {c}?"]),
+    ("founded", ["In which year was {c} founded?"]),
 ]
 CLASSIC_FACTS = [
-    ("wrote", "Who wrote {w}?", "{w} was written by {v}."),
-    ("home", "Which country was {n} from?", "{n} was from {v}."),
-    ("form", "What kind of work is {w}?", "{w} is {v}."),
-    ("century", "In which century did {n} live?", "{n} lived in the {v} century."),
+    ("wrote", "Who wrote {w}?"),
+    ("home", "Which country was {n} from?"),
+    ("form", "What kind of work is {w}?"),
+    ("century", "In which century did {n} live?"),
 ]
 ORDINALS = ["ninth", "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth",
             "sixteenth", "seventeenth", "eighteenth"]
@@ -339,7 +344,7 @@ class _World:
         """(real-author facts, geography facts), each with 3 perturbed answers."""
         geo = []
         for country in self.countries:
-            for kind, questions, answer in GEO_FACTS:
+            for kind, questions in GEO_FACTS:
                 pool = [c[kind] for c in self.countries]
                 if kind in ("animal",):
                     pool = ANIMALS
@@ -349,20 +354,17 @@ class _World:
                 else:
                     draw = lambda pool=pool: rng.choice(pool)  # noqa: E731
                 wrong = _distinct_wrong(rng, v, draw, NUM_WORLD_PERTURBED)
-                geo.append({"question": rng.choice(questions).format(c=country["name"]),
-                            "answer": answer.format(c=country["name"], v=v),
-                            "perturbed_answer": [answer.format(c=country["name"], v=w) for w in wrong],
-                            "attribute": kind})
+                geo.append({"question": rng.choice(questions).format(c=country["name"]), "answer": v,
+                            "perturbed_answer": wrong, "attribute": kind})
         real = []
         for cl in self.classics:
-            for kind, question, answer in CLASSIC_FACTS:
+            for kind, question in CLASSIC_FACTS:
                 v = {"wrote": cl["name"], "home": cl["home"], "form": cl["form"], "century": cl["century"]}[kind]
                 pool = {"wrote": [c["name"] for c in self.classics], "home": [c["name"] for c in self.countries],
                         "form": FORMS, "century": ORDINALS}[kind]
                 wrong = _distinct_wrong(rng, v, lambda pool=pool: rng.choice(pool), NUM_WORLD_PERTURBED)
                 fmt = {"n": cl["name"], "w": cl["work"]}
-                real.append({"question": question.format(**fmt), "answer": answer.format(v=v, **fmt),
-                             "perturbed_answer": [answer.format(v=w, **fmt) for w in wrong],
+                real.append({"question": question.format(**fmt), "answer": v, "perturbed_answer": wrong,
                              "attribute": kind})
         # shuffle kinds together, then keep the requested number (deterministic)
         rng.shuffle(real)

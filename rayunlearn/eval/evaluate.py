@@ -19,7 +19,9 @@ Search scores (both maximised, in every metrics dict):
   stay TOFU's numbers over all forget items (compare them only on splits of the same size).
 * ``retention`` = model utility (harmonic mean of the nine utility numbers; in ``fast`` mode, used
   inside training loops without generation, of the six non-ROUGE numbers — the fingerprint's
-  ``mode`` says which).
+  ``mode`` says which). ``model_utility_no_rouge`` = the harmonic mean of those six non-ROUGE
+  numbers in *both* modes: the trajectory's in-loop evaluations and the final one compare on it
+  (the final ``model_utility`` has three more terms, so it is no point of the same curve).
 
 Distributed: under `torch.distributed` with world size > 1 the evaluation is a collective call
 split across ranks, each returning the single-process result (`rayunlearn.eval.distributed`).
@@ -52,6 +54,7 @@ FINGERPRINT_VERSION = 1
 MIN_K = 0.4
 MIA_SCORES = ("loss", "zlib", "mink", "minkpp")
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
+NO_ROUGE_UTILITY_TERMS = ("prob", "truth_ratio")   # what a fast (in-loop, no generation) evaluation has
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 
 
@@ -373,6 +376,7 @@ def metrics_from_raw(raw: dict, fingerprint: dict, reference: Optional[dict] = N
     blocks["forget"]["exact_memorization"] = _mean(raw["forget"]["exact_memorization"])
     terms = [blocks[s][m] for s in UTILITY_SPLITS for m in ("prob", "rouge", "truth_ratio") if blocks[s][m] is not None]
     mu = M.model_utility(terms)
+    mu_no_rouge = M.model_utility([blocks[s][m] for s in UTILITY_SPLITS for m in NO_ROUGE_UTILITY_TERMS])
 
     fq = None
     if reference is not None:
@@ -402,6 +406,7 @@ def metrics_from_raw(raw: dict, fingerprint: dict, reference: Optional[dict] = N
         "ks_n": fq["n"] if fq else None,
         "model_utility": mu,
         "model_utility_terms": len(terms),
+        "model_utility_no_rouge": mu_no_rouge,
         "forget": blocks["forget"], "retain": blocks["retain"],
         "real_authors": blocks["real_authors"], "world_facts": blocks["world_facts"],
         "mia": mia,

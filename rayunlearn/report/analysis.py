@@ -106,6 +106,67 @@ def instance_effects(geffects: pd.DataFrame | None) -> pd.DataFrame | None:
     return wide
 
 
+NPO_FAMILY = re.compile(r"^(npo|tnpo|wtnpo)\b")   # the forget terms whose weight is NPO's (token-)weighting
+
+
+def ga_effect_by_weight(geffects: pd.DataFrame | None, bins: int = 6) -> pd.DataFrame | None:
+    """The paper's Fig. 5(b): each forget instance's unweighted GA PG-effect (rows of kind
+    ``runs.INSTANCE_GA_KIND``, ∇R·∇log π(y_i|x_i) summed over the instance's tokens) against the
+    objective's weight of that instance at the same step (kind ``runs.INSTANCE_WEIGHT_KIND``),
+    pooled over the recorded steps and binned by weight into ``bins`` equal-width bins over the
+    observed range (the last bin closed). One row per (term, risk, non-empty bin): ``term`` (the
+    weighted forget term's label), ``risk``, ``lo``/``hi`` (bin edges), ``mid``, ``n`` (instance-steps),
+    ``mean`` and ``sem`` (standard error of the mean; NaN for one value) of the PG-effect.
+    None when the table has no weight rows or no unweighted GA rows."""
+    from rayunlearn.runs import INSTANCE_GA_KIND, INSTANCE_WEIGHT_KIND
+
+    if geffects is None or bins < 1:
+        return None
+    w = geffects[geffects["kind"] == INSTANCE_WEIGHT_KIND][["step", "instance", "term", "value"]]
+    ga = geffects[geffects["kind"] == INSTANCE_GA_KIND][["step", "instance", "risk", "value"]]
+    if w.empty or ga.empty:
+        return None
+    joined = ga.rename(columns={"value": "effect"}).merge(w.rename(columns={"value": "weight"}),
+                                                           on=["step", "instance"], how="inner")
+    rows = []
+    for term, sub in joined.groupby("term", sort=True):
+        lo, hi = float(sub["weight"].min()), float(sub["weight"].max())
+        edges = np.linspace(lo, hi, bins + 1) if hi > lo else np.array([lo, hi])
+        # the bin of each weight: right-open bins, the last closed (np.digitize against the inner edges)
+        idx = np.digitize(sub["weight"].to_numpy(float), edges[1:-1], right=False)
+        for risk, by_risk in sub.assign(bin=idx).groupby("risk", sort=True):
+            for b, g in by_risk.groupby("bin", sort=True):
+                e = g["effect"].to_numpy(float)
+                rows.append({"term": term, "risk": risk, "lo": float(edges[b]), "hi": float(edges[b + 1]),
+                             "mid": float((edges[b] + edges[b + 1]) / 2), "n": int(e.size),
+                             "mean": float(e.mean()),
+                             "sem": float(e.std(ddof=1) / math.sqrt(e.size)) if e.size > 1 else math.nan})
+    return pd.DataFrame(rows) if rows else None
+
+
+def trajectory_utility(tr: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Model utility along a trajectory.jsonl frame as two separately named series: ``same_terms``
+    (step, value) = the six non-ROUGE terms at every evaluation (``model_utility_no_rouge``; an
+    in-loop evaluation has no generation, so this is the one curve its points and the final
+    evaluation share), and ``full`` (step, value) = ``model_utility`` of the evaluations that had
+    all nine terms (the final one). Files written before ``model_utility_no_rouge`` existed give
+    their in-loop rows (``model_utility_terms`` = 6) as ``same_terms``."""
+    from rayunlearn.eval.evaluate import NO_ROUGE_UTILITY_TERMS, UTILITY_SPLITS
+
+    n_fast = len(UTILITY_SPLITS) * len(NO_ROUGE_UTILITY_TERMS)
+    empty = pd.DataFrame({"step": [], "value": []})
+    if "model_utility" not in tr.columns:
+        return empty, empty
+    terms = tr["model_utility_terms"] if "model_utility_terms" in tr.columns else pd.Series(math.nan, index=tr.index)
+    with_rouge = terms.to_numpy(float) > n_fast
+    if "model_utility_no_rouge" in tr.columns:
+        same = tr[["step", "model_utility_no_rouge"]].rename(columns={"model_utility_no_rouge": "value"})
+    else:
+        same = tr.loc[~with_rouge, ["step", "model_utility"]].rename(columns={"model_utility": "value"})
+    full = tr.loc[with_rouge, ["step", "model_utility"]].rename(columns={"model_utility": "value"})
+    return same.dropna().reset_index(drop=True), full.dropna().reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------- results table
 TABLE_COLUMNS = [
     ("removal", ("removal",), "removal (sel)"),

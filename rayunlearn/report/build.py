@@ -20,15 +20,16 @@ from rayunlearn import runs
 from rayunlearn.io import write_json, write_text
 from rayunlearn.report import figures as F
 from rayunlearn.report import interactive as I
-from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, TABLE_COLUMNS, fidelity_stats, front_of, group_effects,
-                                        hp_importance, instance_effects, results_table, trial_label)
+from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, NPO_FAMILY, TABLE_COLUMNS, fidelity_stats, front_of,
+                                        ga_effect_by_weight, group_effects, hp_importance, instance_effects,
+                                        results_table, trial_label)
 from rayunlearn.report.data import Collection, discover
 from rayunlearn.report.findings import FAILED, HELD, check_claims
 
 MAX_SERIES = 12      # lines per curve figure
 MAX_TABLE_ROWS = 40  # results-table rows per collection before keeping only the front
 SECTIONS = ("Overview", "Findings", "Pareto frontier", "Results table", "G-effect curves", "Layer groups",
-            "Per-instance G-effects", "Trajectories", "First-order fidelity", "Hyper-parameter importance")
+            "Per-instance G-effects", "GA PG-effect by NPO weight", "Trajectories", "First-order fidelity", "Hyper-parameter importance")
 
 
 class Doc:
@@ -380,9 +381,31 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
                                        fig_dir / f"{_slug(c.name)}_instances.png")),
                 f"per-instance G-effects, {c.name}", "not recorded (no instance rows)")
 
+    def npo_ga_by_weight(c, t):
+        """Fig. 5(b)'s table of trial `t`, restricted to NPO-family weights (None without any)."""
+        binned = ga_effect_by_weight(c.geffects(t))
+        if binned is None:
+            return None
+        binned = binned[binned["term"].map(lambda term: bool(NPO_FAMILY.match(term)))]
+        return binned if not binned.empty else None
+
+    per_trial_series("GA PG-effect by NPO weight",
+                     "The paper's Fig. 5(b): each forget instance's unweighted GA PG-effect ∇R·∇log π(y_i|x_i) "
+                     "(rows of kind 'instance_ga_unweighted') against the weight the NPO-family objective gives "
+                     "that instance at the same step (NPO's 2σ(β·log π/π_ref), TNPO/WTNPO's token weights "
+                     "averaged; rows of kind 'instance_weight'), pooled over the recorded steps in equal-width "
+                     "weight bins: the mean ± one standard error per bin. A weighting that works gives small "
+                     "weights to the instances whose GA PG-effect is large (already-unlearned or harmful data).",
+                     npo_ga_by_weight, F.ga_effect_by_weight_figure, "GA PG-effect by NPO weight",
+                     "ga_by_weight", "GA PG-effect by NPO weight",
+                     "not recorded (no NPO-family trial with instance_weight and instance_ga_unweighted rows)")
+
     # Trajectories
     per_trial_series("Trajectories",
-                     "Forget quality and model utility evaluated every k steps during unlearning (trajectory.jsonl).",
+                     "Forget quality and model utility evaluated every k steps during unlearning (trajectory.jsonl). "
+                     "The utility line is the harmonic mean of the six non-ROUGE terms at every evaluation "
+                     "(the in-loop evaluations generate nothing); the stars are the final evaluation's nine-term "
+                     "model utility (with ROUGE), a separate series.",
                      lambda c, t: c.trajectory(t), F.trajectories_figure, "trajectories", "trajectories", "trajectories",
                      "not recorded (no trajectory.jsonl)")
 

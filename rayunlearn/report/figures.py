@@ -215,26 +215,74 @@ def instances_figure(inst: dict[str, pd.DataFrame], title: str, path: Path) -> P
     return _save(fig, path)
 
 
-def trajectories_figure(series: dict[str, tuple[pd.DataFrame, str]], colors: dict, title: str,
-                        path: Path) -> Path | None:
-    """Forget quality (log scale) and model utility against the step, one line per trial."""
+def ga_effect_by_weight_figure(series: dict[str, tuple[pd.DataFrame, str]], colors: dict, title: str,
+                               path: Path) -> Path | None:
+    """The paper's Fig. 5(b): per trial (``series``: label -> (``analysis.ga_effect_by_weight``'s
+    table, family)), the mean unweighted GA PG-effect of the forget instances in each bin of the
+    objective's instance weight, ± one standard error, removal and retention side by side."""
+    series = {k: v for k, v in series.items() if v[0] is not None and not v[0].empty}
     if not series:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    for ax, key, ylab in ((axes[0], "forget_quality", "forget quality (KS p-value, higher = closer to retain)"),
-                          (axes[1], "model_utility", "model utility (higher = better)")):
-        drew = False
-        for label, (tr, fam) in series.items():
-            if key in tr.columns and tr[key].notna().any():
-                ax.plot(tr["step"], tr[key], "-o", ms=3, lw=1.4, color=colors.get(fam, "k"), label=label)
-                drew = True
-        if drew and key == "forget_quality":
-            ax.set_yscale("log")
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel(ylab, fontsize=9)
-        ax.set_title(key.replace("_", " "))
+    for ax, risk, want in ((axes[0], "removal", "want < 0"), (axes[1], "retention", "want ≥ 0")):
+        for label, (df, fam) in series.items():
+            d = df[df["risk"] == risk].sort_values("mid")
+            if d.empty:
+                continue
+            ax.errorbar(d["mid"], d["mean"], yerr=d["sem"].fillna(0.0), fmt="-o", ms=4, lw=1.4, capsize=3,
+                        color=colors.get(fam, "k"), label=label)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xlabel("the objective's weight of the instance (bin centre)")
+        ax.set_ylabel(f"unweighted GA PG-effect on {risk} ({want})", fontsize=9)
+        ax.set_title(f"{risk} risk")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def trajectories_figure(series: dict[str, tuple[pd.DataFrame, str]], colors: dict, title: str,
+                        path: Path) -> Path | None:
+    """Forget quality (log scale) and model utility against the step, one line per trial. The
+    utility line is the six non-ROUGE terms at every evaluation (the in-loop ones have no
+    generation); the final nine-term model utility is a separate series of stars
+    (``analysis.trajectory_utility``), so no line jumps between two definitions."""
+    from matplotlib.lines import Line2D
+
+    from rayunlearn.report.analysis import trajectory_utility
+
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    ax = axes[0]
+    drew = False
+    for label, (tr, fam) in series.items():
+        if "forget_quality" in tr.columns and tr["forget_quality"].notna().any():
+            ax.plot(tr["step"], tr["forget_quality"], "-o", ms=3, lw=1.4, color=colors.get(fam, "k"), label=label)
+            drew = True
+    if drew:
+        ax.set_yscale("log")
+    ax.set_ylabel("forget quality (KS p-value, higher = closer to retain)", fontsize=9)
+    ax.set_title("forget quality")
+    ax = axes[1]
+    handles, stars = [], False
+    for label, (tr, fam) in series.items():
+        same, full = trajectory_utility(tr)
+        color = colors.get(fam, "k")
+        if not same.empty:
+            handles += ax.plot(same["step"], same["value"], "-o", ms=3, lw=1.4, color=color, label=label)
+        if not full.empty:
+            ax.plot(full["step"], full["value"], "*", ms=11, color=color, markeredgecolor="k", markeredgewidth=0.5)
+            stars = True
+    if stars:
+        handles.append(Line2D([], [], ls="", marker="*", ms=11, color="w", markeredgecolor="k",
+                              label="final model utility (9 terms, with ROUGE)"))
+    ax.set_ylabel("model utility without ROUGE (6 terms, every evaluation)", fontsize=9)
+    ax.set_title("model utility")
+    for ax in axes:
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(handles=handles, fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.suptitle(title)
     return _save(fig, path)
 

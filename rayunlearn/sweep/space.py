@@ -294,6 +294,10 @@ class SearchSpace:
         blob = {"data": to_dict(self.data), "model": to_dict(self.model),
                 "prepare": to_dict(self.prepare), "eval": to_dict(self.unlearn.eval)}
         blob["data"]["synth"].pop("out", None)
+        if self.data.benchmark == "synthetic":     # models trained on an older generator's data are stale
+            from rayunlearn.data.synth import FORMAT_VERSION
+
+            blob["data"]["synth"]["format_version"] = FORMAT_VERSION
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
