@@ -227,3 +227,66 @@ def test_noise_floor_between_hand_made_replicates():
     # identical replicates: no noise in any score
     same = noise_floor([reps[0], reps[0]], None, cfg)
     assert all(v["half_width"] == 0.0 for v in same["scores"].values())
+
+
+# ----------------------------------------------------------------------------- the front the report draws
+
+
+def test_front_data_and_figure_on_hand_made_trials(tmp_path):
+    import pandas as pd
+
+    from rayunlearn.report.analysis import front_data, front_in_words
+    from rayunlearn.report.data import Collection
+    from rayunlearn.report.figures import pareto_figure
+
+    trials = pd.DataFrame([
+        # a and b are within the band of each other (0.03 < 0.05, 0.01 < 0.02): both kept
+        {"trial_id": "a", "removal": 0.50, "retention": 0.60, "feasible": True},
+        {"trial_id": "b", "removal": 0.53, "retention": 0.61, "feasible": True},
+        # c: better in removal beyond the band, worse in retention beyond it: a real trade-off
+        {"trial_id": "c", "removal": 0.90, "retention": 0.50, "feasible": True},
+        # d: the best removal, but below the retention floor: off both fronts
+        {"trial_id": "d", "removal": 0.99, "retention": 0.30, "feasible": False},
+        # e: dominated beyond the band by b
+        {"trial_id": "e", "removal": 0.20, "retention": 0.40, "feasible": True},
+    ]).assign(family="wga+kl", method=lambda t: "wga+kl#" + t["trial_id"], status="completed",
+              removal_sd=0.01, retention_sd=0.005, n_seeds=2.0, **{"hp.wga.alpha": 1.5})
+    coll = Collection(name="sweep", path=tmp_path, trials=trials,
+                      reference={"target": {"removal": 0.05, "retention": 0.625}},
+                      noise={"removal": 0.05, "retention": 0.02, "replicates": 2, "removal_kind": "tr_closeness"},
+                      space={"retention_floor": 0.8})
+    data = front_data(coll)
+    by_id = {p["trial_id"]: p for p in data["points"]}
+    assert {t for t, p in by_id.items() if p["on_front"]} == {"b", "c"}
+    assert {t for t, p in by_id.items() if p["on_noise_front"]} == {"a", "b", "c"}
+    assert data["floor"] == {"fraction": 0.8, "retention": pytest.approx(0.5, abs=1e-15)}
+    assert data["band"] == {"removal": 0.05, "retention": 0.02, "replicates": 2, "removal_kind": "tr_closeness"}
+    assert by_id["d"]["feasible"] is False and by_id["a"]["removal_sd"] == 0.01 and by_id["a"]["n_seeds"] == 2
+    assert by_id["a"]["hps"] == {"wga.alpha": 1.5}
+    words = " ".join(front_in_words(data))
+    assert "1 of 5 trials miss it" in words
+    assert "removal +0.03 (within noise), retention +0.01 (within noise)" in words     # a -> b
+    assert "removal +0.37 (real), retention -0.11 (real)" in words                      # b -> c
+    # without a measured band nothing is called real
+    assert "no difference between trials can be called real" in " ".join(front_in_words({**data, "band": None}))
+    pts = pd.DataFrame([{k: p[k] for k in ("trial_id", "family", "removal", "retention", "removal_sd", "retention_sd",
+                                            "feasible", "label")} for p in data["points"]])
+    out = pareto_figure(pts, {"b", "c"}, {}, coll.reference, "front", tmp_path / "front.png", band=data["band"],
+                        floor=data["floor"], noise_front_ids={"a", "b", "c"})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_json_keeps_feasible_trials_and_the_front_beyond_the_noise(tmp_path):
+    from rayunlearn.sweep.tables import pareto_json
+
+    space = _space(tmp_path, "p", retention_floor=0.5)
+    rows = [{"trial_id": "a", "status": "completed", "removal": 0.50, "retention": 0.60, "feasible": True, "method": "m"},
+            {"trial_id": "b", "status": "completed", "removal": 0.53, "retention": 0.61, "feasible": True, "method": "m"},
+            {"trial_id": "d", "status": "completed", "removal": 0.99, "retention": 0.30, "feasible": False, "method": "m"},
+            {"trial_id": "f", "status": "failed", "removal": math.nan, "retention": math.nan, "feasible": None,
+             "method": "m"}]
+    out = pareto_json(space, rows, {"removal": 0.05, "retention": 0.02})
+    assert out["trials"] == ["b"] and out["noise_trials"] == ["a", "b"] and out["noise_band"] == [0.05, 0.02]
+    assert out["num_completed"] == 3 and out["num_infeasible"] == 1 and out["num_trials"] == 4
+    assert out["hypervolume"] == pytest.approx(0.53 * 0.61, rel=1e-12)
+    assert "noise_trials" not in pareto_json(space, rows)
