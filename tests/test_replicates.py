@@ -290,3 +290,26 @@ def test_pareto_json_keeps_feasible_trials_and_the_front_beyond_the_noise(tmp_pa
     assert out["num_completed"] == 3 and out["num_infeasible"] == 1 and out["num_trials"] == 4
     assert out["hypervolume"] == pytest.approx(0.53 * 0.61, rel=1e-12)
     assert "noise_trials" not in pareto_json(space, rows)
+
+
+def test_a_collection_finds_the_noise_floor_of_its_preparation(tmp_path):
+    import shutil
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from fake_results import make_fake_results
+
+    from rayunlearn.io import write_json
+    from rayunlearn.report.data import ReportDataError, discover
+
+    root = make_fake_results(tmp_path / "r", sweep=False)
+    ref = runs.reference_eval(runs.prepared_dir(root, "abc"), "retain")
+    ref.parent.mkdir(parents=True)
+    write_json(runs.noise_path(runs.prepared_dir(root, "abc")), {"removal": 0.04, "retention": 0.01, "replicates": 2})
+    write_json(ref, {"removal": 1.0, "retention": 0.1})           # another preparation's retain model
+    assert discover(root)[0].noise is None
+    shutil.copyfile(runs.reference_eval(root / "study", "retain"), ref)   # this collection's
+    assert discover(root)[0].noise == {"removal": 0.04, "retention": 0.01, "replicates": 2}
+    write_json(runs.noise_path(runs.prepared_dir(root, "abc")), {"removal": -1, "retention": 0.01})
+    with pytest.raises(ReportDataError, match="half-width"):
+        discover(root)

@@ -240,6 +240,9 @@ def load_collection(path: Path, root: Path) -> Collection:
             break
         if base == root:
             break
+    if noise is None and "retain" in reference:
+        p = prepared_noise(root, reference["retain"])
+        noise = check_noise(read_json_file(p), p) if p is not None else None
     space = None
     sp = path / runs.SWEEP_SPACE_FILE
     if sp.exists():
@@ -251,6 +254,17 @@ def load_collection(path: Path, root: Path) -> Collection:
     name = path.relative_to(root).as_posix() if path != root else (path.name or str(path))
     return Collection(name=name, path=path, trials=trials, reference=reference, pareto_file=pareto_file,
                       noise=noise, space=space)
+
+
+def prepared_noise(root: Path, retain: dict) -> Path | None:
+    """The noise floor of the preparation whose retain model this collection was measured
+    against: a study and a sweep of one demo share ``<root>/prepared/<key>/``, but only a sweep
+    that asked for retain replicates copied their noise floor beside its references."""
+    for cand in sorted((root / runs.PREPARED_DIR).glob(f"*/{runs.REFERENCE_DIR}/{runs.NOISE_FILE}")):
+        mine = runs.reference_eval(cand.parents[1], "retain")
+        if mine.exists() and read_json_file(mine) == retain:
+            return cand
+    return None
 
 
 def check_noise(obj: Any, where: Path) -> dict:

@@ -152,18 +152,26 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
     for key in dict.fromkeys(key for m in per_seed for key in m):
         vals = [m[key] for m in per_seed if key in m]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            out[key] = math.fsum(vals) if key.startswith(runs.TIME_PREFIX) else math.fsum(vals) / len(vals)
+            out[key] = _total(vals) if key.startswith(runs.TIME_PREFIX) else _total(vals) / len(vals)
         else:
             out[key] = vals[0]
     for key in OBJECTIVES:
         vals = [float(m.get(key, math.nan)) for m in per_seed]
-        out[key] = math.fsum(vals) / k if k else math.nan
+        out[key] = _total(vals) / k
         out[f"{key}{runs.SD_SUFFIX}"] = _sample_sd(vals)
     out[runs.SEEDS_COLUMN] = k
     if k > 1:
         for j, m in enumerate(per_seed):
             out.update({f"{runs.SEED_PREFIX}{j}.{key}": v for key, v in m.items()})
     return out
+
+
+def _total(vals: list[float]) -> float:
+    """An exactly rounded sum (math.fsum), NaN where fsum refuses (+inf and -inf together)."""
+    try:
+        return math.fsum(vals)
+    except (ValueError, OverflowError):
+        return math.nan
 
 
 def _sample_sd(vals: list[float]) -> float:
