@@ -109,8 +109,9 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
     time_s = time.time() - t0
     flat = aggregate_seeds(per_seed)
     flat.update(time_breakdown(flat, time_s))
-    flat[runs.FEASIBLE_COLUMN] = feasible(flat["retention"], ctx.retention_threshold) \
-        if status == runs.COMPLETED else None
+    if ctx.retention_threshold is not None:     # a floor is set: met, missed, or unknown (not completed)
+        flat[runs.FEASIBLE_COLUMN] = feasible(flat["retention"], ctx.retention_threshold) \
+            if status == runs.COMPLETED else None
     write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp), "status": status,
                                             "error": error, "time_s": time_s, "metrics": flat})
     tune.report({**base, **flat, "status": status, "error": error})
