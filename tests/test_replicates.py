@@ -5,7 +5,6 @@ hand-made evaluations."""
 
 import math
 import os
-import statistics
 import warnings
 
 import pyarrow.parquet as pq
