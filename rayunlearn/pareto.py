@@ -13,6 +13,15 @@ Rules (documented contract, pinned by tests/test_pareto.py):
 - **Missing values**: a point with ``None`` or NaN (or ±inf) in any objective is not comparable
   and is excluded: it is neither on the front nor does it dominate anything (a diverged or
   failed trial never hides a finished one).
+
+The front with a noise band (:func:`noisy_pareto_front`). With half-widths ``h`` (one per
+objective, >= 0: the noise floor measured between retain-model replicates,
+``rayunlearn.runs.noise_path``), ``a`` *clearly dominates* ``b`` when ``a`` is not worse than
+``b`` beyond the noise in any objective (a_m >= b_m − h_m for every m) and better beyond it in
+at least one (a_m > b_m + h_m). The noise-aware front is the points that no other point clearly
+dominates. So two points whose differences all lie within the band are both kept; a point whose
+only advantage lies within the band (a little more retention, h_m or less) is dropped when
+another is better beyond the band in the other objective; with h = 0 it is the exact front.
 """
 
 from __future__ import annotations
@@ -64,6 +73,35 @@ def pareto_front(points: Sequence[Sequence[float | None]],
         if not any(dominates(q, p, up) for j, q in pts if j != i):
             front.append(i)
     return front
+
+
+def clearly_dominates(a: Sequence[float], b: Sequence[float], half_width: Sequence[float],
+                      maximize: Sequence[bool] = (True, True)) -> bool:
+    """True if ``a`` is nowhere worse than ``b`` by more than the half-width and somewhere better
+    by more than it (module docstring)."""
+    beyond = False
+    for x, y, h, m in zip(a, b, half_width, maximize):
+        if not m:
+            x, y = -x, -y
+        if x < y - h:
+            return False
+        if x > y + h:
+            beyond = True
+    return beyond
+
+
+def noisy_pareto_front(points: Sequence[Sequence[float | None]], half_width: Sequence[float],
+                       maximize: Sequence[bool] = (True, True)) -> list[int]:
+    """Indices (ascending) of the points no other point clearly dominates
+    (:func:`clearly_dominates` with the noise half-widths ``half_width``, one per objective);
+    incomplete points are excluded as in :func:`pareto_front`."""
+    maximize = tuple(bool(m) for m in maximize)
+    h = tuple(float(v) for v in half_width)
+    if len(h) != len(maximize) or not all(math.isfinite(v) and v >= 0 for v in h):
+        raise ValueError(f"half_width must give one finite value >= 0 per objective, got {tuple(half_width)}")
+    pts = _oriented(points, maximize)
+    up = (True,) * len(maximize)
+    return [i for i, p in pts if not any(clearly_dominates(q, p, h, up) for j, q in pts if j != i)]
 
 
 def hypervolume_2d(points: Sequence[Sequence[float | None]], ref: Sequence[float],

@@ -14,7 +14,10 @@ Layout (``docs/ARCHITECTURE.md`` draws it with every field)::
         done.json                           the stages finished
         data/                               the synthetic benchmark of these settings
         models/{base,target,retain}/        finetuning runs (a run directory each)
+        models/retain.<j>/                  retain replicate j >= 1 (`prepare.retain_replicates`)
         reference/{target,retain}.json      evaluations of the target and retain models
+        reference/retain.<j>.json           evaluation of retain replicate j
+        reference/noise.json                the noise floor between retain replicates (noise_path)
       <sweep>/
         sweep.yaml  trials.parquet  pareto.json  [STOP]
         study.db                            the Optuna study (SQLite; `storage:` may put it elsewhere)
@@ -23,7 +26,9 @@ Layout (``docs/ARCHITECTURE.md`` draws it with every field)::
         tune/                               Ray Tune's experiment state (--resume)
         reference/{target,retain}.json
         trials/<trial_id>/                  a run directory (+ trial.json, attempts.jsonl, result.json)
+          seed<j>/                          seed j >= 1 of a `seeds: k` trial (a run directory + trial.json)
         effects/<trial_id>/{geffects,steps}.parquet
+          seed<j>/{geffects,steps}.parquet  seed j >= 1's G-effect tables
         report/                             the report's output
 
     a run directory: config.yaml  status.json  log.jsonl  metrics.json  raw.json
@@ -95,9 +100,29 @@ EFFECT_TABLES = ("geffects", "steps")
 
 def noise_path(results_dir: str | Path) -> Path:
     """``<results_dir>/reference/noise.json``: the noise floor of every score, measured between
-    retain-model replicates: {"removal": half-width, "retention": half-width, "replicates": k,
-    ...per-score values}. The Pareto front's noise band and early stopping read it."""
+    retain-model replicates (``rayunlearn.sweep.prepare.noise_floor``): {"removal": half-width,
+    "retention": half-width, "replicates": k, "removal_score": name, "pairs": k(k-1),
+    "scores": {score: {"half_width", "max", "values"}}}. A score's half-width is the mean, over
+    the ordered pairs (i, j) of replicates, of |s(i scored against j) - s(j scored against j)|:
+    how far a model that differs from the reference only by its training seed lands from the
+    reference's own value. The Pareto front's noise band and early stopping read it."""
     return Path(results_dir) / REFERENCE_DIR / NOISE_FILE
+
+
+def retain_replicate(j: int) -> str:
+    """The preparation stage (``models/<stage>``, ``reference/<stage>.json``) of retain replicate
+    ``j``: ``retain`` for j = 0 (the retain model every sweep uses), ``retain.<j>`` after it."""
+    return "retain" if int(j) == 0 else f"retain.{int(j)}"
+
+
+def seed_run_id(trial_id: str, j: int) -> str:
+    """The run id of seed ``j`` of a sweep trial (``seeds: k``): the trial id itself for seed 0,
+    so a one-seed trial's files stay where they always were (``trials/<trial_id>/``,
+    ``effects/<trial_id>/``), and ``<trial_id>/seed<j>`` after it, so seed j's run directory is
+    ``trials/<trial_id>/seed<j>/`` and its G-effect tables ``effects/<trial_id>/seed<j>/``
+    (``run_dir`` and ``effects_table`` of that id): every seed of a trial lives under the trial's
+    own directories, and readers of ``trials/*/`` see one directory per trial."""
+    return str(trial_id) if int(j) == 0 else f"{trial_id}/{SEED_PREFIX}{int(j)}"
 
 
 def run_dir(out: str | Path, trial_id: Optional[str]) -> Path:
@@ -231,12 +256,14 @@ TIME_PREFIX = "time."
 TIME_PHASES = ("load", "steps", "effects", "trajectory_eval", "final_eval")
 TIME_OTHER = "other"
 # replicates (`seeds: k` in a search space): `removal`/`retention` are the means over the seeds,
-# SD_SUFFIX columns their standard deviations, SEEDS_COLUMN the number of seeds, and every seed's
-# own values are kept as `seed<j>.<column>`
+# SD_SUFFIX columns their standard deviations (sample sd, ddof 1; NaN for one seed), SEEDS_COLUMN
+# the number of seeds, and every seed's own values are kept as `seed<j>.<column>`; the other
+# numeric metrics are means too, `time.*` sums (rayunlearn.sweep.trial.aggregate_seeds)
 SD_SUFFIX = "_sd"
 SEEDS_COLUMN = "n_seeds"
 SEED_PREFIX = "seed"
-# the retention floor (`retention_floor:` in a search space): whether a trial met it
+# the retention floor (`retention_floor:` in a search space): whether a trial met it (mean
+# retention >= floor x the target model's retention); None when no floor is set or the trial failed
 FEASIBLE_COLUMN = "feasible"
 # early stopping: why a `stopped` trial was stopped, and the step of its last evaluation
 STOP_REASON_COLUMN = "stop_reason"

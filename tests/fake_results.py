@@ -252,6 +252,22 @@ def make_fake_results(root: str | Path, *, claim1_holds: bool = True, ga_cosine:
                      "status": "error", "error": "RuntimeError: out of memory", "time_s": 1.0,
                      "hp.alpha": None, "hp.kl_weight": 1.0, "hp.beta": 0.5, "removal": float("nan"),
                      "retention": float("nan")})
+        # more configurations of each family, from a stream of their own (the trials above keep
+        # their values): hyper-parameter importance needs MIN_IMPORTANCE_TRIALS per family
+        more = np.random.default_rng([seed, 2])
+        for i in range(13, 21):
+            tid = f"trial-{i:03d}"
+            if i < 16:
+                alpha, klw = float(more.uniform(0.1, 5)), float(more.uniform(0.1, 2))
+                mu, fp = 0.35 + 0.1 * klw + 0.005 * alpha, 0.05 + 0.04 * alpha
+                fam, method, hp = "wga+kl", f"wga(alpha={alpha:.3g})+{klw:.3g}*kl", {"hp.alpha": alpha, "hp.beta": None}
+            else:
+                beta, klw = float(more.uniform(0.05, 1)), float(more.uniform(0.1, 2))
+                mu, fp = 0.4 + 0.04 * klw, 0.3 - 0.2 * beta
+                fam, method, hp = "npo+kl", f"npo(beta={beta:.3g})+{klw:.3g}*kl", {"hp.alpha": None, "hp.beta": beta}
+            m = write_trial(sw, tid, fam, method, effects=False, rng=more, mu=mu, forget_prob=fp)
+            rows.append({"trial_id": tid, "family": fam, "method": method, "status": "completed", "error": None,
+                         "time_s": 5.0, **hp, "hp.kl_weight": klw, **_flat(m)})
         _trials_table(rows, sw / "trials.parquet")
         write_references(sw, rng)
         write_json(sw / "pareto.json", {"objectives": ["removal", "retention"], "trials": [], "points": []})

@@ -24,6 +24,10 @@ def test_study_runs_the_papers_methods_and_sweep_the_proposed_families(tmp_path)
     assert methods["wga"] == "wga(alpha=1.0)" and methods["ga+rr"] == "ga+rr(layer=middle)"
     assert set(sweep.families) == {"wga+kl", "tnpo+kl", "wtnpo+kl"} and sweep.sampler == "tpe"
     assert sweep.total_trials == sweep.num_samples
+    # every configuration with 2 seeds, 2 retain replicates for the noise band, a retention floor;
+    # the sweep stays at 8 unlearning runs (what 8 one-seed trials cost)
+    assert sweep.seeds == 2 and sweep.prepare.retain_replicates == 2 and sweep.retention_floor == 0.9
+    assert sweep.num_samples * sweep.seeds == 8
     # one preparation (models + reference evaluation) serves both stages
     assert study.prepare_key() == sweep.prepare_key()
     assert study.sweep_dir() == tmp_path / "study" and sweep.sweep_dir() == tmp_path / "sweep"

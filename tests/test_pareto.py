@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rayunlearn.pareto import dominates, hypervolume_2d, pareto_front
+from rayunlearn.pareto import clearly_dominates, dominates, hypervolume_2d, noisy_pareto_front, pareto_front
 
 
 def test_front_of_hand_made_points():
@@ -65,3 +65,41 @@ def test_hypervolume_matches_grid_oracle():
     inside = sum(1 for i in range(n) for j in range(n)
                  if any((i + 0.5) / n <= x and (j + 0.5) / n <= y for x, y in pts))
     assert hypervolume_2d(pts, ref=(0, 0)) == pytest.approx(inside / n**2, abs=5e-3)
+
+
+# ----------------------------------------------------------------------------- the noise band
+
+
+def test_two_points_within_the_band_are_both_kept():
+    # b is better than a in both objectives, but by 0.03 and 0.01 < the half-widths (0.05, 0.02)
+    pts = [(0.50, 0.60), (0.53, 0.61)]
+    assert pareto_front(pts) == [1]
+    assert noisy_pareto_front(pts, (0.05, 0.02)) == [0, 1]
+    assert not clearly_dominates(pts[1], pts[0], (0.05, 0.02))
+
+
+def test_a_difference_beyond_the_band_dominates():
+    # removal 0.30 apart (beyond 0.05), retention equal: dominated as without noise
+    assert noisy_pareto_front([(0.2, 0.6), (0.5, 0.6)], (0.05, 0.02)) == [1]
+    # (0.8, 0.59) is better in removal beyond the band and worse in retention only within it
+    # (0.01 <= 0.02): it clearly dominates (0.5, 0.60), which the exact front keeps
+    pts = [(0.5, 0.60), (0.8, 0.59)]
+    assert pareto_front(pts) == [0, 1]
+    assert noisy_pareto_front(pts, (0.05, 0.02)) == [1]
+    # worse in retention by 0.03 > 0.02: a real trade-off, both kept
+    assert noisy_pareto_front([(0.5, 0.60), (0.8, 0.57)], (0.05, 0.02)) == [0, 1]
+    # exactly at the band's edge counts as within it (strict inequalities)
+    assert clearly_dominates((0.55, 0.6), (0.5, 0.6), (0.05, 0.02)) is False
+    assert clearly_dominates((0.56, 0.58), (0.5, 0.6), (0.05, 0.02)) is True
+
+
+def test_zero_band_is_the_exact_front_and_minimisation():
+    rng = random.Random(3)
+    for _ in range(50):
+        pts = [(round(rng.random(), 1), round(rng.random(), 1)) for _ in range(12)]
+        assert noisy_pareto_front(pts, (0.0, 0.0)) == pareto_front(pts)
+    # minimised first objective: 0.10 vs 0.12 within 0.05, retention within 0.02: both kept
+    assert noisy_pareto_front([(0.10, 0.6), (0.12, 0.61), (0.5, 0.6)], (0.05, 0.02), maximize=(False, True)) == [0, 1]
+    assert noisy_pareto_front([(None, 0.9), (0.1, 0.1)], (0.05, 0.02)) == [1]
+    with pytest.raises(ValueError, match="half_width"):
+        noisy_pareto_front([(0.1, 0.1)], (-0.1, 0.0))

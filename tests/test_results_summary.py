@@ -52,9 +52,9 @@ def test_summary_tables_equal_the_results_files(results, tmp_path):
     # the sweep: sorted by the selection score, the Pareto front starred, the failed trial left out
     sweep = _table(text, "sweep")[2:]
     values = [float(r[2]) for r in sweep]
-    assert values == sorted(values, reverse=True) and len(sweep) == 12
+    assert values == sorted(values, reverse=True) and len(sweep) == 20
     assert any(r[0].startswith("* ") for r in sweep)
-    assert "12 completed trials, 1 failed or unfinished" in text
+    assert "20 completed trials, 1 failed or unfinished" in text
 
 
 def test_summary_claims_commit_and_command(results, tmp_path):

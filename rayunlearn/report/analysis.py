@@ -15,9 +15,13 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from rayunlearn import runs
 from rayunlearn.report.data import Collection, ReportDataError
 
 GROUPS = ("embed", "shallow", "middle", "deep", "lm", "norm")
+# hyper-parameter importance is computed per family from at least this many completed trials
+# (configurations): an fANOVA / PED-ANOVA fit on fewer ranks noise
+MIN_IMPORTANCE_TRIALS = 10
 
 
 # ----------------------------------------------------------------------------- Pareto front
@@ -38,6 +42,142 @@ def front_of(coll_trials: pd.DataFrame) -> pd.DataFrame:
     if coll_trials.empty:
         return coll_trials
     return coll_trials[pareto_mask(coll_trials[["removal", "retention"]].to_numpy(float))]
+
+
+def _num(v) -> float:
+    """A table cell as a float (NaN for missing or non-numeric)."""
+    if isinstance(v, (bool, np.bool_)) or v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _flag(v):
+    """A `feasible` cell: True / False, or None (no floor, or unknown)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, float, np.floating)) and not math.isnan(v):
+        return bool(v)
+    return None
+
+
+def retention_floor(c: Collection) -> dict | None:
+    """The sweep's retention floor: {"fraction", "retention"} (the threshold: the fraction times
+    the target model's retention; the fraction itself for a sweep without a preparation), or
+    None when its space sets none."""
+    frac = (c.space or {}).get("retention_floor")
+    if frac is None:
+        return None
+    if "target" in c.reference:
+        threshold = float(frac) * float(c.reference["target"]["retention"])
+    elif not ((c.space or {}).get("prepare") or {}).get("enabled", True):
+        threshold = float(frac)
+    else:
+        threshold = math.nan
+    return {"fraction": float(frac), "retention": threshold}
+
+
+def front_data(c: Collection) -> dict:
+    """The Pareto front of one collection with its uncertainty, as plain data (what the static
+    front figure, the interactive one and the report's text draw from):
+
+    - ``points``: one dict per completed trial: trial_id, family, method, label, hps
+      ({term.param: value}), removal, retention, removal_sd, retention_sd (the seeds' standard
+      deviations; NaN for one seed), n_seeds, removal_report (held-out authors), feasible
+      (True / False against the retention floor, None without one), on_front (the exact front)
+      and on_noise_front (no other point clearly better beyond the band:
+      ``rayunlearn.pareto.noisy_pareto_front``); both fronts are over the feasible points only;
+    - ``band``: {"removal", "retention": half-widths, "replicates", "removal_kind"} from the
+      noise floor between retain replicates (``runs.noise_path``), or None when not measured;
+    - ``floor``: :func:`retention_floor`;
+    - ``reference``: {"target" / "retain": {"removal", "retention"}} where evaluated."""
+    from rayunlearn.pareto import noisy_pareto_front, pareto_front
+
+    points = []
+    for _, r in c.completed.iterrows():
+        hps = {col[len(runs.HP_PREFIX):]: (r[col].item() if hasattr(r[col], "item") else r[col])
+               for col in c.hp_columns if r[col] is not None and not (isinstance(r[col], float) and math.isnan(r[col]))}
+        n = _num(r.get(runs.SEEDS_COLUMN))
+        points.append({"trial_id": str(r["trial_id"]), "family": str(r["family"]), "method": str(r["method"]),
+                       "label": trial_label(r, c.hp_columns), "hps": hps,
+                       "removal": float(r["removal"]), "retention": float(r["retention"]),
+                       "removal_sd": _num(r.get(f"removal{runs.SD_SUFFIX}")),
+                       "retention_sd": _num(r.get(f"retention{runs.SD_SUFFIX}")),
+                       "n_seeds": int(n) if math.isfinite(n) else 1,
+                       "removal_report": c.metric(r, ("removal_report",)),
+                       "feasible": _flag(r.get(runs.FEASIBLE_COLUMN))})
+    band = None
+    if c.noise is not None:
+        band = {"removal": float(c.noise["removal"]), "retention": float(c.noise["retention"]),
+                "replicates": int(c.noise.get("replicates", 0)), "removal_kind": c.noise.get("removal_kind")}
+    eligible = [i for i, p in enumerate(points) if p["feasible"] is not False]
+    xy = [[points[i]["removal"], points[i]["retention"]] for i in eligible]
+    exact = {eligible[k] for k in pareto_front(xy)}
+    noisy = {eligible[k] for k in noisy_pareto_front(xy, (band["removal"], band["retention"]) if band else (0.0, 0.0))}
+    for i, p in enumerate(points):
+        p["on_front"], p["on_noise_front"] = i in exact, i in noisy
+    reference = {w: {"removal": float(m["removal"]), "retention": float(m["retention"])}
+                 for w, m in c.reference.items()}
+    return {"points": points, "band": band, "floor": retention_floor(c), "reference": reference}
+
+
+def _diff(a: float, b: float, h: float | None) -> str:
+    d = b - a
+    if h is None:
+        return f"{d:+.3g}"
+    return f"{d:+.3g} ({'real' if abs(d) > h else 'within noise'})"
+
+
+def front_in_words(data: dict) -> list[str]:
+    """Sentences saying which differences on a front (:func:`front_data`) are real: beyond the
+    noise band between retain replicates."""
+    pts, band, floor = data["points"], data["band"], data["floor"]
+    if not pts:
+        return []
+    out = []
+    name = {p["trial_id"]: f"{p['label']} ({p['trial_id']})" for p in pts}
+    multi = [p for p in pts if p["n_seeds"] > 1]
+    if multi:
+        out.append(f"{len(multi)} of {len(pts)} trials ran {max(p['n_seeds'] for p in multi)} seeds; the median "
+                   f"spread between seeds (sd) is {np.nanmedian([p['removal_sd'] for p in multi]):.3g} in removal "
+                   f"and {np.nanmedian([p['retention_sd'] for p in multi]):.3g} in retention (the error bars).")
+    else:
+        out.append("Every trial ran one seed: the figure has no error bars.")
+    if floor is not None:
+        bad = [p for p in pts if p["feasible"] is False]
+        out.append(f"Retention floor {floor['fraction']:g} × the target's = {floor['retention']:.3g}: {len(bad)} of "
+                   f"{len(pts)} trials miss it (drawn as crosses) and are left out of both fronts"
+                   + (f": {', '.join(name[p['trial_id']] for p in bad)}." if bad else "."))
+    exact = sorted((p for p in pts if p["on_front"]), key=lambda p: p["removal"])
+    noisy = sorted((p for p in pts if p["on_noise_front"]), key=lambda p: p["removal"])
+    if band is None:
+        out.append(f"No noise floor was measured (set prepare.retain_replicates >= 2): no difference between "
+                   f"trials can be called real. The exact front has {len(exact)} trial(s).")
+        return out
+    out.append(f"Noise band from {band['replicates']} retain replicates (the mean difference between two retain "
+               f"models that differ only in their seed): removal ({band['removal_kind']}) ±{band['removal']:.3g}, "
+               f"retention ±{band['retention']:.3g}. A difference larger than that is called real.")
+    dropped = [p for p in exact if not p["on_noise_front"]]
+    kept = [p for p in noisy if not p["on_front"]]
+    text = (f"The exact front has {len(exact)} trial(s); {len(noisy)} remain once differences inside the band "
+            f"are ignored (no other trial is better beyond the band in one objective and not worse beyond it "
+            f"in the other).")
+    if dropped:
+        text += f" Dropped, their only advantage being within the noise: {', '.join(name[p['trial_id']] for p in dropped)}."
+    if kept:
+        text += (f" Kept although dominated on the exact numbers (the trial that beats them does so within the noise): "
+                 f"{', '.join(name[p['trial_id']] for p in kept)}.")
+    out.append(text)
+    for a, b in zip(noisy, noisy[1:]):
+        out.append(f"From {name[a['trial_id']]} to {name[b['trial_id']]}: removal {_diff(a['removal'], b['removal'], band['removal'])}, "
+                   f"retention {_diff(a['retention'], b['retention'], band['retention'])}.")
+    if len(noisy) > 1 and all(abs(a["removal"] - b["removal"]) <= band["removal"] and
+                              abs(a["retention"] - b["retention"]) <= band["retention"] for a in noisy for b in noisy):
+        out.append("Every trial on the noise-aware front lies within the band of every other: these results do not "
+                   "tell the front's trials apart.")
+    return out
 
 
 def trial_label(row: pd.Series, hp_columns: list[str]) -> str:
@@ -261,7 +401,7 @@ def infer_distribution(values: pd.Series):
     return FloatDistribution(lo, hi, log=log)
 
 
-def hp_importance(trials: pd.DataFrame, hp_columns: list[str], min_trials: int = 4):
+def hp_importance(trials: pd.DataFrame, hp_columns: list[str], min_trials: int = MIN_IMPORTANCE_TRIALS):
     """Importances of the hyper-parameters for removal and retention, from an in-memory Optuna
     study rebuilt from ``trials`` (completed trials of one family). Returns
     ``(evaluator name, {"removal": {param: imp}, "retention": {...}})`` or a string saying why not."""
@@ -293,8 +433,9 @@ def hp_importance(trials: pd.DataFrame, hp_columns: list[str], min_trials: int =
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         sign = 1.0
     except ImportError:
-        # PED-ANOVA explains *low* target values: negate the maximised objectives.
-        evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=max(0.1, min(0.5, 2.0 / len(trials))))
+        # PED-ANOVA explains *low* target values: negate the maximised objectives. It compares the
+        # top quantile's parameter distribution with all trials': keep at least 4 trials in it
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=max(0.1, min(0.5, 4.0 / len(trials))))
         sign = -1.0
     out = {}
     with warnings.catch_warnings():

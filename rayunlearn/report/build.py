@@ -20,9 +20,9 @@ from rayunlearn import runs
 from rayunlearn.io import write_json, write_text
 from rayunlearn.report import figures as F
 from rayunlearn.report import interactive as I
-from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, NPO_FAMILY, TABLE_COLUMNS, fidelity_stats, front_of,
-                                        ga_effect_by_weight, group_effects, hp_importance, instance_effects,
-                                        results_table, trial_label)
+from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, MIN_IMPORTANCE_TRIALS, NPO_FAMILY, TABLE_COLUMNS,
+                                        fidelity_stats, front_data, front_in_words, front_of, ga_effect_by_weight,
+                                        group_effects, hp_importance, instance_effects, results_table, trial_label)
 from rayunlearn.report.data import Collection, discover
 from rayunlearn.report.findings import FAILED, HELD, check_claims
 
@@ -208,8 +208,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     doc = Doc()
     summary: dict = {"results_dir": str(root), "collections": [], "figures": []}
     fronts: dict[str, set[str]] = {}
+    front_datas = {c.name: front_data(c) for c in collections}
     for c in collections:
-        fronts[c.name] = set(front_of(c.completed)["trial_id"])
+        fronts[c.name] = {p["trial_id"] for p in front_datas[c.name]["points"] if p["on_front"]}
 
     def fig(path):
         if path is not None:
@@ -248,29 +249,43 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
 
     # Pareto
     doc.h(2, "Pareto frontier")
-    doc.p("Removal vs retention of every completed trial (both maximised). Ringed, joined and labelled: the "
-          "non-dominated trials (no other trial is at least as good on both and better on one). Removal is the "
-          "removal score on the forget authors the sweep selected on; the front's table also gives it on the "
-          "held-out report authors — the honest number, and the gap between the two is the selection's optimism.")
+    doc.p("Removal vs retention of every completed trial (both maximised). Joined: the non-dominated trials (no "
+          "other trial is at least as good on both and better on one). Error bars: ± the standard deviation over "
+          "a trial's seeds. Grey boxes: the noise band, ± the noise floor measured between retain models that "
+          "differ only in their training seed; ringed and labelled: the front beyond the noise — trials no other "
+          "trial beats by more than the band in one objective without being worse by more than it in the other "
+          "(rayunlearn/pareto.py). Crosses: trials below the retention floor, left out of both fronts. Removal "
+          "is the removal score on the forget authors the sweep selected on; the front's table also gives it on "
+          "the held-out report authors — the honest number, and the gap between the two is the selection's "
+          "optimism.")
     all_points = []
     for c in collections:
-        pts = c.completed[["trial_id", "family", "removal", "retention"]].copy()
-        pts["label"] = [_short(trial_label(r, c.hp_columns), 60) for _, r in c.completed.iterrows()]
-        pts["family"] = pts["family"].astype(str)
+        fd = front_datas[c.name]
+        pts = pd.DataFrame([{k: p[k] for k in ("trial_id", "family", "removal", "retention", "removal_sd",
+                                               "retention_sd", "feasible")} | {"label": _short(p["label"], 60)}
+                            for p in fd["points"]])
         doc.h(3, f"{c.name}")
         if pts.empty:
             doc.note(f"{c.name}: no completed trials.")
             continue
+        noise_front = {p["trial_id"] for p in fd["points"] if p["on_noise_front"]}
         doc.plot(I.pareto_plot([c], colors, root, f"Pareto frontier — {c.name}"),
                  fig(F.pareto_figure(pts, fronts[c.name], colors, c.reference, f"Pareto frontier — {c.name}",
-                                     fig_dir / f"{_slug(c.name)}_pareto.png")), f"Pareto frontier of {c.name}",
-                 "pareto", c.name)
-        front_rows = c.completed[c.completed["trial_id"].isin(fronts[c.name])]
-        front_tbl = pts[pts["trial_id"].isin(fronts[c.name])].assign(
-            removal_report=[c.metric(r, ("removal_report",)) for _, r in front_rows.iterrows()]
-        ).sort_values("removal")[["trial_id", "label", "removal", "removal_report", "retention"]]
-        doc.table(front_tbl.rename(columns={"label": "method", "removal": "removal (selection)",
-                                            "removal_report": "removal (report)"}))
+                                     fig_dir / f"{_slug(c.name)}_pareto.png", band=fd["band"], floor=fd["floor"],
+                                     noise_front_ids=noise_front if fd["band"] else None)),
+                 f"Pareto frontier of {c.name}", "pareto", c.name)
+        words = front_in_words(fd)
+        for sentence in words:
+            doc.p(sentence)
+        shown = [p for p in fd["points"] if p["on_front"] or p["on_noise_front"]]
+        front_tbl = pd.DataFrame([{"trial_id": p["trial_id"], "method": _short(p["label"], 60),
+                                   "removal (selection)": p["removal"], "± sd": p["removal_sd"],
+                                   "removal (report)": p["removal_report"], "retention": p["retention"],
+                                   "± sd ": p["retention_sd"], "seeds": p["n_seeds"],
+                                   "front": "exact + noise" if p["on_front"] and p["on_noise_front"]
+                                   else ("exact only" if p["on_front"] else "noise only")}
+                                  for p in sorted(shown, key=lambda p: p["removal"])])
+        doc.table(front_tbl)
         agree = None
         if c.pareto_file is not None and c.pareto_file.get("trials"):
             agree = set(map(str, c.pareto_file["trials"])) == fronts[c.name]
@@ -279,6 +294,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
                          f"front recomputed here from trials.parquet.")
         summary["collections"].append({"name": c.name, "path": str(c.path), "trials": len(c.trials),
                                        "completed": len(c.completed), "pareto": sorted(fronts[c.name]),
+                                       "noise_pareto": sorted(noise_front), "band": fd["band"],
+                                       "floor": fd["floor"], "front_in_words": words,
                                        "pareto_json_agrees": agree})
         p2 = pts.copy()
         p2["collection"] = c.name
@@ -286,7 +303,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         all_points.append(p2)
     if len(all_points) > 1:
         allp = pd.concat(all_points, ignore_index=True)
-        front_all = set(front_of(allp)["trial_id"])
+        front_all = set(front_of(allp[allp["feasible"].map(lambda v: v is not False)])["trial_id"])
         summary["combined_pareto"] = sorted(front_all)
         ref = next((c.reference for c in collections if c.reference), {})
         doc.h(3, "all results together")
@@ -443,8 +460,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
 
     # Importance
     doc.h(2, "Hyper-parameter importance")
-    doc.p("For each family of a sweep with ≥ 4 completed trials: Optuna's importance evaluator on an in-memory "
-          "study rebuilt from trials.parquet (hp.* columns as parameters, removal and retention as objectives).")
+    doc.p(f"For each family of a sweep with ≥ {MIN_IMPORTANCE_TRIALS} completed trials (configurations; a trial's "
+          "seeds count once): Optuna's importance evaluator on an in-memory study rebuilt from trials.parquet "
+          "(hp.* columns as parameters, removal and retention — the seed means — as objectives). With fewer, an "
+          "importance ranks noise, so the family is skipped and said so.")
     summary["importance"] = {}
     for c in collections:
         doc.h(3, c.name)

@@ -96,6 +96,8 @@ class Collection:
     trials: pd.DataFrame
     reference: dict[str, dict] = field(default_factory=dict)
     pareto_file: dict | None = None
+    noise: dict | None = None     # the noise floor between retain replicates (runs.noise_path)
+    space: dict | None = None     # the resolved search space (sweep.yaml) of a sweep
     _cache: dict = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -141,8 +143,11 @@ class Collection:
 
     def metric(self, row: pd.Series, path: tuple[str, ...]) -> float:
         """A metric of a trial: from its metrics.json, else from the flattened trials.parquet
-        columns (``a.b``, ``a_b`` or ``a/b``); NaN when recorded nowhere."""
+        columns (``a.b``, ``a_b`` or ``a/b``); NaN when recorded nowhere. A trial of several
+        seeds reads the table first: its metrics.json is seed 0's, the table holds the means."""
         m = self.metrics(str(row["trial_id"]))
+        if _seeds(row) > 1 and ".".join(path) in row.index and _is_number(row[".".join(path)]):
+            return float(row[".".join(path)])
         if m is not None:
             v = get_path(m, path)
             if v is not None:
@@ -162,6 +167,15 @@ class Collection:
                         raise ReportDataError(f"{self.path / runs.TRIALS_TABLE_FILE}: column {col!r} of trial "
                                               f"{row['trial_id']} is not numeric: {v!r}")
         return math.nan
+
+
+def _seeds(row: pd.Series) -> int:
+    v = row.get(runs.SEEDS_COLUMN)
+    return int(v) if _is_number(v) else 1
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
@@ -218,8 +232,51 @@ def load_collection(path: Path, root: Path) -> Collection:
         pareto_file = read_json_file(pp)
         if not isinstance(pareto_file, dict) or not isinstance(pareto_file.get("trials", []), list):
             raise ReportDataError(f"{pp}: expected an object with a 'trials' list")
+    noise = None
+    for base in (path, *path.parents):
+        p = runs.noise_path(base)
+        if p.exists():
+            noise = check_noise(read_json_file(p), p)
+            break
+        if base == root:
+            break
+    if noise is None and "retain" in reference:
+        p = prepared_noise(root, reference["retain"])
+        noise = check_noise(read_json_file(p), p) if p is not None else None
+    space = None
+    sp = path / runs.SWEEP_SPACE_FILE
+    if sp.exists():
+        import yaml
+
+        space = yaml.safe_load(sp.read_text(encoding="utf-8"))
+        if not isinstance(space, dict):
+            raise ReportDataError(f"{sp}: expected a mapping (the resolved search space)")
     name = path.relative_to(root).as_posix() if path != root else (path.name or str(path))
-    return Collection(name=name, path=path, trials=trials, reference=reference, pareto_file=pareto_file)
+    return Collection(name=name, path=path, trials=trials, reference=reference, pareto_file=pareto_file,
+                      noise=noise, space=space)
+
+
+def prepared_noise(root: Path, retain: dict) -> Path | None:
+    """The noise floor of the preparation whose retain model this collection was measured
+    against: a study and a sweep of one demo share ``<root>/prepared/<key>/``, but only a sweep
+    that asked for retain replicates copied their noise floor beside its references."""
+    for cand in sorted((root / runs.PREPARED_DIR).glob(f"*/{runs.REFERENCE_DIR}/{runs.NOISE_FILE}")):
+        mine = runs.reference_eval(cand.parents[1], "retain")
+        if mine.exists() and read_json_file(mine) == retain:
+            return cand
+    return None
+
+
+def check_noise(obj: Any, where: Path) -> dict:
+    """A noise.json must give finite, non-negative half-widths of both objectives."""
+    if not isinstance(obj, dict):
+        raise ReportDataError(f"{where}: expected a JSON object (rayunlearn.runs.noise_path), got {type(obj).__name__}")
+    for key in ("removal", "retention"):
+        v = as_float(obj.get(key), f"{where}:{key}")
+        if not (math.isfinite(v) and v >= 0):
+            raise ReportDataError(f"{where}: '{key}' must be a half-width >= 0, got {obj.get(key)!r}; rerun the "
+                                  "preparation with prepare.retain_replicates >= 2")
+    return obj
 
 
 def discover(results_dir: str | Path) -> list[Collection]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -54,26 +55,54 @@ def _grid(n: int, ncols: int = 5, w: float = 3.2, h: float = 2.6):
 
 
 def pareto_figure(points: pd.DataFrame, front_ids: set[str], colors: dict, reference: dict[str, dict],
-                  title: str, path: Path) -> Path:
-    """Removal vs retention of every trial; the non-dominated ones ringed, joined and numbered
-    (the numbers' labels listed beside the axes).
-    ``points``: trial_id, family, label, removal, retention (and optional ``collection``)."""
+                  title: str, path: Path, *, band: dict | None = None, floor: dict | None = None,
+                  noise_front_ids: set[str] | None = None) -> Path:
+    """Removal vs retention of every trial, the non-dominated ones joined (``front_ids``).
+    ``points``: trial_id, family, label, removal, retention (optional: ``collection``; the seeds'
+    ``removal_sd`` / ``retention_sd``, drawn as error bars; ``feasible``, False drawn as a cross).
+    ``band``: the noise half-widths {"removal", "retention", "replicates"}, drawn as a box of ±h
+    around every point of the noise-aware front (``noise_front_ids``, ringed and numbered, the
+    numbers' labels listed beside the axes; the exact front when None); ``floor``:
+    {"retention": threshold} drawn as a dotted line."""
     fig, ax = plt.subplots(figsize=(9.5, 6.5))
     markers = {}
     if "collection" in points.columns:
         for i, cname in enumerate(sorted(points["collection"].unique())):
             markers[cname] = "osD^v"[i % 5]
+    infeasible = points["feasible"].map(lambda v: v is False or v is np.False_) if "feasible" in points.columns \
+        else pd.Series(False, index=points.index)
     for fam, grp in points.groupby("family", sort=False):
         for cname, sub in (grp.groupby("collection") if markers else [(None, grp)]):
-            ax.scatter(sub["removal"], sub["retention"], s=36, color=colors.get(fam, "k"), alpha=0.75,
+            ok = sub[~infeasible.loc[sub.index]]
+            ax.scatter(ok["removal"], ok["retention"], s=36, color=colors.get(fam, "k"), alpha=0.75,
                        marker=markers.get(cname, "o"), label=fam if cname is None else f"{fam} ({cname})",
-                       edgecolors="none")
+                       edgecolors="none", zorder=2)
+            if "removal_sd" in sub.columns:
+                ax.errorbar(sub["removal"], sub["retention"], xerr=sub["removal_sd"].fillna(0.0),
+                            yerr=sub["retention_sd"].fillna(0.0), fmt="none", ecolor=colors.get(fam, "k"),
+                            elinewidth=0.9, capsize=2.5, alpha=0.6, zorder=1)
+    bad = points[infeasible]
+    if not bad.empty:
+        ax.scatter(bad["removal"], bad["retention"], s=46, marker="x", color="0.35", lw=1.4, zorder=2,
+                   label="below the retention floor")
+    if floor is not None and np.isfinite(floor.get("retention", np.nan)):
+        ax.axhline(floor["retention"], color="0.35", ls=":", lw=1.2, zorder=0,
+                   label=f"retention floor ({floor['fraction']:g} × target)")
     front = points[points["trial_id"].isin(front_ids)].sort_values("removal")
     if not front.empty:
         ax.plot(front["removal"], front["retention"], "-", color="k", lw=1, alpha=0.6, zorder=1,
                 label="Pareto front")
-        ax.scatter(front["removal"], front["retention"], s=130, facecolors="none", edgecolors="k", lw=1.4,
-                   zorder=3)
+    ringed = points[points["trial_id"].isin(front_ids if noise_front_ids is None else noise_front_ids)]
+    ringed = ringed.sort_values("removal")
+    if band is not None:
+        for k, (_, r) in enumerate(ringed.iterrows()):
+            ax.add_patch(matplotlib.patches.Rectangle(
+                (r["removal"] - band["removal"], r["retention"] - band["retention"]), 2 * band["removal"],
+                2 * band["retention"], facecolor="0.5", alpha=0.12, edgecolor="0.5", lw=0.6, zorder=0,
+                label=(f"noise band (±half-width, {band.get('replicates', '?')} retain replicates)" if k == 0 else None)))
+    if not ringed.empty:
+        ax.scatter(ringed["removal"], ringed["retention"], s=130, facecolors="none", edgecolors="k", lw=1.4,
+                   zorder=3, label=None if noise_front_ids is None else "front beyond the noise")
     for which, marker in (("target", "*"), ("retain", "P")):
         if which in reference:
             r = reference[which]
@@ -81,9 +110,10 @@ def pareto_figure(points: pd.DataFrame, front_ids: set[str], colors: dict, refer
                        zorder=4, label=f"{which} model")
             ax.annotate(f"{which} model", (r["removal"], r["retention"]), xytext=(8, -4),
                         textcoords="offset points", fontsize=8, fontweight="bold")
-    if not front.empty:   # once every mark is drawn: the axes' limits are final
-        _number_front(ax, front, points[["removal", "retention"]].to_numpy(float))
-    ax.set_xlabel("removal (higher = more forgotten)")
+    if not ringed.empty:   # once every mark is drawn: the axes' limits are final
+        _number_front(ax, ringed, points[["removal", "retention"]].to_numpy(float))
+    ax.set_xlabel("removal (higher = more forgotten)" + ("; error bars: ± sd over seeds" if "removal_sd" in
+                                                          points.columns and points["removal_sd"].notna().any() else ""))
     ax.set_ylabel("retention (higher = more kept)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

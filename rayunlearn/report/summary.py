@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rayunlearn.io import write_text
-from rayunlearn.report.analysis import front_of
+from rayunlearn.report.analysis import front_data, front_in_words
 from rayunlearn.report.data import Collection, ReportDataError, discover, read_json_file
 
 # (header, metrics path) of the numeric columns after method and score
@@ -83,7 +83,8 @@ def collection_table(c: Collection) -> list[str]:
                                                 ref.get("removal_kind", ""))) + " |")
     done = c.completed
     sweep = bool(c.hp_columns)
-    front = set(front_of(done)["trial_id"]) if sweep else set()
+    # the exact front over the trials that meet the retention floor (front_data)
+    front = {p["trial_id"] for p in front_data(c)["points"] if p["on_front"]} if sweep else set()
     order = done.sort_values(["removal", "trial_id"], ascending=[False, True]) if sweep else done.sort_values("trial_id")
     for _, r in order.iterrows():
         m = c.metrics(str(r["trial_id"]))
@@ -118,6 +119,8 @@ def summary_markdown(results_dir: str | Path, findings: list[dict], command: str
                 f"{len(c.completed)} completed trials" + (f", {n_other} failed or unfinished" if n_other else "")
                 + ("; `*` = on the Pareto front of (removal (selection), retention)." if c.hp_columns else "."), ""]
         out += collection_table(c) + [""]
+        if c.hp_columns:    # a sweep: which differences on its front are real
+            out += [" ".join(front_in_words(front_data(c))), ""]
     out += ["## Claims", ""]
     if not findings:
         out += ["_No findings recorded (build the report first: `rayunlearn report RESULTS`)._", ""]

@@ -52,7 +52,7 @@ from rayunlearn.sweep.study import (ExtendError, check_extendable, fail_stale_tr
                                     record_extension, storage_url, study_exists, sync_study)
 from rayunlearn.sweep.tables import collect_rows, grid_errors, print_summary, write_tables
 from rayunlearn.sweep.tracking import MlflowTracker
-from rayunlearn.sweep.trial import TrialContext
+from rayunlearn.sweep.trial import TrialContext, retention_threshold
 from rayunlearn.sweep.tuner import (autoscale_wait_s, build_tuner, can_restore, check_schedulable, init_ray,
                                     make_trainable, restore_tuner, start_aggregator, stop_aggregator)
 
@@ -115,7 +115,7 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
     if extend:
         rows = collect_rows(sweep_dir, {})
         done_before = len(rows)
-        sync_study(storage, space, rows)
+        sync_study(storage, space, rows, retention_threshold(space, sweep_dir))
         fail_stale_trials(storage, space.name)
         space.num_samples += extend
         record_extension(sweep_dir, extend, done_before, space.num_samples)
@@ -138,7 +138,8 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
                        data=to_dict(prepared.data) if prepared else None,
                        retain_reference=(str(runs.reference_eval(sweep_dir, "retain"))
                                          if prepared and prepared.retain_reference else None),
-                       aggregator=aggregator[0] if aggregator else None)
+                       aggregator=aggregator[0] if aggregator else None,
+                       retention_threshold=retention_threshold(space, sweep_dir))
     trainable = make_trainable(space, ctx)
     if resume:
         console.print(f"[bold]resuming[/] the sweep in {sweep_dir}")
@@ -154,7 +155,7 @@ def run_sweep(space: SearchSpace, resume: bool = False, console=None, extend: in
         stop_aggregator(aggregator)
     summary = write_tables(space, sweep_dir, errors=grid_errors(sweep_dir, grid))
     if storage is not None:
-        sync_study(storage, space, summary["rows"])
+        sync_study(storage, space, summary["rows"], retention_threshold(space, sweep_dir))
     summary["wall_s"] = time.time() - t0
     summary["interrupted"] = (summary["finished"] < space.total_trials)
     print_summary(space, sweep_dir, summary, console)

@@ -8,6 +8,11 @@ settings (:meth:`SearchSpace.prepare_key`); names from ``rayunlearn.runs``:
     models/{base,target,retain}/   via rayunlearn.train.finetune (each resumable, skipped when done)
     reference/{retain,target}.json (+ .raw.json)   their TOFU evaluations (retain first: the
                              target's forget quality is measured against it)
+    models/retain.<j>/, reference/retain.<j>.json   retain replicates j = 1..k-1
+                             (``prepare.retain_replicates: k``): the retain finetuning again with
+                             seed + j, from the same base model
+    reference/noise.json     the noise floor of every score between the retain replicates
+                             (:func:`noise_floor`; ``rayunlearn.runs.noise_path``)
 
 The sweep copies the reference evaluations to ``<sweep>/reference/``.
 """
@@ -15,6 +20,7 @@ The sweep copies the reference evaluations to ``<sweep>/reference/``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -52,30 +58,42 @@ def prepare(space: SearchSpace, console=None) -> Prepared:
     p = space.prepare
     _fail_fast(space, data)
     given = {"target": p.target_path, "retain": p.retain_path}
-    stages = (("base", None), ("target", "base"), ("retain", "base")) if p.train_base else \
-        (("target", None), ("retain", None))
-    for stage, init in stages:
-        out = runs.model_dir(root, stage)
-        if done.get(stage) or given.get(stage):
+    init = "base" if p.train_base else None
+    # (name, what it learns, the model it starts from, its seed offset)
+    stages = ([("base", "base", None, 0)] if p.train_base else []) + [("target", "target", init, 0)] + \
+        [(runs.retain_replicate(j), "retain", init, j) for j in range(p.retain_replicates)]
+    for name, stage, start, j in stages:
+        out = runs.model_dir(root, name)
+        if done.get(name) or given.get(name):
             continue
-        say(f"[prepare {key}] training the {stage} model -> {out}")
-        cfg = FinetuneConfig(stage=stage, init=str(runs.model_dir(root, init)) if init else None, out=str(out),
+        say(f"[prepare {key}] training the {name} model -> {out}")
+        train = stage_train(space, stage)
+        cfg = FinetuneConfig(stage=stage, init=str(runs.model_dir(root, start)) if start else None, out=str(out),
                              replay_world=p.replay_world, data=data, model=space.model,
-                             train=stage_train(space, stage))
+                             train=dataclasses.replace(train, seed=train.seed + j))
         finetune(cfg)
-        done[stage] = True
+        done[name] = True
         write_json(done_path, done)
-    model_dirs = {s: Path(given[s]) if given.get(s) else runs.model_dir(root, s) for s in ("target", "retain")}
+    replicates = [runs.retain_replicate(j) for j in range(p.retain_replicates)]
+    model_dirs = {s: Path(given[s]) if given.get(s) else runs.model_dir(root, s) for s in ("target", *replicates)}
     retain_ref = None
     if space.prepare.reference_eval:
         retain_ref = str(runs.reference_eval(root, "retain"))
-        for stage in ("retain", "target"):
+        for stage in ("retain", "target", *replicates[1:]):
             if not done.get(f"eval_{stage}"):
                 say(f"[prepare {key}] evaluating the {stage} model (reference)")
                 _evaluate(space, data, model_dirs[stage], runs.reference_eval(root, stage),
                           retain_reference=retain_ref if stage == "target" else None)
                 done[f"eval_{stage}"] = True
                 write_json(done_path, done)
+        if len(replicates) > 1:
+            from rayunlearn.eval.evaluate import load_reference
+
+            noise = noise_floor([load_reference(runs.reference_eval(root, r)) for r in replicates],
+                                load_reference(runs.reference_eval(root, "target")), space.unlearn.eval)
+            write_json(runs.noise_path(root), noise)
+            say(f"[prepare {key}] noise floor between {len(replicates)} retain replicates: removal "
+                f"({noise['removal_kind']}) ±{noise['removal']:.4g}, retention ±{noise['retention']:.4g}")
     return Prepared(root=root, data=data, target=str(model_dirs["target"]), retain_reference=retain_ref)
 
 
@@ -132,6 +150,65 @@ def self_referenced(result: dict, eval_cfg, retain_reference: dict | None = None
                                target=None if is_retain else result, removal_score=eval_cfg.removal_score,
                                selection_fraction=eval_cfg.selection_fraction,
                                selection_seed=eval_cfg.selection_seed), "raw": raw}
+
+
+# the scores whose noise floor is measured: the objectives, TOFU's forget quality, and every
+# removal score of both held-out parts
+NOISE_TOP = ("removal", "removal_report", "retention", "forget_quality", "ks_statistic")
+
+
+def _noise_scores(metrics: dict) -> dict[str, float]:
+    """The scores of one evaluation that the noise floor covers, flat (``selection.<score>``)."""
+    out = {k: metrics.get(k) for k in NOISE_TOP}
+    out["mia.privleak"] = (metrics.get("mia") or {}).get("privleak")
+    for part in ("selection", "report"):
+        for name, v in (metrics.get(part) or {}).items():
+            if name != "n_items":
+                out[f"{part}.{name}"] = v
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def noise_from_scores(scored: dict[tuple[int, int], dict[str, float]], k: int) -> dict:
+    """Half-widths from ``scored[(i, j)]`` = the scores of replicate i evaluated with replicate j
+    as the retain reference (every i, j < k): per score, the differences
+    |s(i vs j) − s(j vs j)| over the ordered pairs i ≠ j — how far a model that differs from the
+    reference only by its training seed lands from the reference's own value — with their mean
+    (``half_width``: the band the Pareto front uses), largest (``max``) and all of them
+    (``values``). Scores missing in some evaluation are left out."""
+    pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
+    keys = [key for key in scored[(0, 0)] if all(key in scored[ij] for ij in scored)]
+    scores = {}
+    for key in keys:
+        diffs = [abs(scored[(i, j)][key] - scored[(j, j)][key]) for i, j in pairs]
+        scores[key] = {"half_width": math.fsum(diffs) / len(diffs), "max": max(diffs), "values": diffs}
+    return {"replicates": k, "pairs": len(pairs), "scores": scores}
+
+
+def noise_floor(evals: list[dict], target: dict | None, eval_cfg) -> dict:
+    """The noise floor of every score between retain replicates ``evals`` (their stored
+    evaluations with ``raw``, replicate 0 first), what ``runs.noise_path`` holds: each replicate
+    scored against each other (and itself) as if it were an unlearned model
+    (``metrics_from_raw`` with the other as the retain reference and ``target`` as the target
+    reference), then :func:`noise_from_scores`. ``removal`` / ``retention``: the half-widths of
+    the sweep's two objectives (the removal score ``removal_kind`` on the selection part, model
+    utility)."""
+    from rayunlearn.eval.evaluate import metrics_from_raw
+
+    k = len(evals)
+    if k < 2:
+        raise ValueError(f"the noise floor needs at least two retain replicates, got {k}")
+    scored, kind = {}, None
+    for i in range(k):
+        for j in range(k):
+            m = metrics_from_raw(evals[i]["raw"], evals[i].get("fingerprint", {}), reference=evals[j], target=target,
+                                 removal_score=eval_cfg.removal_score, selection_fraction=eval_cfg.selection_fraction,
+                                 selection_seed=eval_cfg.selection_seed)
+            scored[(i, j)] = _noise_scores(m)
+            kind = kind or m["removal_kind"]
+    out = noise_from_scores(scored, k)
+    return {"removal": out["scores"]["removal"]["half_width"], "retention": out["scores"]["retention"]["half_width"],
+            "removal_score": eval_cfg.removal_score, "removal_kind": kind,
+            "half_width": "mean over ordered replicate pairs (i, j) of |s(i vs j) - s(j vs j)|", **out}
 
 
 def copy_references(prepared: Prepared, sweep_dir: Path) -> None:

@@ -18,6 +18,9 @@ and how Ray Tune runs the trials. Example (the shipped ``wga_kl``)::
     sampler: tpe                    # tpe (multi-objective) | nsga2 | random | grid (each family once)
     unlearn:
       eval: {removal_score: tr_closeness, selection_fraction: 0.5}   # what `removal` measures
+    seeds: 2                        # every configuration unlearns with 2 seeds; the means are optimised
+    retention_floor: 0.9            # a constraint: retention >= 0.9 x the target model's
+    prepare: {retain_replicates: 2} # 2 retain models: the noise floor of every score
 
 The two objectives are ``removal`` (the removal score named by ``unlearn.eval.removal_score``,
 ``rayunlearn/eval/scores.py``, on the *selection* part of the forget set, split by author with
@@ -56,7 +59,7 @@ from rayunlearn import runs
 from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
                                ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
                                read_preset, to_dict)
-from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer
+from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer, number
 from rayunlearn.eval.scores import MIA, check_score_name
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"   # package data
@@ -198,6 +201,13 @@ class Prepare:
     # existing finetuned models (e.g. TOFU's published checkpoints): skip training that stage
     target_path: Optional[str] = None
     retain_path: Optional[str] = None
+    # k > 1: train k - 1 more retain models that differ only in their training seed
+    # (prepare.retain seed + j) and write the noise floor of every score between them
+    # (rayunlearn.runs.noise_path; what the Pareto front's noise band uses). Not part of the
+    # preparation's key: the replicates are extra stages beside the retain model.
+    retain_replicates: int = 1
+
+    DOMAINS: ClassVar[dict[str, Domain]] = {"retain_replicates": COUNT}
 
 
 @dataclass
@@ -215,6 +225,13 @@ class SearchSpace:
     objectives: dict = field(default_factory=lambda: {"removal": "max", "retention": "max"})
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
     num_samples: int = 16
+    # every configuration runs with this many unlearning seeds (train.seed + j: data order,
+    # sampling) inside one Tune trial; the trial reports their means (rayunlearn.sweep.trial)
+    seeds: int = 1
+    # a constraint for the sampler: mean retention >= retention_floor x the target model's
+    # retention (None: no floor). Infeasible trials stay in the table (`feasible` false) and
+    # the Optuna sampler steers away from them (rayunlearn.sweep.tuner.make_search_alg)
+    retention_floor: Optional[float] = None
     max_concurrent: int = 2
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 1
@@ -230,6 +247,8 @@ class SearchSpace:
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "seed": NONNEGATIVE_INT,
         "num_samples": COUNT,
+        "seeds": COUNT,
+        "retention_floor": number(0, 1, low_open=True, nullable=True),
         "max_concurrent": COUNT,
         "max_failures": NONNEGATIVE_INT,   # Tune's -1 (retry forever) is refused: a sweep must end
     }
@@ -255,6 +274,19 @@ class SearchSpace:
                               f"set unlearn.eval.mia=true or choose another score")
         if self.storage is not None:
             check_storage_url(self.storage)
+        p = self.prepare
+        if p.retain_replicates > 1 and not (p.enabled and p.reference_eval):
+            raise ConfigError(f"prepare.retain_replicates: {p.retain_replicates} replicates are measured "
+                              f"against each other by their reference evaluations; set prepare.enabled=true "
+                              f"and prepare.reference_eval=true, or retain_replicates=1")
+        if p.retain_replicates > 1 and p.retain_path:
+            raise ConfigError("prepare.retain_replicates: the replicates are retain models trained here with "
+                              "other seeds, which a given retain_path is not; drop retain_path or set "
+                              "retain_replicates=1")
+        if self.retention_floor is not None and p.enabled and not p.reference_eval:
+            raise ConfigError("retention_floor: the floor is a fraction of the target model's retention, "
+                              "which needs its reference evaluation; set prepare.reference_eval=true or "
+                              "retention_floor=null")
         families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
             for fam, parsed in families.items():
@@ -298,6 +330,9 @@ class SearchSpace:
             from rayunlearn.data.synth import FORMAT_VERSION
 
             blob["data"]["synth"]["format_version"] = FORMAT_VERSION
+        # replicates are extra stages of the same preparation: a study without them and a sweep
+        # with them share the base, target and retain models
+        blob["prepare"].pop("retain_replicates")
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -64,11 +64,13 @@ def study_exists(storage, name: str) -> bool:
     return name in optuna.study.get_all_study_names(storage)
 
 
-def sync_study(storage, space, rows: list[dict]) -> int:
+def sync_study(storage, space, rows: list[dict], retention_threshold: float | None = None) -> int:
     """Tell the study the result of every finished trial it still holds as running: a graceful
     stop (``STOP``) can end the experiment between a trial's result and Tune's telling the
     searcher, and the restored searcher never hears of it. Trials are matched by their sampled
-    values (the Tune config is the Optuna trial's params). Returns how many were told."""
+    values (the Tune config is the Optuna trial's params); with a ``retention_threshold`` each is
+    told its retention-floor constraint too (``rayunlearn.sweep.constraint``). Returns how many
+    were told."""
     import math
 
     import optuna
@@ -93,6 +95,10 @@ def sync_study(storage, space, rows: list[dict]) -> int:
         if r is None:
             continue
         values = [r[k] for k in OBJECTIVES]
+        if retention_threshold is not None:
+            from rayunlearn.sweep.constraint import constraint_value, record_constraint
+
+            record_constraint(storage, t._trial_id, constraint_value(retention_threshold, r["retention"]))
         if r["status"] == runs.COMPLETED and all(math.isfinite(v) for v in values):
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
         else:

@@ -17,7 +17,8 @@ of 128×128 matmul blocks of CPU work), ``crash_once`` (``os._exit(1)`` on the f
 every trial: a killed worker), ``diverge_above`` (raise ``DivergedError`` when removal exceeds
 it), ``fail_above`` (when removal exceeds it, raise a ``ValueError`` inside a Ray task, as a
 model that blows up in a nested Ray Train worker would: Ray wraps it with a coloured
-traceback), ``stop_after`` (when exactly this many trials of the sweep have finished, create its ``STOP``
+traceback), ``seed_jitter`` (removal + seed_jitter·s and retention − seed_jitter·s, s =
+``train.seed``: the spread a trial's seeds give), ``stop_after`` (when exactly this many trials of the sweep have finished, create its ``STOP``
 file: a graceful interruption).
 """
 
@@ -51,7 +52,7 @@ def _burn(work: int) -> None:
 
 def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, crash_once: bool = False,
                     diverge_above: float | None = None, fail_above: float | None = None,
-                    stop_after: int | None = None) -> dict:
+                    seed_jitter: float = 0.0, stop_after: int | None = None) -> dict:
     """Compute the synthetic objectives of the trial described by ``<run dir>/trial.json``
     (written by the sweep before calling) and write ``metrics.json`` like a real run."""
     run_dir = runs.run_dir(cfg.out, cfg.trial_id)
@@ -67,6 +68,7 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
     if work:
         _burn(work)
     removal, retention = synthetic_objectives(rec["unit"], rec["retain_keys"])
+    removal, retention = removal + seed_jitter * cfg.train.seed, retention - seed_jitter * cfg.train.seed
     if diverge_above is not None and removal > diverge_above:
         raise runs.DivergedError(f"training diverged at step 1: loss=nan (synthetic, removal {removal:.3f} "
                             f"> {diverge_above})")

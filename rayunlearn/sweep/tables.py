@@ -4,7 +4,10 @@ summary printed at the end.
 
 trials.parquet holds ``rayunlearn.runs.TRIALS_FIXED_COLUMNS`` (trial_id, family, method, status,
 error, time_s, attempts, removal, retention), then ``hp.<term>.<param>`` per hyper-parameter and
-every flattened scalar metric of the trial's final evaluation (``forget.prob``, ...). A trial
+every flattened scalar metric of the trial's final evaluation (``forget.prob``, ...): for a trial
+of several seeds the means, ``removal_sd`` / ``retention_sd``, ``n_seeds`` and every seed's own
+``seed<j>.<metric>`` (``rayunlearn.sweep.trial.aggregate_seeds``), and ``feasible`` against the
+retention floor. A trial
 directory without a result is ``incomplete`` (the sweep was interrupted) or, when Tune reported
 an error for it (a worker killed beyond ``max_failures``), ``failed`` with Tune's error.
 """
@@ -20,7 +23,7 @@ import pyarrow as pa
 
 from rayunlearn import runs
 from rayunlearn.io import read_json, write_json, write_parquet
-from rayunlearn.pareto import hypervolume_2d, pareto_front
+from rayunlearn.pareto import hypervolume_2d, noisy_pareto_front, pareto_front
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace
 from rayunlearn.sweep.trial import root_error, short_error
 
@@ -38,7 +41,8 @@ def write_tables(space: SearchSpace, sweep_dir: Path, errors: Optional[dict[str,
                 columns.append(k)
     table = pa.table({c: _column([r.get(c) for r in rows]) for c in columns or runs.TRIALS_FIXED_COLUMNS})
     write_parquet(sweep_dir / runs.TRIALS_TABLE_FILE, table)
-    pareto = pareto_json(space, rows)
+    noise_file = runs.noise_path(sweep_dir)
+    pareto = pareto_json(space, rows, read_json(noise_file) if noise_file.exists() else None)
     write_json(sweep_dir / runs.PARETO_FILE, pareto)
     counts: dict[str, int] = {}
     for r in rows:
@@ -114,25 +118,41 @@ def _column(vals: list) -> pa.Array:
                     pa.string())
 
 
-def pareto_json(space: SearchSpace, rows: list[dict]) -> dict:
-    """The non-dominated completed trials (``rayunlearn.pareto.pareto_front``) and the
-    hypervolume with reference point (0, 0) (both objectives are scores in [0, 1])."""
-    done = [r for r in rows if r["status"] == runs.COMPLETED]
+def pareto_json(space: SearchSpace, rows: list[dict], noise: Optional[dict] = None) -> dict:
+    """The non-dominated completed trials that meet the retention floor
+    (``rayunlearn.pareto.pareto_front``; ``feasible`` is not false) and the hypervolume with
+    reference point (0, 0) (both objectives are scores in [0, 1]); with the noise floor between
+    retain replicates (``noise``: runs.noise_path's content) also the front beyond the noise
+    (``noise_trials``: ``rayunlearn.pareto.noisy_pareto_front`` with its half-widths)."""
+    done = [r for r in rows if r["status"] == runs.COMPLETED and r.get(runs.FEASIBLE_COLUMN) is not False]
     points = [[r["removal"], r["retention"]] for r in done]
     front = pareto_front(points, maximize=space.maximize)
     front = sorted(front, key=lambda i: (points[i][0], points[i][1]))
     hv = hypervolume_2d(points, ref=(0.0, 0.0), maximize=space.maximize) if all(space.maximize) else None
-    return {"objectives": list(OBJECTIVES), "maximize": list(space.maximize),
-            "trials": [done[i]["trial_id"] for i in front],
-            "points": [points[i] for i in front],
-            "methods": [done[i]["method"] for i in front],
-            "hypervolume": hv, "hypervolume_reference": [0.0, 0.0],
-            "num_completed": len(done), "num_trials": len(rows)}
+    out = {"objectives": list(OBJECTIVES), "maximize": list(space.maximize),
+           "trials": [done[i]["trial_id"] for i in front],
+           "points": [points[i] for i in front],
+           "methods": [done[i]["method"] for i in front],
+           "hypervolume": hv, "hypervolume_reference": [0.0, 0.0],
+           "num_completed": sum(r["status"] == runs.COMPLETED for r in rows),
+           "num_infeasible": sum(r.get(runs.FEASIBLE_COLUMN) is False for r in rows), "num_trials": len(rows)}
+    if noise is not None:
+        band = [float(noise["removal"]), float(noise["retention"])]
+        noisy = noisy_pareto_front(points, band, maximize=space.maximize)
+        out.update({"noise_band": band, "noise_trials": [done[i]["trial_id"] for i in
+                                                         sorted(noisy, key=lambda i: (points[i][0], points[i][1]))]})
+    return out
 
 
 def fmt(v) -> str:
     """A number with 4 decimals, anything else as text."""
     return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _pm(row: dict, key: str) -> str:
+    """A mean with its seeds' sd (``0.5123 ± 0.0100``) when the trial ran several seeds."""
+    sd = row.get(f"{key}{runs.SD_SUFFIX}")
+    return fmt(row[key]) + (f" ± {sd:.4f}" if isinstance(sd, float) and math.isfinite(sd) else "")
 
 
 def print_summary(space: SearchSpace, sweep_dir: Path, summary: dict, console) -> None:
@@ -145,8 +165,9 @@ def print_summary(space: SearchSpace, sweep_dir: Path, summary: dict, console) -
         table.add_column(c)
     for r in sorted(summary["rows"], key=lambda r: -(r["removal"] if math.isfinite(r["removal"]) else -1e9)):
         held_out = r.get("removal_report")     # the removal score on the held-out authors
-        table.add_row("*" if r["trial_id"] in front else "", r["trial_id"], r["status"], fmt(r["removal"]),
-                      "–" if held_out is None else fmt(held_out), fmt(r["retention"]),
+        status = r["status"] + (" (below floor)" if r.get(runs.FEASIBLE_COLUMN) is False else "")
+        table.add_row("*" if r["trial_id"] in front else "", r["trial_id"], status, _pm(r, "removal"),
+                      "–" if held_out is None else fmt(held_out), _pm(r, "retention"),
                       r["method"] if r["status"] != runs.FAILED else r["error"][:60])
     console.print(table)
     console.print(f"wrote {sweep_dir / runs.TRIALS_TABLE_FILE} and {runs.PARETO_FILE} "

@@ -1,7 +1,10 @@
 """One sweep trial, top to bottom: :func:`sweep_trial` is the Ray Tune function trainable.
 
 Tune calls it with the sampled point (``config``, from ``rayunlearn.sweep.space.define_by_run``)
-and the sweep's :class:`TrialContext`. It
+and the sweep's :class:`TrialContext`. It runs the configuration once per seed (``seeds: k`` in
+the space; seed j unlearns with ``train.seed`` + j in the run directory of
+``rayunlearn.runs.seed_run_id``, seed 0 in the trial's own), so Tune and Optuna see one
+configuration with one value: the seeds' means (:func:`aggregate_seeds`). It
 
 1. decodes the point into a family and its hyper-parameters and builds the method string
    (the family was parsed once, when the space was loaded);
@@ -11,8 +14,9 @@ and the sweep's :class:`TrialContext`. It
    ``unlearn`` sections, the prepared target model and data, ``effects.aggregator`` = the sweep's
    G-effect aggregator actor) and calls the per-trial function (``space.trainable``, by default
    ``rayunlearn.train:unlearn_trial``), which writes the run directory and sends its G-effect rows;
-4. writes ``result.json`` (status, error, time, the flattened metrics, where the time went:
-   ``time.<phase>``, :func:`time_breakdown`) and reports the objectives
+4. writes ``result.json`` (status, error, time, the flattened metrics aggregated over the
+   seeds, where the time went: ``time.<phase>``, :func:`time_breakdown`, and ``feasible``: whether
+   the mean retention meets the space's ``retention_floor``) and reports the objectives
    to Tune. A :class:`rayunlearn.runs.DivergedError` is a result (status ``diverged``, NaN
    objectives), not an error: divergence is deterministic, so Tune must not retry it.
 
@@ -57,11 +61,12 @@ class TrialContext:
     data: Optional[dict]              # the prepared DataConfig (None: the space's own)
     retain_reference: Optional[str]   # <sweep>/reference/retain.json, for forget quality
     aggregator: Optional[str]         # the name of the sweep's G-effect aggregator actor
+    retention_threshold: Optional[float] = None   # retention_floor x the target's (retention_threshold)
 
 
 def sweep_trial(config: dict, ctx: TrialContext) -> None:
-    """The Tune function trainable: one unlearning run with the sampled hyper-parameters (see the
-    module docstring for the files it writes)."""
+    """The Tune function trainable: one configuration, unlearned with ``space.seeds`` seeds (see
+    the module docstring for the files it writes)."""
     from ray import tune
 
     space = from_dict(SearchSpace, ctx.space)
@@ -77,11 +82,10 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
         tune.report({**base, **_nan_objectives(dict(recorded.get("metrics", {}))),
                      "status": recorded["status"], "error": recorded.get("error", "")})
         return
+    point = {"trial_id": trial_id, "family": family_name, "method": method, "hp": hp,
+             "unit": family.unit(hp), "retain_keys": family.retain_keys(hp), "seeds": space.seeds}
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / runs.TRIAL_FILE, {
-        "trial_id": trial_id, "family": family_name, "method": method, "hp": hp,
-        "unit": family.unit(hp), "retain_keys": family.retain_keys(hp),
-    })
+    write_json(run_dir / runs.TRIAL_FILE, point)
     append_jsonl(run_dir / runs.ATTEMPTS_FILE, {"time": time.time(), "pid": os.getpid()})
 
     def report(metrics: dict) -> None:
@@ -90,12 +94,40 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
         tune.report({**base, **_nan_objectives(flatten_metrics(metrics)), "status": runs.RUNNING, "error": ""})
 
     t0 = time.time()
-    try:
-        cfg = trial_config(space, ctx, trial_id, method)
-        if space.resources.torch_threads and space.resources.num_workers == 1:
-            import torch
+    if space.resources.torch_threads and space.resources.num_workers == 1:
+        import torch
 
-            torch.set_num_threads(space.resources.torch_threads)
+        torch.set_num_threads(space.resources.torch_threads)
+    per_seed, status, error = [], runs.COMPLETED, ""
+    for j in range(space.seeds):
+        # a scheduler sees the first seed's trajectory: later seeds restart at step 0
+        flat, status, error = run_seed(space, ctx, point, j, report if j == 0 else None)
+        per_seed.append(flat)
+        if status != runs.COMPLETED:
+            error = f"seed {j}: {error}" if space.seeds > 1 else error
+            break       # a configuration that fails on one seed is not rerun on the others
+    time_s = time.time() - t0
+    flat = aggregate_seeds(per_seed)
+    flat.update(time_breakdown(flat, time_s))
+    if ctx.retention_threshold is not None:     # a floor is set: met, missed, or unknown (not completed)
+        flat[runs.FEASIBLE_COLUMN] = feasible(flat["retention"], ctx.retention_threshold) \
+            if status == runs.COMPLETED else None
+    write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp), "status": status,
+                                            "error": error, "time_s": time_s, "metrics": flat})
+    tune.report({**base, **flat, "status": status, "error": error})
+
+
+def run_seed(space: SearchSpace, ctx: TrialContext, point: dict, j: int, report) -> tuple[dict, str, str]:
+    """Seed ``j`` of a trial: the per-trial function with ``train.seed`` + j in the run directory
+    of ``runs.seed_run_id`` (seed 0: the trial's own). Returns (flat metrics with the objectives
+    NaN where missing, status, error); only Ray's system errors propagate (Tune retries them)."""
+    run_id = runs.seed_run_id(point["trial_id"], j)
+    seed_dir = runs.run_dir(ctx.sweep_dir, run_id)
+    if j:
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        write_json(seed_dir / runs.TRIAL_FILE, {**point, "seed": j})
+    try:
+        cfg = trial_config(space, ctx, run_id, point["method"], seed=space.unlearn.train.seed + j)
         fn = import_trainable(space.trainable)
         metrics = fn(cfg, report=report, **space.trainable_options)
         status, error = str(metrics.get("status", runs.COMPLETED)), str(metrics.get("error", ""))
@@ -106,13 +138,68 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
             metrics, status, error = {}, runs.DIVERGED, short_error(exc)
         else:
             metrics, status, error = {}, runs.FAILED, short_error(root_error(exc))
-            mark_run_failed(run_dir, error)
-    time_s = time.time() - t0
-    flat = _nan_objectives(flatten_metrics(metrics))
-    flat.update(time_breakdown(flat, time_s))
-    write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp), "status": status,
-                                            "error": error, "time_s": time_s, "metrics": flat})
-    tune.report({**base, **flat, "status": status, "error": error})
+            mark_run_failed(seed_dir, error)
+    return _nan_objectives(flatten_metrics(metrics)), status, error
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+    """The trial's flat metrics from its seeds' (in seed order): every numeric metric is the mean
+    over the seeds that have it (``time.*`` the sum: the trial's time), a text metric seed 0's;
+    ``removal_sd`` / ``retention_sd`` the sample standard deviations of the objectives (NaN for one
+    seed, or when a seed has none), ``n_seeds`` how many seeds ran, and with several seeds every
+    seed's own values as ``seed<j>.<metric>``. An objective missing in any seed is NaN."""
+    k = len(per_seed)
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(key for m in per_seed for key in m):
+        vals = [m[key] for m in per_seed if key in m]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = _total(vals) if key.startswith(runs.TIME_PREFIX) else _total(vals) / len(vals)
+        else:
+            out[key] = vals[0]
+    for key in OBJECTIVES:
+        vals = [float(m.get(key, math.nan)) for m in per_seed]
+        out[key] = _total(vals) / k
+        out[f"{key}{runs.SD_SUFFIX}"] = _sample_sd(vals)
+    out[runs.SEEDS_COLUMN] = k
+    if k > 1:
+        for j, m in enumerate(per_seed):
+            out.update({f"{runs.SEED_PREFIX}{j}.{key}": v for key, v in m.items()})
+    return out
+
+
+def _total(vals: list[float]) -> float:
+    """An exactly rounded sum (math.fsum), NaN where fsum refuses (+inf and -inf together)."""
+    try:
+        return math.fsum(vals)
+    except (ValueError, OverflowError):
+        return math.nan
+
+
+def _sample_sd(vals: list[float]) -> float:
+    """The sample standard deviation (ddof 1); NaN for fewer than two values or a NaN among them."""
+    if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
+        return math.nan
+    mean = math.fsum(vals) / len(vals)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def retention_threshold(space: SearchSpace, sweep_dir: str | Path) -> Optional[float]:
+    """The retention a trial must reach under ``retention_floor``: the floor times the target
+    model's retention (``<sweep>/reference/target.json``); without a preparation (a synthetic
+    trainable) the floor itself, retention being a score in [0, 1]. None without a floor."""
+    if space.retention_floor is None:
+        return None
+    if not space.prepare.enabled:
+        return float(space.retention_floor)
+    target = read_json(runs.reference_eval(sweep_dir, "target"))
+    return float(space.retention_floor) * float(target["retention"])
+
+
+def feasible(retention: float, threshold: Optional[float]) -> Optional[bool]:
+    """Whether a trial's (mean) retention meets the floor; None without a floor."""
+    if threshold is None:
+        return None
+    return bool(math.isfinite(retention) and retention >= threshold)
 
 
 def time_breakdown(flat: dict, time_s: float) -> dict:
@@ -124,11 +211,15 @@ def time_breakdown(flat: dict, time_s: float) -> dict:
     return {f"{runs.TIME_PREFIX}{runs.TIME_OTHER}": time_s - sum(measured)} if measured else {}
 
 
-def trial_config(space: SearchSpace, ctx: TrialContext, trial_id: str, method: str) -> UnlearnConfig:
-    """The UnlearnConfig of one trial: the space's ``unlearn`` sections with the trial's method,
-    its run directory (``<sweep>/trials/<trial_id>``), the prepared target model and data, the
-    retain and target references and the sweep's aggregator actor."""
+def trial_config(space: SearchSpace, ctx: TrialContext, trial_id: str, method: str,
+                 seed: Optional[int] = None) -> UnlearnConfig:
+    """The UnlearnConfig of one trial (or one seed of it: ``trial_id`` = ``runs.seed_run_id``,
+    ``seed`` its ``train.seed``): the space's ``unlearn`` sections with the trial's method, its
+    run directory (``<sweep>/trials/<trial_id>``), the prepared target model and data, the retain
+    and target references and the sweep's aggregator actor."""
     unlearn = to_dict(space.unlearn)
+    if seed is not None:
+        unlearn["train"]["seed"] = int(seed)
     unlearn["train"]["num_workers"] = space.resources.num_workers
     unlearn["train"]["use_gpu"] = bool(space.resources.gpus > 0)
     if ctx.retain_reference:

@@ -27,7 +27,8 @@ from rayunlearn import UserError, runs
 from rayunlearn.config import ConfigError
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, define_by_run
 from rayunlearn.sweep.tables import fmt, write_tables
-from rayunlearn.sweep.trial import TrialContext, mark_run_failed, root_error, short_error, sweep_trial
+from rayunlearn.sweep.trial import (TrialContext, mark_run_failed, retention_threshold, root_error, short_error,
+                                   sweep_trial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,34 +151,45 @@ def check_schedulable(space: SearchSpace, wait_s: float, poll_s: float = 10.0, s
 # the Tune experiment
 
 
-def make_sampler(name: str, seed: int):
-    """The Optuna sampler of a space's ``sampler`` setting."""
+def make_sampler(name: str, seed: int, constraints_func=None):
+    """The Optuna sampler of a space's ``sampler`` setting; ``constraints_func``: the retention
+    floor (``rayunlearn.sweep.constraint``), which TPE and NSGA-II take (random search ignores it)."""
     import optuna
 
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          constraints_func=constraints_func)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"sampler: {name!r} is not one of tpe, nsga2, random (grid uses no Optuna sampler)")
 
 
-def make_search_alg(space: SearchSpace, storage, done_before: int = 0):
+def make_search_alg(space: SearchSpace, storage, done_before: int = 0, retention_threshold: float | None = None):
     """OptunaSearch (multi-objective, define-by-run space) inside a ConcurrencyLimiter; its study
     is the sweep's study (named ``space.name``) in ``storage`` (``rayunlearn.sweep.study``),
     loaded with every earlier trial when it exists (``--extend``). The sampler's seed is
     ``seed + done_before``: an extension's sampler must not replay the random draws (random
-    search, TPE's start-up trials) of the sweep it extends."""
+    search, TPE's start-up trials) of the sweep it extends. With a ``retention_threshold``
+    (``retention_floor``; ``rayunlearn.sweep.trial.retention_threshold``) the searcher tells the
+    sampler each trial's constraint (``rayunlearn.sweep.constraint``)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     modes = [space.objectives[k] for k in OBJECTIVES]
+    kwargs = dict(space=define_by_run(space), metric=list(OBJECTIVES), mode=modes, seed=space.seed,
+                  study_name=space.name, storage=storage)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # optuna's ExperimentalWarning for multivariate/constant_liar
-        searcher = OptunaSearch(space=define_by_run(space), metric=list(OBJECTIVES), mode=modes,
-                                sampler=make_sampler(space.sampler, space.seed + done_before), seed=space.seed,
-                                study_name=space.name, storage=storage)
+        warnings.simplefilter("ignore")   # optuna's ExperimentalWarning for multivariate/constant_liar/constraints
+        if retention_threshold is None:
+            searcher = OptunaSearch(sampler=make_sampler(space.sampler, space.seed + done_before), **kwargs)
+        else:
+            from rayunlearn.sweep.constraint import FloorOptunaSearch, retention_constraint
+
+            searcher = FloorOptunaSearch(sampler=make_sampler(space.sampler, space.seed + done_before,
+                                                              retention_constraint),
+                                         retention_threshold=retention_threshold, **kwargs)
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
 
@@ -215,7 +227,8 @@ def build_tuner(space: SearchSpace, trainable, sweep_dir: Path, storage, num_sam
                                       num_samples=1, reuse_actors=False)
         return tune.Tuner(trainable, param_space={"family": tune.grid_search(list(space.families))},
                           tune_config=tune_config, run_config=run_config)
-    tune_config = tune.TuneConfig(search_alg=make_search_alg(space, storage, done_before), num_samples=num_samples,
+    search_alg = make_search_alg(space, storage, done_before, retention_threshold(space, sweep_dir))
+    tune_config = tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
                                   reuse_actors=False)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
