@@ -45,7 +45,7 @@ def _named(fig, prefix):
 
 def test_front_of_every_collection_with_its_extras(small):
     root, colls, colors = small
-    fig = pareto_plot([colls["study"], colls["sweep"]], colors, root, "all")
+    fig = pareto_plot([colls["study"], colls["sweep"]], colors, "all")
     trials = _trials(fig)
     # one mark per completed trial; the stopped and failed trials are not drawn
     assert sum(len(t.x) for t in trials) == sum(SMALL_COMPLETED.values()) == 9
@@ -81,7 +81,7 @@ def test_front_of_every_collection_with_its_extras(small):
 
 def test_hover_names_method_hyper_parameters_and_metrics(small):
     root, colls, colors = small
-    fig = pareto_plot([colls["sweep"]], colors, root, "sweep")
+    fig = pareto_plot([colls["sweep"]], colors, "sweep")
     wga = next(t for t in _trials(fig) if t.name == "wga+kl")
     hover = wga.hovertext[1]
     assert hover.startswith("<b>wga(alpha=1)+1*kl</b>")
@@ -98,7 +98,7 @@ def test_front_without_extras_and_floor_without_target(tmp_path):
         "removal": [0.9, 0.5], "retention": [0.1, 0.5]}))
     (tmp_path / "sweep.yaml").write_text("name: x\nretention_floor: 0.8\n")
     c = discover(tmp_path)[0]
-    fig = pareto_plot([c], family_colors(["ga", "npo"]), tmp_path, "t")
+    fig = pareto_plot([c], family_colors(["ga", "npo"]), "t")
     assert [t.name for t in fig.data] == ["ga", "npo", "Pareto front"]    # no band, no floor, no references
     assert all(t.error_x.array is None for t in _trials(fig))
     assert fig.data[1].hovertext[0].startswith("<b>npo&lt;&amp;&gt;</b>")   # method strings are escaped
@@ -108,15 +108,15 @@ def test_front_without_extras_and_floor_without_target(tmp_path):
 
 
 @pytest.mark.parametrize("noise, message", [({"removal": "wide", "retention": 0.1}, "expected a number"),
-                                            ({"removal": 0.1}, "'removal' and 'retention'"),
-                                            ({"removal": -0.1, "retention": 0.1}, "finite and ≥ 0")])
+                                            ({"removal": 0.1}, "'retention' must be a half-width >= 0, got None"),
+                                            ({"removal": -0.1, "retention": 0.1}, "'removal' must be a half-width >= 0")])
 def test_malformed_noise_file_is_a_clear_error(tmp_path, noise, message):
     write_parquet(tmp_path / "trials.parquet", pa.table({
         "trial_id": ["a"], "family": ["ga"], "method": ["ga"], "status": ["completed"], "removal": [0.9],
         "retention": [0.1]}))
     write_json(tmp_path / "reference" / "noise.json", noise)
     with pytest.raises(ReportDataError, match=re.escape(message)):
-        pareto_plot(discover(tmp_path), family_colors(["ga"]), tmp_path, "t")
+        discover(tmp_path)
 
 
 def test_curves_one_line_per_trial_and_risk(small):

@@ -269,7 +269,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             doc.note(f"{c.name}: no completed trials.")
             continue
         noise_front = {p["trial_id"] for p in fd["points"] if p["on_noise_front"]}
-        doc.plot(I.pareto_plot([c], colors, root, f"Pareto frontier — {c.name}"),
+        doc.plot(I.pareto_plot([c], colors, f"Pareto frontier — {c.name}"),
                  fig(F.pareto_figure(pts, fronts[c.name], colors, c.reference, f"Pareto frontier — {c.name}",
                                      fig_dir / f"{_slug(c.name)}_pareto.png", band=fd["band"], floor=fd["floor"],
                                      noise_front_ids=noise_front if fd["band"] else None)),
@@ -307,7 +307,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         summary["combined_pareto"] = sorted(front_all)
         ref = next((c.reference for c in collections if c.reference), {})
         doc.h(3, "all results together")
-        doc.plot(I.pareto_plot([c for c in collections if not c.completed.empty], colors, root,
+        doc.plot(I.pareto_plot([c for c in collections if not c.completed.empty], colors,
                                "Pareto frontier — all trials"),
                  fig(F.pareto_figure(allp, front_all, colors, ref, "Pareto frontier — all trials",
                                      fig_dir / "all_pareto.png")), "Pareto frontier over every collection",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,10 +23,9 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from rayunlearn import runs
-from rayunlearn.config import read_preset
 from rayunlearn.io import dumps
 from rayunlearn.report.analysis import front_of
-from rayunlearn.report.data import Collection, ReportDataError, as_float, read_json_file
+from rayunlearn.report.data import Collection
 
 TRIAL_ROLE = "trial"
 PLOT_CLASS = "rayunlearn-plot"
@@ -88,35 +86,6 @@ def plot_html(fig: go.Figure, plot_id: str, kind: str, name: str) -> str:
             f"<script type='application/json' id='{plot_id}-spec'>{spec}</script>")
 
 
-# ------------------------------------------------------------------------------ inputs
-def read_noise(path: Path, root: Path) -> dict[str, float] | None:
-    """The noise floor's half-widths {"removal", "retention"} from ``runs.noise_path`` of ``path``
-    or its nearest parent up to ``root`` (where the references are looked up too); None if none."""
-    for base in (path, *path.parents):
-        p = runs.noise_path(base)
-        if p.exists():
-            noise = read_json_file(p)
-            if not isinstance(noise, dict) or any(k not in noise for k in ("removal", "retention")):
-                raise ReportDataError(f"{p}: expected an object with 'removal' and 'retention' half-widths")
-            out = {k: as_float(noise[k], f"{p}:{k}") for k in ("removal", "retention")}
-            if not all(math.isfinite(v) and v >= 0 for v in out.values()):
-                raise ReportDataError(f"{p}: the half-widths must be finite and ≥ 0, got {out}")
-            return out
-        if base == root:
-            break
-    return None
-
-
-def retention_floor(c: Collection) -> float | None:
-    """The sweep's ``retention_floor`` (a fraction of the target model's retention) from its
-    resolved space, ``sweep.yaml``; None when the space sets none (or the collection is no sweep)."""
-    p = c.path / runs.SWEEP_SPACE_FILE
-    if not p.exists():
-        return None
-    value = read_preset(p).get("retention_floor")
-    return None if value is None else as_float(value, f"{p}:retention_floor")
-
-
 # ------------------------------------------------------------------------------ figures
 def _num(v) -> str:
     if isinstance(v, (bool, np.bool_)):
@@ -166,10 +135,10 @@ def noise_band(front: pd.DataFrame, noise: dict[str, float]) -> tuple[list[float
     return xs, ys
 
 
-def pareto_plot(collections: list[Collection], colors: dict, root: Path, title: str) -> go.Figure:
+def pareto_plot(collections: list[Collection], colors: dict, title: str) -> go.Figure:
     """Every completed trial of ``collections`` (one trace per collection and family, a marker
     shape per collection, a colour per family, error bars from the ``*_sd`` columns), the front
-    over them all, the noise band around it (runs.noise_path), each sweep's retention floor and the
+    over them all, the noise band around it (the collections' noise floor, runs.noise_path), each sweep's retention floor and the
     reference models."""
     fig = go.Figure()
     tagged = len(collections) > 1
@@ -198,7 +167,8 @@ def pareto_plot(collections: list[Collection], colors: dict, root: Path, title: 
     fig.add_trace(go.Scatter(x=f["removal"], y=f["retention"], mode="lines+markers", name="Pareto front",
                              line={"color": "black", "width": 1}, hoverinfo="skip",
                              marker={"symbol": "circle-open", "size": 15, "color": "black"}))
-    noise = next((n for n in (read_noise(c.path, root) for c in collections) if n is not None), None)
+    noise = next(({k: float(c.noise[k]) for k in ("removal", "retention")} for c in collections
+                  if c.noise is not None), None)
     if noise is not None and not f.empty:
         xs, ys = noise_band(f, noise)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", fill="toself", fillcolor="rgba(120,120,120,0.18)",
@@ -220,7 +190,7 @@ def pareto_plot(collections: list[Collection], colors: dict, root: Path, title: 
             hovertemplate=html.escape(f"{which} model of {', '.join(names)}") + "<br>removal = %{x:.4g}"
                           "<br>retention = %{y:.4g}<extra></extra>"))
     for c in collections:
-        frac = retention_floor(c)
+        frac = (c.space or {}).get("retention_floor")
         if frac is None:
             continue
         if "target" not in c.reference:   # the floor is a fraction of the target's retention
