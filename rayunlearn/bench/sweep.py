@@ -63,8 +63,10 @@ def _trial_times(sweep_dir: Path) -> dict[str, tuple[str, float, str]]:
     return out
 
 
-def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str], threads: int) -> tuple[float, list[float]]:
-    """Run `methods` one after another in this process (the sweep's own per-trial config)."""
+def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str],
+                    threads: int) -> tuple[float, list[float], dict[str, float]]:
+    """Run `methods` one after another in this process (the sweep's own per-trial config):
+    (wall, each run's time, the runs' mean seconds per phase ``time.<phase>``)."""
     import torch
 
     from rayunlearn.config import to_dict
@@ -79,14 +81,16 @@ def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str], thread
                        aggregator=None)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    times = []
+    times, phases = [], []
     try:
         t_all = time.perf_counter()
         for i, method in enumerate(methods):
             t0 = time.perf_counter()
-            unlearn_trial(trial_config(space, ctx, f"seq{i:02d}", method))
+            metrics = unlearn_trial(trial_config(space, ctx, f"seq{i:02d}", method))
             times.append(time.perf_counter() - t0)
-        return time.perf_counter() - t_all, times
+            phases.append(metrics["time"])
+        breakdown = {runs.TIME_PREFIX + p: statistics.mean(t[p] for t in phases) for p in runs.TIME_PHASES}
+        return time.perf_counter() - t_all, times, breakdown
     finally:
         torch.set_num_threads(old)
 
@@ -120,11 +124,11 @@ def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
     methods = [m for m, _, _ in tune["trials"].values()]
     if len(methods) != n:
         raise RuntimeError(f"the Tune run finished {len(methods)} of {n} trials; see {tune['dir']}")
-    seq1, seq1_times = _run_in_process(_tiny_space(root, "bench_seq1", n, epochs, 1), prepared,
+    seq1, seq1_times, seq1_breakdown = _run_in_process(_tiny_space(root, "bench_seq1", n, epochs, 1), prepared,
                                        root / "bench_seq1", methods, threads=1)
     # 2 threads per trial: only the first method (on a loaded 2-core machine a 2-thread trial can
     # be >10x slower than a 1-thread one: OpenMP threads wait for a core); projected to n trials
-    _, seq2_times = _run_in_process(_tiny_space(root, "bench_seq2", n, epochs, 2), prepared,
+    _, seq2_times, _ = _run_in_process(_tiny_space(root, "bench_seq2", n, epochs, 2), prepared,
                                     root / "bench_seq2", methods[:1], threads=2)
     seq2 = statistics.mean(seq2_times) * n
     return {"n": n, "epochs": epochs, "prepare_s": t_prepare, "ray_init_s": t_init, "tune_s": tune["wall_s"],
@@ -132,7 +136,8 @@ def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
             "seq1_trial_mean_s": statistics.mean(seq1_times), "seq2_trial_mean_s": statistics.mean(seq2_times),
             "tune_overhead_s": tune["wall_s"] - tune["trial_mean_s"] * n / 2,
             "statuses": [s for _, _, s in tune["trials"].values()], "breakdown": tune["breakdown"],
-            "efficiency": tune["efficiency"], "overhead": overhead_before_after(fresh, tune),
+            "efficiency": tune["efficiency"], "seq1_breakdown": seq1_breakdown,
+            "overhead": overhead_before_after(fresh, tune),
             "load": os.getloadavg()}
 
 
@@ -143,14 +148,38 @@ def tune_run(space, console) -> dict:
 
     sweep_dir = space.sweep_dir().resolve()
     shutil.rmtree(sweep_dir, ignore_errors=True)
+    cpu0 = _driver_and_ray_cpu()
     t0 = time.perf_counter()
     run_sweep(space, console=console)
     wall = time.perf_counter() - t0
+    cpu1 = _driver_and_ray_cpu()
     trials = _trial_times(sweep_dir)
     inside = [t for _, t, _ in trials.values()]
     return {"dir": sweep_dir, "wall_s": wall, "trials": trials, "trial_mean_s": statistics.mean(inside),
             "breakdown": time_breakdown(sweep_dir), "efficiency": sweep_efficiency(inside, space.max_concurrent, wall),
-            "process_breakdown": breakdown_by_process(sweep_dir), "load": os.getloadavg()[0]}
+            "process_breakdown": breakdown_by_process(sweep_dir), "load": os.getloadavg()[0],
+            "driver_ray_cpu_s": sum(cpu1[pid] - cpu0[pid] for pid in cpu0.keys() & cpu1.keys())}
+
+
+def _driver_and_ray_cpu() -> dict[int, float]:
+    """CPU seconds so far, by process id, of this process (the sweep's driver) and of Ray's own
+    processes under it (GCS, raylet, monitors, the ``ray::...Agent`` processes), not of the
+    worker processes (``ray::IDLE``, ``ray::<actor>``) that run the trials and the aggregator: what
+    the sweep's machinery takes from the cores the trials share."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            name = proc.name()
+            if name.startswith("ray::") and not name.endswith("Agent"):
+                continue
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.Error:      # ended meanwhile
+            continue
+    return out
 
 
 def time_breakdown(sweep_dir: Path) -> dict[str, float]:
@@ -234,7 +263,9 @@ def print_overhead(o: dict) -> None:
     rows = [["wall of the sweep (s)", f"{before['wall_s']:.1f}", f"{after['wall_s']:.1f}", f"{o['wall_ratio']:.2f}"],
             ["sweep efficiency", f"{before['efficiency']:.2f}", f"{after['efficiency']:.2f}",
              f"{after['efficiency'] / before['efficiency']:.2f}"],
-            ["load average after the run", f"{before['load']:.1f}", f"{after['load']:.1f}", ""]]
+            ["load average after the run", f"{before['load']:.1f}", f"{after['load']:.1f}", ""],
+            ["CPU of the driver and Ray's own processes (s)", f"{before['driver_ray_cpu_s']:.1f}",
+             f"{after['driver_ray_cpu_s']:.1f}", f"{after['driver_ray_cpu_s'] / before['driver_ray_cpu_s']:.2f}"]]
     rows += [[f"{k} (s per trial)", f"{b[k]:.2f}", f"{a[k]:.2f}", f"{a[k] / b[k]:.2f}" if b[k] else ""]
              for k in [*_PHASE_KEYS, "time_s"] if k in a and k in b]
     print_table("sweep (a): per-trial start-up overhead, before (ray.reuse_actors=false: every trial in a fresh "
@@ -302,9 +333,9 @@ def main(quick: bool = False) -> None:
                 f"unlearn.train.epochs={epochs}), 2 CPUs; load avg {load0:.2f} before, {r['load'][0]:.2f} after",
                 ["run", "wall (s)", "mean time in a trial (s)", "ratio Tune / this"],
                 [["Ray Tune, 2 concurrent, 1 thread each", f"{r['tune_s']:.1f}", f"{r['tune_trial_mean_s']:.2f}", ""],
+                 ["  + ray.init", f"{r['tune_s'] + r['ray_init_s']:.1f}", "", ""],
                  ["  before: a fresh process per trial", f"{fresh['wall_s']:.1f}", f"{fresh['trial_mean_s']:.2f}",
                   f"{fresh['wall_s'] / r['seq1_s']:.2f} vs in-process, 1 thread"],
-                 ["  + ray.init", f"{r['tune_s'] + r['ray_init_s']:.1f}", "", ""],
                  ["in-process, one after another, 1 thread", f"{r['seq1_s']:.1f}", f"{r['seq1_trial_mean_s']:.2f}",
                   f"{r['tune_s'] / r['seq1_s']:.2f} (incl. init {(r['tune_s'] + r['ray_init_s']) / r['seq1_s']:.2f}); "
                   f"target <= 0.75"],
@@ -315,9 +346,13 @@ def main(quick: bool = False) -> None:
           f"the ratios) {r['prepare_s']:.1f} s; Tune trial statuses: {', '.join(sorted(set(r['statuses'])))}")
     b = r["breakdown"]
     if b:
+        seq = r["seq1_breakdown"]
         print_table(f"sweep (a): where a Tune trial's time goes (mean of {n}; sweep efficiency = trials' time / 2 "
-                    f"over wall = {r['efficiency']:.2f})", ["phase", "s per trial", "share of time_s"],
-                    [[k, f"{v:.2f}", f"{v / b['time_s']:.0%}"] for k, v in b.items()])
+                    f"over wall = {r['efficiency']:.2f}); the same methods in-process, 1 thread: the same work "
+                    f"alone (a Tune / in-process ratio above 1 in steps is contention between the concurrent "
+                    f"trials)", ["phase", "s per trial", "share of time_s", "in-process (s)", "Tune / in-process"],
+                    [[k, f"{v:.2f}", f"{v / b['time_s']:.0%}", f"{seq[k]:.2f}" if k in seq else "",
+                      f"{v / seq[k]:.2f}" if seq.get(k) else ""] for k, v in b.items()])
     print_overhead(r["overhead"])
     q = bench_quality(24, (0, 1, 2))
     rows = []
