@@ -125,11 +125,11 @@ def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
     if len(methods) != n:
         raise RuntimeError(f"the Tune run finished {len(methods)} of {n} trials; see {tune['dir']}")
     seq1, seq1_times, seq1_breakdown = _run_in_process(_tiny_space(root, "bench_seq1", n, epochs, 1), prepared,
-                                       root / "bench_seq1", methods, threads=1)
+                                                       root / "bench_seq1", methods, threads=1)
     # 2 threads per trial: only the first method (on a loaded 2-core machine a 2-thread trial can
     # be >10x slower than a 1-thread one: OpenMP threads wait for a core); projected to n trials
     _, seq2_times, _ = _run_in_process(_tiny_space(root, "bench_seq2", n, epochs, 2), prepared,
-                                    root / "bench_seq2", methods[:1], threads=2)
+                                       root / "bench_seq2", methods[:1], threads=2)
     seq2 = statistics.mean(seq2_times) * n
     return {"n": n, "epochs": epochs, "prepare_s": t_prepare, "ray_init_s": t_init, "tune_s": tune["wall_s"],
             "seq1_s": seq1, "seq2_s": seq2, "tune_trial_mean_s": tune["trial_mean_s"],
@@ -143,7 +143,9 @@ def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
 
 def tune_run(space, console) -> dict:
     """One Tune sweep of ``space`` (Ray started, its preparation cached): the wall time, each
-    trial's (method, time, status), the mean breakdown, the efficiency, the load average after."""
+    trial's (method, time, status), the mean breakdown (all trials, and by
+    :func:`breakdown_by_process`), the efficiency, the load average after, and the CPU seconds
+    the driver and Ray's own processes used meanwhile."""
     from rayunlearn.sweep.driver import run_sweep
 
     sweep_dir = space.sweep_dir().resolve()
