@@ -395,6 +395,45 @@ def test_bench_time_breakdown_and_efficiency(tmp_path):
     assert sweep_efficiency([16.0, 12.0], 2, 20.0) == pytest.approx(0.7)
 
 
+def test_bench_tells_first_trials_in_a_process_from_reused_ones_and_compares_results(tmp_path):
+    import pyarrow as pa
+
+    from rayunlearn import runs
+    from rayunlearn.bench.sweep import breakdown_by_process, metric_differences
+    from rayunlearn.io import append_jsonl
+
+    phases = ["time.load", "time.steps", "time.effects", "time.trajectory_eval", "time.final_eval", "time.other"]
+    # trials a and c started first in processes 7 and 8; b ran in process 7 after a (a retried trial
+    # counts by its last attempt: d's first attempt in process 9 died, its retry reused process 8)
+    starts = {"a": [(7, 100.0)], "b": [(7, 130.0)], "c": [(8, 101.0)], "d": [(9, 102.0), (8, 140.0)]}
+    loads = {"a": 8.0, "b": 0.5, "c": 6.0, "d": 0.25}
+    for tid, attempts in starts.items():
+        for pid, t in attempts:
+            append_jsonl(runs.trial_dir(tmp_path, tid) / runs.ATTEMPTS_FILE, {"time": t, "pid": pid})
+    rows = {"trial_id": list(starts), "method": ["m1", "m2", "m3", "m4"], "removal": [0.1, float("nan"), 0.3, 0.4],
+            **{k: [loads[t] if k == "time.load" else 1.0 for t in starts] for k in phases}}
+    rows["time_s"] = [loads[t] + 5.0 for t in starts]
+    pq.write_table(pa.table(rows), tmp_path / "trials.parquet")
+    got = breakdown_by_process(tmp_path)
+    assert got["first"]["time.load"] == 7.0 and got["first"]["time_s"] == 12.0
+    assert got["reused"]["time.load"] == 0.375 and got["reused"]["time.steps"] == 1.0
+    # the same trials in another sweep (other ids, other times, rows in another order): no difference
+    other = tmp_path / "other"
+    other.mkdir()
+    again = {k: list(reversed(v)) for k, v in rows.items()}
+    again["trial_id"] = ["w", "x", "y", "z"]
+    again["time.load"] = [0.1] * 4
+    pq.write_table(pa.table(again), other / "trials.parquet")
+    same = metric_differences(tmp_path, other)
+    assert same == {"trials": 4, "columns": 2, "unmatched": [], "differences": []}     # method, removal
+    again["removal"] = [0.4, 0.2, float("nan"), 0.1]           # rows m4 m3 m2 m1: m3 (0.3) now 0.2
+    again["method"][0] = "m5"                                   # m4 is missing, m5 new
+    pq.write_table(pa.table(again), other / "trials.parquet")
+    diff = metric_differences(tmp_path, other)
+    assert diff["trials"] == 3 and diff["unmatched"] == ["m4", "m5"]
+    assert diff["differences"] == ["m3 removal: 0.3 vs 0.2"]
+
+
 def test_interrupted_extension_resumes_to_the_extended_total(tmp_path, ray_local):
     from rayunlearn.sweep.driver import run_sweep
 

@@ -428,3 +428,64 @@ def test_fixed_probe_covers_every_forget_author_and_is_held_out_of_the_regularis
     task = _UnlearnTask(cfg, method, torch.device("cpu"))
     task.build()
     assert len(task.retain) == len(retain)
+
+
+def _run_outputs(sweep_dir, trial_id: str) -> dict:
+    """What a finished trial wrote that depends on its computation: metrics, raw evaluation,
+    the loss log (times aside) and the G-effect tables."""
+    import pyarrow.parquet as pq
+
+    from rayunlearn import runs
+
+    run = runs.run_dir(sweep_dir, trial_id)
+    out = {name: read_json(run / name) for name in (runs.METRICS_FILE, runs.RAW_FILE)}
+    out["log"] = [{k: v for k, v in r.items() if k != "time_s"} for r in read_jsonl(run / runs.LOG_FILE)]
+    for table in runs.EFFECT_TABLES:
+        # NaN (no measured change at the last step) compares unequal to itself: name it
+        out[table] = [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+                      for r in pq.read_table(runs.effects_table(sweep_dir, trial_id, table)).to_pylist()]
+    return out
+
+
+def test_a_trial_in_a_reused_process_gives_what_a_fresh_process_gives(target, tmp_path):
+    """A sweep runs a trial in the process of a finished one (``ray.reuse_actors``): a run must not
+    depend on what ran before it in its process. The same run in a fresh interpreter and here, after
+    a run of another method with another seed, writes identical metrics, evaluations, losses and
+    G-effects."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rayunlearn
+    from rayunlearn.config import to_dict
+    from rayunlearn.train import unlearn_trial
+
+    def cfg(out, method, seed):
+        c = ul_cfg(target, out, method, evaluate=True, max_steps=3, seed=seed)
+        c.trial_id = "t0"
+        c.effects.every = 1
+        return c
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        unlearn_trial(cfg(tmp_path / "before", "npo+kl", seed=5))
+        unlearn_trial(cfg(tmp_path / "reused", "wga+kl", seed=0))
+    finally:
+        torch.set_num_threads(threads)
+    fresh = cfg(tmp_path / "fresh", "wga+kl", seed=0)
+    code = ("import json, sys, torch\n"
+            "from rayunlearn.config import UnlearnConfig, from_dict\n"
+            "from rayunlearn.train import unlearn_trial\n"
+            "torch.set_num_threads(1)\n"
+            "unlearn_trial(from_dict(UnlearnConfig, json.loads(sys.argv[1])))\n")
+    repo = str(Path(rayunlearn.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(to_dict(fresh))], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reused, alone = _run_outputs(tmp_path / "reused", "t0"), _run_outputs(tmp_path / "fresh", "t0")
+    assert len(alone["geffects"]) > 0 and len(alone["log"]) == 3 and math.isfinite(alone["metrics.json"]["removal"])
+    for key in alone:
+        assert reused[key] == alone[key], key

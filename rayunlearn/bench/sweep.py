@@ -7,12 +7,18 @@ search, over 3 seeds.
 cores; cached under ``results/bench_sweep/prepared/``, reused by later runs and not timed), then
 every trial is a real ``unlearn_trial`` (WGA+KL on the tiny model, G-effects every 2 steps, a
 final TOFU evaluation) with ``unlearn.train.epochs`` raised so that one trial is a few seconds of
-work. The Tune run goes first (sampling N methods with TPE); the in-process runs then repeat the
-*same* N method strings with torch threads = 1 (what each of the 2 concurrent Tune trials gets);
-one of them is also run with threads = 2 (one trial using both cores) and projected to N. Reported: the
-wall times, ``ray.init`` separately, the mean time inside a trial in both settings, the Tune
-overhead (wall - the trials' own time / 2), where a Tune trial's time goes (``time.<phase>`` of
-trials.parquet, :func:`time_breakdown`) and the sweep's efficiency (the trials' own time /
+work. The Tune runs go first (sampling N methods with TPE; N is within TPE's random start-up
+trials, so both runs sample the same N methods): before, every trial in a fresh Ray worker
+process (``ray.reuse_actors=false``: each trial pays the worker's start and the imports of torch,
+transformers and rouge), then after, trials reusing the process of a finished one (the default);
+their trials tables must agree in every metric column (:func:`metric_differences`). The
+in-process runs then repeat the *same* N method strings with torch threads = 1 (what each of
+the 2 concurrent Tune trials gets); one of them is also run with threads = 2 (one trial using
+both cores) and projected to N. Reported: the wall times, ``ray.init`` separately, the mean time
+inside a trial in each setting, the Tune overhead (wall - the trials' own time / 2), where a
+Tune trial's time goes (``time.<phase>`` of trials.parquet, :func:`time_breakdown`), before and
+after side by side, split into trials that were the first in their process and trials in a
+reused one (:func:`breakdown_by_process`), and the sweep's efficiency (the trials' own time /
 concurrency, over the wall time: 1 when the trials keep every slot busy).
 
 (b) is a cheap proxy of the removal/retention trade-off (a ZDT1-like front, see
@@ -35,14 +41,15 @@ from rayunlearn.bench.common import print_table
 FAMILY = {"wga+kl": {"wga.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
                      "kl.weight": {"type": "loguniform", "low": 0.1, "high": 10}}}
 BENCH_ROOT = "results/bench_sweep"
+_PHASE_KEYS = [runs.TIME_PREFIX + p for p in (*runs.TIME_PHASES, runs.TIME_OTHER)]
 
 
-def _tiny_space(root: Path, name: str, n: int, epochs: int, threads: int = 1):
+def _tiny_space(root: Path, name: str, n: int, epochs: int, threads: int = 1, reuse_actors: bool = True):
     from rayunlearn.sweep.space import load_space
 
     return load_space("tiny", [f"results={root}", f"name={name}", f"num_samples={n}", "max_concurrent=2",
                                "ray.num_cpus=2", "resources.cpus=1", f"resources.torch_threads={threads}",
-                               f"unlearn.train.epochs={epochs}"])
+                               f"unlearn.train.epochs={epochs}", f"ray.reuse_actors={str(reuse_actors).lower()}"])
 
 
 def _trial_times(sweep_dir: Path) -> dict[str, tuple[str, float, str]]:
@@ -56,8 +63,10 @@ def _trial_times(sweep_dir: Path) -> dict[str, tuple[str, float, str]]:
     return out
 
 
-def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str], threads: int) -> tuple[float, list[float]]:
-    """Run `methods` one after another in this process (the sweep's own per-trial config)."""
+def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str],
+                    threads: int) -> tuple[float, list[float], dict[str, float]]:
+    """Run `methods` one after another in this process (the sweep's own per-trial config):
+    (wall, each run's time, the runs' mean seconds per phase ``time.<phase>``)."""
     import torch
 
     from rayunlearn.config import to_dict
@@ -72,78 +81,208 @@ def _run_in_process(space, prepared, sweep_dir: Path, methods: list[str], thread
                        aggregator=None)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    times = []
+    times, phases = [], []
     try:
         t_all = time.perf_counter()
         for i, method in enumerate(methods):
             t0 = time.perf_counter()
-            unlearn_trial(trial_config(space, ctx, f"seq{i:02d}", method))
+            metrics = unlearn_trial(trial_config(space, ctx, f"seq{i:02d}", method))
             times.append(time.perf_counter() - t0)
-        return time.perf_counter() - t_all, times
+            phases.append(metrics["time"])
+        breakdown = {runs.TIME_PREFIX + p: statistics.mean(t[p] for t in phases) for p in runs.TIME_PHASES}
+        return time.perf_counter() - t_all, times, breakdown
     finally:
         torch.set_num_threads(old)
 
 
 def bench_parallel(n: int, epochs: int, root: str | Path = BENCH_ROOT) -> dict:
     """Wall time of n real tiny unlearning trials: Ray Tune with 2 concurrent trials (1 torch
-    thread each) vs the same methods in-process, one after another, with 1 and 2 threads."""
+    thread each) vs the same methods in-process, one after another, with 1 and 2 threads. The
+    Tune sweep runs twice, back to back under one ``ray.init`` (:func:`overhead_before_after`):
+    every trial in a fresh worker process (``ray.reuse_actors=false``, before) and trials reusing
+    a finished trial's process (the default, after); the in-process runs repeat the methods of
+    the second."""
     import ray
     from rich.console import Console
 
-    from rayunlearn.sweep.driver import run_sweep
     from rayunlearn.sweep.prepare import prepare
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     root = Path(root).resolve()
     quiet = Console(quiet=True)
-    space = _tiny_space(root, "bench_tune", n, epochs)
     t0 = time.perf_counter()
-    prepared = prepare(space, console=quiet)        # cached after the first run; not timed below
+    prepared = prepare(_tiny_space(root, "bench_tune", n, epochs), console=quiet)   # cached; not timed below
     t_prepare = time.perf_counter() - t0
-    tune_dir = space.sweep_dir().resolve()
-    shutil.rmtree(tune_dir, ignore_errors=True)
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t_init = time.perf_counter() - t0
     try:
-        t0 = time.perf_counter()
-        _, summary = run_sweep(space, console=quiet)
-        t_tune = time.perf_counter() - t0
+        fresh = tune_run(_tiny_space(root, "bench_tune_fresh", n, epochs, reuse_actors=False), quiet)
+        tune = tune_run(_tiny_space(root, "bench_tune", n, epochs), quiet)
     finally:
         ray.shutdown()
-    trials = _trial_times(tune_dir)
-    methods = [m for m, _, _ in trials.values()]
+    methods = [m for m, _, _ in tune["trials"].values()]
     if len(methods) != n:
-        raise RuntimeError(f"the Tune run finished {len(methods)} of {n} trials; see {tune_dir}")
-    tune_inside = [t for _, t, _ in trials.values()]
-    seq1, seq1_times = _run_in_process(_tiny_space(root, "bench_seq1", n, epochs, 1), prepared,
-                                       root / "bench_seq1", methods, threads=1)
+        raise RuntimeError(f"the Tune run finished {len(methods)} of {n} trials; see {tune['dir']}")
+    seq1, seq1_times, seq1_breakdown = _run_in_process(_tiny_space(root, "bench_seq1", n, epochs, 1), prepared,
+                                                       root / "bench_seq1", methods, threads=1)
     # 2 threads per trial: only the first method (on a loaded 2-core machine a 2-thread trial can
     # be >10x slower than a 1-thread one: OpenMP threads wait for a core); projected to n trials
-    _, seq2_times = _run_in_process(_tiny_space(root, "bench_seq2", n, epochs, 2), prepared,
-                                    root / "bench_seq2", methods[:1], threads=2)
+    _, seq2_times, _ = _run_in_process(_tiny_space(root, "bench_seq2", n, epochs, 2), prepared,
+                                       root / "bench_seq2", methods[:1], threads=2)
     seq2 = statistics.mean(seq2_times) * n
-    return {"n": n, "epochs": epochs, "prepare_s": t_prepare, "ray_init_s": t_init, "tune_s": t_tune,
-            "seq1_s": seq1, "seq2_s": seq2, "tune_trial_mean_s": statistics.mean(tune_inside),
+    return {"n": n, "epochs": epochs, "prepare_s": t_prepare, "ray_init_s": t_init, "tune_s": tune["wall_s"],
+            "seq1_s": seq1, "seq2_s": seq2, "tune_trial_mean_s": tune["trial_mean_s"],
             "seq1_trial_mean_s": statistics.mean(seq1_times), "seq2_trial_mean_s": statistics.mean(seq2_times),
-            "tune_overhead_s": t_tune - sum(tune_inside) / 2, "statuses": [s for _, _, s in trials.values()],
-            "breakdown": time_breakdown(tune_dir), "efficiency": sweep_efficiency(tune_inside, 2, t_tune),
+            "tune_overhead_s": tune["wall_s"] - tune["trial_mean_s"] * n / 2,
+            "statuses": [s for _, _, s in tune["trials"].values()], "breakdown": tune["breakdown"],
+            "efficiency": tune["efficiency"], "seq1_breakdown": seq1_breakdown,
+            "overhead": overhead_before_after(fresh, tune),
             "load": os.getloadavg()}
+
+
+def tune_run(space, console) -> dict:
+    """One Tune sweep of ``space`` (Ray started, its preparation cached): the wall time, each
+    trial's (method, time, status), the mean breakdown (all trials, and by
+    :func:`breakdown_by_process`), the efficiency, the load average after, and the CPU seconds
+    the driver and Ray's own processes used meanwhile."""
+    from rayunlearn.sweep.driver import run_sweep
+
+    sweep_dir = space.sweep_dir().resolve()
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    cpu0 = _driver_and_ray_cpu()
+    t0 = time.perf_counter()
+    run_sweep(space, console=console)
+    wall = time.perf_counter() - t0
+    cpu1 = _driver_and_ray_cpu()
+    trials = _trial_times(sweep_dir)
+    inside = [t for _, t, _ in trials.values()]
+    return {"dir": sweep_dir, "wall_s": wall, "trials": trials, "trial_mean_s": statistics.mean(inside),
+            "breakdown": time_breakdown(sweep_dir), "efficiency": sweep_efficiency(inside, space.max_concurrent, wall),
+            "process_breakdown": breakdown_by_process(sweep_dir), "load": os.getloadavg()[0],
+            "driver_ray_cpu_s": sum(cpu1[pid] - cpu0[pid] for pid in cpu0.keys() & cpu1.keys())}
+
+
+def _driver_and_ray_cpu() -> dict[int, float]:
+    """CPU seconds so far, by process id, of this process (the sweep's driver) and of Ray's own
+    processes under it (GCS, raylet, monitors, the ``ray::...Agent`` processes), not of the
+    worker processes (``ray::IDLE``, ``ray::<actor>``) that run the trials and the aggregator: what
+    the sweep's machinery takes from the cores the trials share."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            name = proc.name()
+            if name.startswith("ray::") and not name.endswith("Agent"):
+                continue
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.Error:      # ended meanwhile
+            continue
+    return out
 
 
 def time_breakdown(sweep_dir: Path) -> dict[str, float]:
     """The mean seconds per trial of each phase (``rayunlearn.runs.TIME_PHASES`` + other) and of
     ``time_s`` over the sweep's trials that measured them."""
+    measured = _measured_rows(sweep_dir)
+    if not measured:
+        return {}
+    return {k: statistics.mean(r[k] for r in measured) for k in [*_PHASE_KEYS, "time_s"]}
+
+
+def _measured_rows(sweep_dir: Path) -> list[dict]:
+    """The trials table's rows that measured every phase of ``time.<phase>``."""
     import math
 
     import pyarrow.parquet as pq
 
     rows = pq.read_table(sweep_dir / runs.TRIALS_TABLE_FILE).to_pylist()
-    keys = [runs.TIME_PREFIX + p for p in (*runs.TIME_PHASES, runs.TIME_OTHER)]
-    measured = [r for r in rows if all(isinstance(r.get(k), float) and math.isfinite(r[k]) for k in keys)]
-    if not measured:
-        return {}
-    return {k: statistics.mean(r[k] for r in measured) for k in [*keys, "time_s"]}
+    return [r for r in rows if all(isinstance(r.get(k), float) and math.isfinite(r[k]) for k in _PHASE_KEYS)]
+
+
+def breakdown_by_process(sweep_dir: Path) -> dict[str, dict[str, float]]:
+    """The mean breakdown (as :func:`time_breakdown`) of the trials that were the first in their
+    worker process (``first``: they paid the imports) and of those that ran in a process a
+    finished trial left (``reused``), told apart by the process id and start time of each
+    trial's last attempt (``attempts.jsonl``); a kind no trial had is left out."""
+    from rayunlearn.io import read_jsonl
+
+    starts = {}
+    for row in _measured_rows(sweep_dir):
+        last = read_jsonl(runs.trial_dir(sweep_dir, row["trial_id"]) / runs.ATTEMPTS_FILE)[-1]
+        starts[row["trial_id"]] = (last["pid"], last["time"], row)
+    first_start = {}
+    for pid, t, _ in starts.values():
+        first_start[pid] = min(t, first_start.get(pid, t))
+    kinds: dict[str, list[dict]] = {}
+    for pid, t, row in starts.values():
+        kinds.setdefault("first" if t == first_start[pid] else "reused", []).append(row)
+    return {kind: {k: statistics.mean(r[k] for r in rows) for k in [*_PHASE_KEYS, "time_s"]}
+            for kind, rows in sorted(kinds.items())}
+
+
+def metric_differences(dir_a: Path, dir_b: Path) -> dict:
+    """Compare two sweeps' trials tables trial by trial (matched by method string) in every
+    column but the trial id, the times and the attempt count: ``{"trials": matched trials,
+    "columns": columns compared, "unmatched": methods in one table only, "differences":
+    ["<method> <column>: a vs b", ...]}`` (NaN equals NaN)."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    def rows(d):
+        return {r["method"]: r for r in pq.read_table(Path(d) / runs.TRIALS_TABLE_FILE).to_pylist()}
+
+    def same(x, y):
+        return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+
+    a, b = rows(dir_a), rows(dir_b)
+    skip = {"trial_id", "time_s", "attempts"}
+    columns = sorted(k for k in set().union(*a.values(), *b.values())
+                     if k not in skip and not k.startswith(runs.TIME_PREFIX))
+    matched = sorted(set(a) & set(b))
+    diffs = [f"{m} {c}: {a[m].get(c)!r} vs {b[m].get(c)!r}" for m in matched for c in columns
+             if not same(a[m].get(c), b[m].get(c))]
+    return {"trials": len(matched), "columns": len(columns), "unmatched": sorted(set(a) ^ set(b)),
+            "differences": diffs}
+
+
+def overhead_before_after(before: dict, after: dict) -> dict:
+    """The two Tune runs of :func:`bench_parallel` (:func:`tune_run`: fresh processes, reused
+    ones) side by side, with their trials compared column by column (:func:`metric_differences`)."""
+    return {"before": before, "after": after, "wall_ratio": after["wall_s"] / before["wall_s"],
+            "trial_ratio": after["trial_mean_s"] / before["trial_mean_s"],
+            "results": metric_differences(before["dir"], after["dir"])}
+
+
+def print_overhead(o: dict) -> None:
+    """The before/after table of the per-trial start-up overhead (:func:`overhead_before_after`)."""
+    before, after, res = o["before"], o["after"], o["results"]
+    b, a = before["breakdown"], after["breakdown"]
+    rows = [["wall of the sweep (s)", f"{before['wall_s']:.1f}", f"{after['wall_s']:.1f}", f"{o['wall_ratio']:.2f}"],
+            ["sweep efficiency", f"{before['efficiency']:.2f}", f"{after['efficiency']:.2f}",
+             f"{after['efficiency'] / before['efficiency']:.2f}"],
+            ["load average after the run", f"{before['load']:.1f}", f"{after['load']:.1f}", ""],
+            ["CPU of the driver and Ray's own processes (s)", f"{before['driver_ray_cpu_s']:.1f}",
+             f"{after['driver_ray_cpu_s']:.1f}", f"{after['driver_ray_cpu_s'] / before['driver_ray_cpu_s']:.2f}"]]
+    rows += [[f"{k} (s per trial)", f"{b[k]:.2f}", f"{a[k]:.2f}", f"{a[k] / b[k]:.2f}" if b[k] else ""]
+             for k in [*_PHASE_KEYS, "time_s"] if k in a and k in b]
+    print_table("sweep (a): per-trial start-up overhead, before (ray.reuse_actors=false: every trial in a fresh "
+                "worker process) / after (true, the default), back to back in one run",
+                ["", "before", "after", "after / before"], rows)
+    first, reused = after["process_breakdown"].get("first"), after["process_breakdown"].get("reused")
+    if first and reused:
+        print_table("after: a trial that was the first in its process (paid the imports) vs one in a reused "
+                    "process", ["phase", "first in its process (s)", "reused process (s)"],
+                    [[k, f"{first[k]:.2f}", f"{reused[k]:.2f}"] for k in [*_PHASE_KEYS, "time_s"]])
+    verdict = "identical" if not res["differences"] and not res["unmatched"] else "DIFFERENT"
+    print(f"results before vs after: {verdict} ({res['trials']} trials matched by method, {res['columns']} "
+          f"columns compared: every column but trial_id, time_s, attempts, time.*)")
+    for line in [*res["differences"][:10], *(f"only in one run: {m}" for m in res["unmatched"])]:
+        print(f"  {line}")
 
 
 def sweep_efficiency(trial_times: list[float], concurrency: int, wall_s: float) -> float:
@@ -191,11 +330,14 @@ def main(quick: bool = False) -> None:
     n, epochs = (4, 20) if quick else (8, 40)    # a few / several seconds of work per trial here
     load0 = os.getloadavg()[0]
     r = bench_parallel(n, epochs)
+    fresh = r["overhead"]["before"]
     print_table(f"sweep (a): {n} real tiny unlearning trials (the shipped space tiny, wga+kl, "
                 f"unlearn.train.epochs={epochs}), 2 CPUs; load avg {load0:.2f} before, {r['load'][0]:.2f} after",
                 ["run", "wall (s)", "mean time in a trial (s)", "ratio Tune / this"],
                 [["Ray Tune, 2 concurrent, 1 thread each", f"{r['tune_s']:.1f}", f"{r['tune_trial_mean_s']:.2f}", ""],
                  ["  + ray.init", f"{r['tune_s'] + r['ray_init_s']:.1f}", "", ""],
+                 ["  before: a fresh process per trial", f"{fresh['wall_s']:.1f}", f"{fresh['trial_mean_s']:.2f}",
+                  f"{fresh['wall_s'] / r['seq1_s']:.2f} vs in-process, 1 thread"],
                  ["in-process, one after another, 1 thread", f"{r['seq1_s']:.1f}", f"{r['seq1_trial_mean_s']:.2f}",
                   f"{r['tune_s'] / r['seq1_s']:.2f} (incl. init {(r['tune_s'] + r['ray_init_s']) / r['seq1_s']:.2f}); "
                   f"target <= 0.75"],
@@ -206,9 +348,14 @@ def main(quick: bool = False) -> None:
           f"the ratios) {r['prepare_s']:.1f} s; Tune trial statuses: {', '.join(sorted(set(r['statuses'])))}")
     b = r["breakdown"]
     if b:
+        seq = r["seq1_breakdown"]
         print_table(f"sweep (a): where a Tune trial's time goes (mean of {n}; sweep efficiency = trials' time / 2 "
-                    f"over wall = {r['efficiency']:.2f})", ["phase", "s per trial", "share of time_s"],
-                    [[k, f"{v:.2f}", f"{v / b['time_s']:.0%}"] for k, v in b.items()])
+                    f"over wall = {r['efficiency']:.2f}); the same methods in-process, 1 thread: the same work "
+                    f"alone (a Tune / in-process ratio above 1 in steps is contention between the concurrent "
+                    f"trials)", ["phase", "s per trial", "share of time_s", "in-process (s)", "Tune / in-process"],
+                    [[k, f"{v:.2f}", f"{v / b['time_s']:.0%}", f"{seq[k]:.2f}" if k in seq else "",
+                      f"{v / seq[k]:.2f}" if seq.get(k) else ""] for k, v in b.items()])
+    print_overhead(r["overhead"])
     q = bench_quality(24, (0, 1, 2))
     rows = []
     for sampler, hvs in q.items():

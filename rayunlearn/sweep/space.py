@@ -164,11 +164,16 @@ class Resources:
 @dataclass
 class RaySettings:
     """How the driver connects to Ray: an existing cluster (``address``, or the RAY_ADDRESS
-    environment variable that ``ray job submit`` sets) or a local instance with ``num_cpus``."""
+    environment variable that ``ray job submit`` sets) or a local instance with ``num_cpus``;
+    ``reuse_actors``: a trial runs in the process of a finished one (Ray Tune's actor reuse), so
+    the worker start and the imports (torch, transformers, rouge) are paid once per concurrent
+    trial instead of once per trial; false starts every trial in a fresh process (for a custom
+    ``trainable`` that leaves global state behind). Results do not depend on it."""
 
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     num_gpus: Optional[int] = None
+    reuse_actors: bool = True
 
     DOMAINS: ClassVar[dict[str, Domain]] = {"num_cpus": integer(1, nullable=True),
                                             "num_gpus": integer(0, nullable=True)}

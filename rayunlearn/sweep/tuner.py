@@ -224,12 +224,12 @@ def build_tuner(space: SearchSpace, trainable, sweep_dir: Path, storage, num_sam
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         tune_config = tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=space.max_concurrent),
-                                      num_samples=1, reuse_actors=False)
+                                      num_samples=1, reuse_actors=space.ray.reuse_actors)
         return tune.Tuner(trainable, param_space={"family": tune.grid_search(list(space.families))},
                           tune_config=tune_config, run_config=run_config)
     search_alg = make_search_alg(space, storage, done_before, retention_threshold(space, sweep_dir))
     tune_config = tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
-                                  reuse_actors=False)
+                                  reuse_actors=space.ray.reuse_actors)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
