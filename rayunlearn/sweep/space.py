@@ -56,7 +56,7 @@ from rayunlearn import runs
 from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
                                ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
                                read_preset, to_dict)
-from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer
+from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer, number
 from rayunlearn.eval.scores import MIA, check_score_name
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"   # package data
@@ -201,6 +201,28 @@ class Prepare:
 
 
 @dataclass
+class EarlyStopping:
+    """When the sweep ends a running trial early (``rayunlearn.sweep.stopping``), judged at its
+    trajectory evaluations (``unlearn.eval.every``): ``collapse``: its retention fell below the
+    sweep's ``retention_floor``; ``dominated``: its point is dominated, beyond the noise band, by
+    the completed trials' points at the same step (at least ``min_completed`` of them).
+    Evaluations before step ``min_step`` are not judged.
+
+    ``collapse`` is on by default: it acts only when a ``retention_floor`` is set, it depends on the
+    trial's own trajectory alone (a sweep still gives the same table for the same seed), and a
+    trial under the floor is infeasible anyway. ``dominated`` is off by default: which trials have
+    completed when a trial reaches a step depends on timing, so with it a sweep's results are no
+    longer a function of its seed, and a point dominated half-way may still reach the front."""
+
+    collapse: bool = True
+    dominated: bool = False
+    min_step: int = 1
+    min_completed: int = 2
+
+    DOMAINS: ClassVar[dict[str, Domain]] = {"min_step": COUNT, "min_completed": COUNT}
+
+
+@dataclass
 class SearchSpace:
     """A sweep: what to prepare, how to unlearn, what to search, how to run it."""
 
@@ -219,6 +241,9 @@ class SearchSpace:
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 1
     ray: RaySettings = field(default_factory=RaySettings)
+    # the lowest acceptable retention, as a fraction of the target model's (reference/target.json)
+    retention_floor: Optional[float] = None
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     # the Optuna study's database URL (default: <sweep>/study.db; rayunlearn.sweep.study)
     storage: Optional[str] = None
     # the MLflow tracking URI (default: <sweep>/mlruns.db; rayunlearn.sweep.tracking)
@@ -232,6 +257,7 @@ class SearchSpace:
         "num_samples": COUNT,
         "max_concurrent": COUNT,
         "max_failures": NONNEGATIVE_INT,   # Tune's -1 (retry forever) is refused: a sweep must end
+        "retention_floor": number(0, 1, low_open=True, nullable=True),
     }
 
     def validate(self) -> None:
@@ -255,6 +281,10 @@ class SearchSpace:
                               f"set unlearn.eval.mia=true or choose another score")
         if self.storage is not None:
             check_storage_url(self.storage)
+        if self.early_stopping.dominated and self.unlearn.eval.every <= 0:
+            raise ConfigError("early_stopping.dominated: judges trials at their trajectory evaluations, and "
+                              "unlearn.eval.every is 0 (none); set unlearn.eval.every to k > 0 (an evaluation "
+                              "every k steps) or early_stopping.dominated=false")
         families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
             for fam, parsed in families.items():

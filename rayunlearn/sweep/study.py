@@ -93,7 +93,8 @@ def sync_study(storage, space, rows: list[dict]) -> int:
         if r is None:
             continue
         values = [r[k] for k in OBJECTIVES]
-        if r["status"] == runs.COMPLETED and all(math.isfinite(v) for v in values):
+        # a stopped trial counts with its last evaluation, as Tune's OptunaSearch tells it
+        if r["status"] in (runs.COMPLETED, runs.STOPPED) and all(math.isfinite(v) for v in values):
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
         else:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
