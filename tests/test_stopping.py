@@ -228,7 +228,7 @@ def test_collapsing_trials_are_stopped_and_recorded_while_the_others_run_on(tmp_
 
 
 def test_hypervolume_against_compute_by_hand():
-    from rayunlearn.bench.sweep import hypervolume_curve
+    from rayunlearn.bench.sweep import compute_to_reach, hypervolume_curve
 
     # trials in the order they finished: (time_s, status, removal, retention)
     trials = [(2.0, "completed", 0.5, 0.5), (1.0, "stopped", 0.9, 0.1), (3.0, "completed", 0.2, 0.9),
@@ -237,3 +237,7 @@ def test_hypervolume_against_compute_by_hand():
     # compute sums every trial's time; hypervolume counts completed trials only
     assert curve == [(2.0, pytest.approx(0.25)), (3.0, pytest.approx(0.25)),
                      (6.0, pytest.approx(0.5 * 0.5 + 0.2 * (0.9 - 0.5))), (8.0, pytest.approx(0.33))]
+    # the reference at the retention floor 0.3: only what lies above it counts
+    assert hypervolume_curve(trials, ref=(0.0, 0.3))[-1] == (8.0, pytest.approx(0.5 * 0.2 + 0.2 * (0.9 - 0.5)))
+    assert compute_to_reach(curve, 0.3) == 6.0 and compute_to_reach(curve, 0.25) == 2.0
+    assert compute_to_reach(curve, 0.4) is None
