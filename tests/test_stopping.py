@@ -220,6 +220,16 @@ def test_collapsing_trials_are_stopped_and_recorded_while_the_others_run_on(tmp_
             assert r["status"] == "completed" and r["stop_reason"] == ""
             assert (r["step"], r["removal"], r["retention"]) == (STEPS, pytest.approx(final[0], abs=1e-12),
                                                                  pytest.approx(final[1], abs=1e-12))
+    # MLflow shows a stopped trial as such
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir / 'mlruns.db'}")
+    tracked = {run.data.tags["trial_id"]: run for run in
+               client.search_runs([client.get_experiment_by_name("collapse").experiment_id])}
+    for r in rows:
+        run = tracked[r["trial_id"]]
+        assert run.data.tags["status"] == r["status"] and run.data.tags["stop_reason"] == r["stop_reason"]
+        assert run.info.status == ("KILLED" if r["status"] == "stopped" else "FINISHED")
     statuses = {(r["family"], r["status"]) for r in rows}
     assert ("ga", "stopped") in statuses and any(s == "completed" for _, s in statuses)
     # the front holds completed trials only

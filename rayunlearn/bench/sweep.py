@@ -351,25 +351,30 @@ def bench_stopping_real(n: int, root: str | Path = BENCH_ROOT) -> dict:
     return _stopping_pair(make_space, root)
 
 
-def print_stopping(quick: bool = False) -> None:
-    """(c): both benchmarks, hypervolume and compute with early stopping off and on."""
-    runs_: list[tuple[str, dict]] = []
-    n_synth, n_real = (12, 4) if quick else (16, 6)
-    for sampler in ("random", "tpe"):
-        for seed in ((0,) if quick else (0, 1)):
-            runs_.append((f"synthetic, {sampler}, seed {seed}, {n_synth} trials, floor 0.25",
-                          bench_stopping_synthetic(n_synth, sampler, seed)))
-    runs_.append((f"real demo model, random, {n_real} trials, floor 0.5", bench_stopping_real(n_real)))
-    rows = []
-    for name, r in runs_:
-        off, on = r["off"], r["on"]
-        reach = compute_to_reach(on["curve"], off["hypervolume"])
-        rows.append([f"{name} (HV ref retention {off['floor']:.3f})", f"{off['hypervolume']:.4f}", f"{on['hypervolume']:.4f}", f"{off['compute_s']:.1f}",
-                     f"{on['compute_s']:.1f}", f"{on['compute_s'] / off['compute_s']:.2f}",
-                     "never" if reach is None else f"{reach:.1f}",
-                     ", ".join(f"{k} {v}" for k, v in sorted(on["counts"].items())),
-                     f"{off['wall_s']:.0f} / {on['wall_s']:.0f}"])
+def stopping_row(name: str, r: dict) -> list[str]:
+    """One line of table (c): a sweep's hypervolume and compute with early stopping off and on."""
+    off, on = r["off"], r["on"]
+    reach = compute_to_reach(on["curve"], off["hypervolume"])
+    return [f"{name} (HV ref retention {off['floor']:.3f})", f"{off['hypervolume']:.4f}", f"{on['hypervolume']:.4f}",
+            f"{off['compute_s']:.1f}", f"{on['compute_s']:.1f}", f"{on['compute_s'] / off['compute_s']:.2f}",
+            "never" if reach is None else f"{reach:.1f}", ", ".join(f"{k} {v}" for k, v in sorted(on["counts"].items())),
+            f"{off['wall_s']:.0f} / {on['wall_s']:.0f}"]
+
+
+def print_stopping_table(rows: list[list[str]]) -> None:
     print_table("sweep (c): early stopping (collapse under the retention floor, dominated at the same step), "
                 "hypervolume of the completed trials above the floor against compute = sum of the trials' time_s",
                 ["sweep", "HV off", "HV on", "compute off (s)", "compute on (s)", "on / off",
                  "compute on to reach HV off (s)", "trials with stopping", "wall off / on (s)"], rows)
+
+
+def print_stopping(quick: bool = False) -> None:
+    """(c): both benchmarks, hypervolume and compute with early stopping off and on."""
+    n_synth, n_real = (8, 4) if quick else (16, 6)
+    rows = []
+    for sampler in ("random", "tpe"):
+        for seed in ((0,) if quick else (0, 1)):
+            rows.append(stopping_row(f"synthetic, {sampler}, seed {seed}, {n_synth} trials, floor 0.25",
+                                     bench_stopping_synthetic(n_synth, sampler, seed)))
+    rows.append(stopping_row(f"real demo model, random, {n_real} trials, floor 0.5", bench_stopping_real(n_real)))
+    print_stopping_table(rows)
