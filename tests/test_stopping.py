@@ -166,10 +166,10 @@ def _space(tmp_path, name, **kw):
 STEPS, EVERY = 10, 2
 
 
-def _first_collapse(removal, retention, floor):
+def _first_collapse(removal, retention, floor, collapse):
     """(step, point) of the first trajectory evaluation under the floor, by hand, or None."""
     for step in range(EVERY, STEPS, EVERY):
-        r, u = synthetic_point(removal, retention, step / STEPS)
+        r, u = synthetic_point(removal, retention, step / STEPS, collapse)
         if u < floor:
             return step, (r, u)
     return None
@@ -196,7 +196,7 @@ def test_collapsing_trials_are_stopped_and_recorded_while_the_others_run_on(tmp_
         else:                     # log positions in [0.1, 10]
             f, v = (math.log(r[k] / 0.1) / math.log(100) for k in ("hp.wga.alpha", "hp.kl.weight"))
             final = (f, (1 - math.sqrt(f)) / (1 + 4 * (v - 0.3) ** 2))
-        hit = _first_collapse(*final, floor=0.2)
+        hit = _first_collapse(*final, floor=0.2, collapse=r["family"] == "ga")
         res = read_json(sweep_dir / "trials" / r["trial_id"] / "result.json")
         if hit is not None:
             step, (rem, ret) = hit

@@ -319,7 +319,7 @@ def _synthetic_target(sweep_dir: Path) -> None:
 
 def bench_stopping_synthetic(n: int, sampler: str, seed: int, root: str | Path = BENCH_ROOT) -> dict:
     """Early stopping off vs on, on the synthetic trade-off: ``n`` trials of 20 steps (50 ms each,
-    an evaluation every 2), ``ga`` collapsing, retention floor 0.25."""
+    an evaluation every 2), ``ga`` collapsing, retention floor 0.1."""
     from rayunlearn.sweep.space import load_space
 
     root = Path(root).resolve()
@@ -328,7 +328,7 @@ def bench_stopping_synthetic(n: int, sampler: str, seed: int, root: str | Path =
         return load_space(data={
             "name": f"synth_{sampler}{seed}_{name}", "results": str(root), "families": SYNTH_FAMILIES,
             "sampler": sampler, "seed": seed, "num_samples": n, "max_concurrent": 2, "ray": {"num_cpus": 2},
-            "prepare": {"enabled": False}, "retention_floor": 0.25, "early_stopping": rules,
+            "prepare": {"enabled": False}, "retention_floor": 0.1, "early_stopping": rules,
             "unlearn": {"eval": {"every": 2}}, "trainable": "rayunlearn.sweep.synthetic:synthetic_trial",
             "trainable_options": {"steps": 20, "step_s": 0.05, "collapse": ["ga"]}})
 
@@ -374,7 +374,7 @@ def print_stopping(quick: bool = False) -> None:
     rows = []
     for sampler in ("random", "tpe"):
         for seed in ((0,) if quick else (0, 1)):
-            rows.append(stopping_row(f"synthetic, {sampler}, seed {seed}, {n_synth} trials, floor 0.25",
+            rows.append(stopping_row(f"synthetic, {sampler}, seed {seed}, {n_synth} trials, floor 0.1",
                                      bench_stopping_synthetic(n_synth, sampler, seed)))
     rows.append(stopping_row(f"real demo model, random, {n_real} trials, floor 0.5", bench_stopping_real(n_real)))
     print_stopping_table(rows)

@@ -25,8 +25,8 @@ that many steps of ``step_s`` idle seconds each and, every ``unlearn.eval.every`
 evaluation at fraction t = step/steps of the way, appended to ``trajectory.jsonl`` and reported:
 removal_t = removal·√t and retention_t = 1 − (1 − retention)·√t (most of the change comes early,
 and the order of two trials' points never changes along the way). The families named in
-``collapse`` collapse: their final retention is 5% of the formula's, so their retention falls
-through any floor above that within the first part of the run.
+``collapse`` collapse, as gradient ascent alone does: their final retention is 5% of the
+formula's, reached a quarter of the way (retention_t = 1 − (1 − retention)·min(1, 4t)).
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ def _burn(work: int) -> None:
 COLLAPSED_RETENTION = 0.05   # a collapsing family's final retention, as a fraction of the formula's
 
 
-def synthetic_point(removal: float, retention: float, t: float) -> tuple[float, float]:
+def synthetic_point(removal: float, retention: float, t: float, collapse: bool = False) -> tuple[float, float]:
     """(removal, retention) at fraction ``t`` of a run that ends at (removal, retention) and
-    starts at (0, 1)."""
-    return removal * math.sqrt(t), 1.0 - (1.0 - retention) * math.sqrt(t)
+    starts at (0, 1); a collapsing run reaches its retention a quarter of the way."""
+    return removal * math.sqrt(t), 1.0 - (1.0 - retention) * (min(1.0, 4.0 * t) if collapse else math.sqrt(t))
 
 
 def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, crash_once: bool = False,
@@ -86,13 +86,14 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
     if work:
         _burn(work)
     removal, retention = synthetic_objectives(rec["unit"], rec["retain_keys"])
-    if rec["family"] in collapse:
+    collapsing = rec["family"] in collapse
+    if collapsing:
         retention *= COLLAPSED_RETENTION
     every = cfg.eval.every
     for step in range(1, int(steps) + 1):
         time.sleep(float(step_s))
         if every and step % every == 0 and step < steps:
-            r_t, u_t = synthetic_point(removal, retention, step / steps)
+            r_t, u_t = synthetic_point(removal, retention, step / steps, collapsing)
             append_jsonl(run_dir / runs.TRAJECTORY_FILE, {"step": step, "removal": r_t, "retention": u_t})
             if report is not None:
                 report({"step": step, "removal": r_t, "retention": u_t, "done": False})
