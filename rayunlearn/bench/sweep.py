@@ -21,6 +21,16 @@ after side by side, split into trials that were the first in their process and t
 reused one (:func:`breakdown_by_process`), and the sweep's efficiency (the trials' own time /
 concurrency, over the wall time: 1 when the trials keep every slot busy).
 
+(c) early stopping (``rayunlearn.sweep.stopping``): the Pareto hypervolume of the completed trials
+against the compute spent (the sum of every trial's ``time_s``, stopped ones included), the same
+sweep with early stopping off and on (collapse under ``retention_floor`` and dominance at the same
+step), side by side: (1) on the synthetic trade-off (``rayunlearn.sweep.synthetic`` with a
+20-step trajectory and a collapsing ``ga`` family beside ``wga+kl``), with random search (both
+runs sample the same points, so the difference is what stopping removed) and with TPE (the
+sampler then also learns from the stopped trials' last values); (2) a real tiny sweep on the
+demo's model (``demo_sweep``'s preparation, cached) with ``ga`` beside ``npo+kl``: GA alone
+drives the model's retention down within its first evaluations.
+
 (b) is a cheap proxy of the removal/retention trade-off (a ZDT1-like front, see
 ``rayunlearn.sweep.synthetic``) asked through the same define-by-run space and samplers the
 sweep uses, without Ray (sampler quality does not depend on the executor); 24 real tiny trials
@@ -363,3 +373,155 @@ def main(quick: bool = False) -> None:
                      " ".join(f"{h:.4f}" for h in hvs)])
     print_table("sweep (b): Pareto hypervolume after 24 trials (synthetic trade-off; ref (0,0); "
                 "optimum ~0.333)", ["sampler", "mean", "min .. max", "per seed"], rows)
+    print_stopping(quick)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) early stopping: hypervolume against compute
+
+SYNTH_FAMILIES = {**FAMILY, "ga": {"ga.weight": {"type": "uniform", "low": 0.5, "high": 2.0}}}
+REAL_FAMILIES = {"npo+kl": {"npo.beta": {"type": "loguniform", "low": 0.05, "high": 1.0},
+                            "kl.weight": {"type": "loguniform", "low": 0.3, "high": 3.0}},
+                 "ga": {"ga.weight": {"type": "loguniform", "low": 0.5, "high": 2.0}}}
+STOPPING = {"collapse": True, "dominated": True, "min_step": 1, "min_completed": 2}
+NO_STOPPING = {"collapse": False, "dominated": False}
+
+
+def hypervolume_curve(trials: list[tuple[float, str, float, float]],
+                      ref: tuple[float, float] = (0.0, 0.0)) -> list[tuple[float, float]]:
+    """(compute spent, hypervolume) after each of ``trials`` = [(time_s, status, removal,
+    retention)] in the order they finished: compute is the running sum of every trial's time,
+    the hypervolume (reference point ``ref``) that of the completed trials so far, as
+    ``pareto.json`` counts it."""
+    from rayunlearn.pareto import hypervolume_2d
+
+    curve, spent, done = [], 0.0, []
+    for time_s, status, removal, retention in trials:
+        spent += time_s
+        if status == runs.COMPLETED:
+            done.append((removal, retention))
+        curve.append((spent, hypervolume_2d(done, ref=ref)))
+    return curve
+
+
+def _finished_in_order(sweep_dir: Path) -> list[tuple[float, str, float, float]]:
+    """(time_s, status, removal, retention) of the sweep's trials, by the time they ended (their
+    last start in attempts.jsonl + time_s)."""
+    import pyarrow.parquet as pq
+
+    from rayunlearn.io import read_jsonl
+
+    rows = pq.read_table(sweep_dir / runs.TRIALS_TABLE_FILE).to_pylist()
+    ended = {r["trial_id"]: read_jsonl(runs.trial_dir(sweep_dir, r["trial_id"]) / runs.ATTEMPTS_FILE)[-1]["time"]
+             + r["time_s"] for r in rows}
+    rows.sort(key=lambda r: ended[r["trial_id"]])
+    return [(r["time_s"], r["status"], r["removal"], r["retention"]) for r in rows]
+
+
+def _stopping_pair(make_space, root: Path, before=None) -> dict:
+    """Run the sweep ``make_space(name, early_stopping)`` with early stopping off, then on;
+    ``before(sweep_dir)``: writes what the sweep needs first. Per setting: the final
+    hypervolume, compute, counts by status, wall time and the curve. The hypervolume's reference
+    point is (0, the retention floor): what the front holds above the floor, the points the
+    sweep asks for (a trial under it counts for nothing, stopped or not)."""
+    import ray
+    from rich.console import Console
+
+    from rayunlearn.io import read_json
+    from rayunlearn.sweep.driver import run_sweep
+
+    out = {}
+    for label, rules in (("off", NO_STOPPING), ("on", STOPPING)):
+        space = make_space(f"stop_{label}", rules)
+        sweep_dir = space.sweep_dir().resolve()
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        if before is not None:
+            before(sweep_dir)
+        t0 = time.perf_counter()
+        try:
+            _, summary = run_sweep(space, console=Console(quiet=True))
+        finally:
+            ray.shutdown()
+        floor = space.retention_floor * read_json(runs.reference_eval(sweep_dir, "target"))["retention"]
+        curve = hypervolume_curve(_finished_in_order(sweep_dir), ref=(0.0, floor))
+        out[label] = {"hypervolume": curve[-1][1], "compute_s": curve[-1][0], "counts": summary["counts"],
+                      "wall_s": time.perf_counter() - t0, "curve": curve, "floor": floor}
+    return out
+
+
+def compute_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The compute at which ``curve`` first reaches hypervolume ``target`` (None: never)."""
+    return next((c for c, hv in curve if hv >= target - 1e-12), None)
+
+
+def _synthetic_target(sweep_dir: Path) -> None:
+    """The synthetic benchmark's stand-in for a target model's evaluation: utility numbers of 1,
+    so the retention floor is a fraction of the best synthetic retention (1)."""
+    from rayunlearn.io import write_json
+
+    write_json(runs.reference_eval(sweep_dir, "target"),
+               {"retention": 1.0, **{s: {"prob": 1.0, "truth_ratio": 1.0} for s in ("retain", "real_authors",
+                                                                                     "world_facts")}})
+
+
+def bench_stopping_synthetic(n: int, sampler: str, seed: int, root: str | Path = BENCH_ROOT) -> dict:
+    """Early stopping off vs on, on the synthetic trade-off: ``n`` trials of 20 steps (50 ms each,
+    an evaluation every 2), ``ga`` collapsing, retention floor 0.1."""
+    from rayunlearn.sweep.space import load_space
+
+    root = Path(root).resolve()
+
+    def make_space(name, rules):
+        return load_space(data={
+            "name": f"synth_{sampler}{seed}_{name}", "results": str(root), "families": SYNTH_FAMILIES,
+            "sampler": sampler, "seed": seed, "num_samples": n, "max_concurrent": 2, "ray": {"num_cpus": 2},
+            "prepare": {"enabled": False}, "retention_floor": 0.1, "early_stopping": rules,
+            "unlearn": {"eval": {"every": 2}}, "trainable": "rayunlearn.sweep.synthetic:synthetic_trial",
+            "trainable_options": {"steps": 20, "step_s": 0.05, "collapse": ["ga"]}})
+
+    return _stopping_pair(make_space, root, before=_synthetic_target)
+
+
+def bench_stopping_real(n: int, root: str | Path = BENCH_ROOT) -> dict:
+    """Early stopping off vs on, on real trials of the demo's model and preparation (random
+    search: both runs train the same points), ``ga`` beside ``npo+kl``, retention floor 0.5."""
+    from rayunlearn.sweep.space import load_space, read_space
+
+    root = Path(root).resolve()
+
+    def make_space(name, rules):
+        raw = {**read_space("demo_sweep"), "families": REAL_FAMILIES, "early_stopping": rules}
+        return load_space(data=raw, overrides=[f"results={root}", f"name=real_{name}", f"num_samples={n}",
+                                               "sampler=random", "ray.num_cpus=2", "unlearn.effects.every=0",
+                                               "retention_floor=0.5"])
+
+    return _stopping_pair(make_space, root)
+
+
+def stopping_row(name: str, r: dict) -> list[str]:
+    """One line of table (c): a sweep's hypervolume and compute with early stopping off and on."""
+    off, on = r["off"], r["on"]
+    reach = compute_to_reach(on["curve"], off["hypervolume"])
+    return [f"{name} (HV ref retention {off['floor']:.3f})", f"{off['hypervolume']:.4f}", f"{on['hypervolume']:.4f}",
+            f"{off['compute_s']:.1f}", f"{on['compute_s']:.1f}", f"{on['compute_s'] / off['compute_s']:.2f}",
+            "never" if reach is None else f"{reach:.1f}", ", ".join(f"{k} {v}" for k, v in sorted(on["counts"].items())),
+            f"{off['wall_s']:.0f} / {on['wall_s']:.0f}"]
+
+
+def print_stopping_table(rows: list[list[str]]) -> None:
+    print_table("sweep (c): early stopping (collapse under the retention floor, dominated at the same step), "
+                "hypervolume of the completed trials above the floor against compute = sum of the trials' time_s",
+                ["sweep", "HV off", "HV on", "compute off (s)", "compute on (s)", "on / off",
+                 "compute on to reach HV off (s)", "trials with stopping", "wall off / on (s)"], rows)
+
+
+def print_stopping(quick: bool = False) -> None:
+    """(c): both benchmarks, hypervolume and compute with early stopping off and on."""
+    n_synth, n_real = (8, 4) if quick else (16, 6)
+    rows = []
+    for sampler in ("random", "tpe"):
+        for seed in ((0,) if quick else (0, 1)):
+            rows.append(stopping_row(f"synthetic, {sampler}, seed {seed}, {n_synth} trials, floor 0.1",
+                                     bench_stopping_synthetic(n_synth, sampler, seed)))
+    rows.append(stopping_row(f"real demo model, random, {n_real} trials, floor 0.5", bench_stopping_real(n_real)))
+    print_stopping_table(rows)

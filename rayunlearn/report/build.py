@@ -223,15 +223,19 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
           "changes R by about −lr·e. Removal wants e_u < 0 (forget risk rises); retention wants e_r ≥ 0 "
           "(a negative retention G-effect is collateral damage). Removal and retention scalars are both maximised.")
     for c in collections:
-        n_fail = len(c.trials) - len(c.completed)
-        doc.p(f"{c.name}: {len(c.trials)} trials ({len(c.completed)} completed, {n_fail} failed or unfinished), "
+        n_stopped = int((c.trials["status"] == runs.STOPPED).sum())
+        n_fail = len(c.trials) - len(c.completed) - n_stopped
+        doc.p(f"{c.name}: {len(c.trials)} trials ({len(c.completed)} completed, {n_stopped} stopped early, "
+              f"{n_fail} failed or unfinished), "
               f"families: {', '.join(sorted(c.trials['family'].astype(str).unique()))}; "
               f"references: {', '.join(sorted(c.reference)) or 'none'}.")
         failed = c.trials[~c.trials["trial_id"].isin(c.completed["trial_id"])]
         for _, r in failed.iterrows():
             err = r.get("error") if "error" in r.index else None
+            why = r.get(runs.STOP_REASON_COLUMN) if runs.STOP_REASON_COLUMN in r.index else None
             doc.note(f"{c.name}/{r['trial_id']} ({r['method']}): status {r['status']}"
-                     + (f", error: {err}" if isinstance(err, str) and err else ""))
+                     + (f", error: {err}" if isinstance(err, str) and err else "")
+                     + (f", {why}" if isinstance(why, str) and why else ""))
 
     # Findings
     findings = check_claims(collections)

@@ -216,6 +216,28 @@ class Prepare:
 
 
 @dataclass
+class EarlyStopping:
+    """When the sweep ends a running trial early (``rayunlearn.sweep.stopping``), judged at its
+    trajectory evaluations (``unlearn.eval.every``): ``collapse``: its retention fell below the
+    sweep's ``retention_floor``; ``dominated``: its point is dominated, beyond the noise band, by
+    the completed trials' points at the same step (at least ``min_completed`` of them).
+    Evaluations before step ``min_step`` are not judged.
+
+    ``collapse`` is on by default: it acts only when a ``retention_floor`` is set, it depends on the
+    trial's own trajectory alone (a sweep still gives the same table for the same seed), and a
+    trial under the floor is infeasible anyway. ``dominated`` is off by default: which trials have
+    completed when a trial reaches a step depends on timing, so with it a sweep's results are no
+    longer a function of its seed, and a point dominated half-way may still reach the front."""
+
+    collapse: bool = True
+    dominated: bool = False
+    min_step: int = 1
+    min_completed: int = 2
+
+    DOMAINS: ClassVar[dict[str, Domain]] = {"min_step": COUNT, "min_completed": COUNT}
+
+
+@dataclass
 class SearchSpace:
     """A sweep: what to prepare, how to unlearn, what to search, how to run it."""
 
@@ -235,12 +257,14 @@ class SearchSpace:
     seeds: int = 1
     # a constraint for the sampler: mean retention >= retention_floor x the target model's
     # retention (None: no floor). Infeasible trials stay in the table (`feasible` false) and
-    # the Optuna sampler steers away from them (rayunlearn.sweep.tuner.make_search_alg)
+    # the Optuna sampler steers away from them (rayunlearn.sweep.tuner.make_search_alg); early
+    # stopping ends a trial whose trajectory falls below it (rayunlearn.sweep.stopping)
     retention_floor: Optional[float] = None
     max_concurrent: int = 2
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 1
     ray: RaySettings = field(default_factory=RaySettings)
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     # the Optuna study's database URL (default: <sweep>/study.db; rayunlearn.sweep.study)
     storage: Optional[str] = None
     # the MLflow tracking URI (default: <sweep>/mlruns.db; rayunlearn.sweep.tracking)
@@ -292,6 +316,10 @@ class SearchSpace:
             raise ConfigError("retention_floor: the floor is a fraction of the target model's retention, "
                               "which needs its reference evaluation; set prepare.reference_eval=true or "
                               "retention_floor=null")
+        if self.early_stopping.dominated and self.unlearn.eval.every <= 0:
+            raise ConfigError("early_stopping.dominated: judges trials at their trajectory evaluations, and "
+                              "unlearn.eval.every is 0 (none); set unlearn.eval.every to k > 0 (an evaluation "
+                              "every k steps) or early_stopping.dominated=false")
         families = self.parsed_families     # parses (and so validates) every family, once
         if self.sampler == "grid":
             for fam, parsed in families.items():

@@ -99,7 +99,8 @@ def sync_study(storage, space, rows: list[dict], retention_threshold: float | No
             from rayunlearn.sweep.constraint import constraint_value, record_constraint
 
             record_constraint(storage, t._trial_id, constraint_value(retention_threshold, r["retention"]))
-        if r["status"] == runs.COMPLETED and all(math.isfinite(v) for v in values):
+        # a stopped trial counts with its last evaluation, as Tune's OptunaSearch tells it
+        if r["status"] in (runs.COMPLETED, runs.STOPPED) and all(math.isfinite(v) for v in values):
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
         else:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)

@@ -20,6 +20,14 @@ model that blows up in a nested Ray Train worker would: Ray wraps it with a colo
 traceback), ``seed_jitter`` (removal + seed_jitter·s and retention − seed_jitter·s, s =
 ``train.seed``: the spread a trial's seeds give), ``stop_after`` (when exactly this many trials of the sweep have finished, create its ``STOP``
 file: a graceful interruption).
+
+A trajectory (for early stopping, ``rayunlearn.sweep.stopping``): with ``steps`` > 1 the run has
+that many steps of ``step_s`` idle seconds each and, every ``unlearn.eval.every`` steps, an
+evaluation at fraction t = step/steps of the way, appended to ``trajectory.jsonl`` and reported:
+removal_t = removal·√t and retention_t = 1 − (1 − retention)·√t (most of the change comes early,
+and the order of two trials' points never changes along the way). The families named in
+``collapse`` collapse, as gradient ascent alone does: their final retention is 5% of the
+formula's, reached a quarter of the way (retention_t = 1 − (1 − retention)·min(1, 4t)).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import os
 import time
 
 from rayunlearn import runs
-from rayunlearn.io import read_json, write_json
+from rayunlearn.io import append_jsonl, read_json, write_json
 
 
 def synthetic_objectives(unit: dict[str, float], retain_keys: list[str]) -> tuple[float, float]:
@@ -50,11 +58,22 @@ def _burn(work: int) -> None:
         a = (a @ a) / a.sum() * 128
 
 
+COLLAPSED_RETENTION = 0.05   # a collapsing family's final retention, as a fraction of the formula's
+
+
+def synthetic_point(removal: float, retention: float, t: float, collapse: bool = False) -> tuple[float, float]:
+    """(removal, retention) at fraction ``t`` of a run that ends at (removal, retention) and
+    starts at (0, 1); a collapsing run reaches its retention a quarter of the way."""
+    return removal * math.sqrt(t), 1.0 - (1.0 - retention) * (min(1.0, 4.0 * t) if collapse else math.sqrt(t))
+
+
 def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, crash_once: bool = False,
                     diverge_above: float | None = None, fail_above: float | None = None,
-                    seed_jitter: float = 0.0, stop_after: int | None = None) -> dict:
+                    seed_jitter: float = 0.0, stop_after: int | None = None, steps: int = 1, step_s: float = 0.0,
+                    collapse: tuple[str, ...] = ()) -> dict:
     """Compute the synthetic objectives of the trial described by ``<run dir>/trial.json``
-    (written by the sweep before calling) and write ``metrics.json`` like a real run."""
+    (written by the sweep before calling), report its trajectory (see the module docstring) and
+    write ``metrics.json`` like a real run."""
     run_dir = runs.run_dir(cfg.out, cfg.trial_id)
     rec = read_json(run_dir / runs.TRIAL_FILE)
     write_json(run_dir / runs.STATUS_FILE, {"status": runs.RUNNING, "step": 0})   # as a real run does
@@ -69,6 +88,17 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
         _burn(work)
     removal, retention = synthetic_objectives(rec["unit"], rec["retain_keys"])
     removal, retention = removal + seed_jitter * cfg.train.seed, retention - seed_jitter * cfg.train.seed
+    collapsing = rec["family"] in collapse
+    if collapsing:
+        retention *= COLLAPSED_RETENTION
+    every = cfg.eval.every
+    for step in range(1, int(steps) + 1):
+        time.sleep(float(step_s))
+        if every and step % every == 0 and step < steps:
+            r_t, u_t = synthetic_point(removal, retention, step / steps, collapsing)
+            append_jsonl(run_dir / runs.TRAJECTORY_FILE, {"step": step, "removal": r_t, "retention": u_t})
+            if report is not None:
+                report({"step": step, "removal": r_t, "retention": u_t, "done": False})
     if diverge_above is not None and removal > diverge_above:
         raise runs.DivergedError(f"training diverged at step 1: loss=nan (synthetic, removal {removal:.3f} "
                             f"> {diverge_above})")
@@ -76,12 +106,14 @@ def synthetic_trial(cfg, report=None, *, sleep_s: float = 0.0, work: int = 0, cr
         import ray
 
         ray.get(ray.remote(num_cpus=0)(_blow_up).remote(removal, fail_above))
-    metrics = {"step": 1, "removal": removal, "retention": retention,
+    steps = int(steps)
+    metrics = {"step": steps, "removal": removal, "retention": retention,
                "forget": {"prob": 1.0 - removal}, "retain": {"prob": retention}}
+    append_jsonl(run_dir / runs.TRAJECTORY_FILE, {"step": steps, "removal": removal, "retention": retention})
     write_json(run_dir / runs.METRICS_FILE, metrics)
-    write_json(run_dir / runs.STATUS_FILE, {"status": runs.COMPLETED, "step": 1})
+    write_json(run_dir / runs.STATUS_FILE, {"status": runs.COMPLETED, "step": steps})
     if report is not None:
-        report({"step": 1, "removal": removal, "retention": retention, "done": True})
+        report({"step": steps, "removal": removal, "retention": retention, "done": True})
     if stop_after is not None:
         done = len(list(run_dir.parent.glob(f"*/{runs.METRICS_FILE}")))
         if done == int(stop_after):   # once: a resumed sweep goes past it

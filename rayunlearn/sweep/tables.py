@@ -3,9 +3,11 @@
 summary printed at the end.
 
 trials.parquet holds ``rayunlearn.runs.TRIALS_FIXED_COLUMNS`` (trial_id, family, method, status,
-error, time_s, attempts, removal, retention), then ``hp.<term>.<param>`` per hyper-parameter and
-every flattened scalar metric of the trial's final evaluation (``forget.prob``, ...): for a trial
-of several seeds the means, ``removal_sd`` / ``retention_sd``, ``n_seeds`` and every seed's own
+error, time_s, attempts, removal, retention) and ``stop_reason`` (why early stopping ended a
+``stopped`` trial, else empty), then ``hp.<term>.<param>`` per hyper-parameter and every flattened
+scalar metric of the trial's final evaluation (``forget.prob``, ...; a stopped trial's: those of
+the trajectory evaluation it was stopped at, ``step`` among them): for a trial of several seeds
+the means, ``removal_sd`` / ``retention_sd``, ``n_seeds`` and every seed's own
 ``seed<j>.<metric>`` (``rayunlearn.sweep.trial.aggregate_seeds``), and ``feasible`` against the
 retention floor. A trial
 directory without a result is ``incomplete`` (the sweep was interrupted) or, when Tune reported
@@ -82,7 +84,8 @@ def collect_rows(sweep_dir: Path, errors: dict[str, str]) -> list[dict]:
         attempts_file = tdir / runs.ATTEMPTS_FILE
         attempts = len(attempts_file.read_text().splitlines()) if attempts_file.exists() else 0
         row = {"trial_id": tid, "family": rec["family"], "method": rec["method"], "status": status,
-               "error": error, "time_s": float(res.get("time_s", float("nan"))), "attempts": attempts}
+               "error": error, "time_s": float(res.get("time_s", float("nan"))), "attempts": attempts,
+               runs.STOP_REASON_COLUMN: res.get(runs.STOP_REASON_COLUMN, "")}
         for k, v in rec["hp"].items():
             row[f"{runs.HP_PREFIX}{k}"] = v
         metrics = res.get("metrics", {})
@@ -168,7 +171,8 @@ def print_summary(space: SearchSpace, sweep_dir: Path, summary: dict, console) -
         status = r["status"] + (" (below floor)" if r.get(runs.FEASIBLE_COLUMN) is False else "")
         table.add_row("*" if r["trial_id"] in front else "", r["trial_id"], status, _pm(r, "removal"),
                       "–" if held_out is None else fmt(held_out), _pm(r, "retention"),
-                      r["method"] if r["status"] != runs.FAILED else r["error"][:60])
+                      r["error"][:60] if r["status"] == runs.FAILED else
+                      r[runs.STOP_REASON_COLUMN][:60] if r["status"] == runs.STOPPED else r["method"])
     console.print(table)
     console.print(f"wrote {sweep_dir / runs.TRIALS_TABLE_FILE} and {runs.PARETO_FILE} "
                   f"(hypervolume {fmt(summary['hypervolume'])})")

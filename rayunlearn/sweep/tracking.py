@@ -9,7 +9,8 @@ What. One run per trial, named by its trial id (tag ``trial_id``): the hyper-par
 (``hp.<term>.<param>``), the family and method string, the metrics of every evaluation the trial
 reports (the trajectory, at their step) and the final ones from ``result.json`` (the time
 breakdown ``time.*`` included), the trial's status (tag ``status``; the run ends FINISHED for a
-completed trial, FAILED otherwise), the git commit and package version (``rayunlearn.provenance``) and, as artifacts, the trial's ``trial.json``, ``result.json`` and resolved
+completed trial, KILLED for one ended by early stopping, with its tag ``stop_reason``, FAILED
+otherwise), the git commit and package version (``rayunlearn.provenance``) and, as artifacts, the trial's ``trial.json``, ``result.json`` and resolved
 ``config.yaml``. A resumed trial continues its run (found by its tag), so there is one run per
 trial.
 
@@ -47,6 +48,10 @@ def _metric_items(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             and k not in AUTO_RESULT_KEYS and not k.startswith(runs.HP_PREFIX)}
+
+
+# an MLflow run's end state by trial status: a trial ended by early stopping is KILLED, not FAILED
+_RUN_STATUS = {runs.COMPLETED: "FINISHED", runs.STOPPED: "KILLED"}
 
 
 class MlflowTracker(Callback):
@@ -127,13 +132,14 @@ class MlflowTracker(Callback):
         now = int(time.time() * 1000)
         params = [Param(f"{runs.HP_PREFIX}{k}", str(v)) for k, v in rec.get("hp", {}).items()]
         params += [Param(k, str(rec[k])) for k in ("family", "method") if k in rec]
-        tags = [RunTag("status", status), RunTag("error", (error or res.get("error", ""))[:5000])]
+        tags = [RunTag("status", status), RunTag("error", (error or res.get("error", ""))[:5000]),
+                RunTag(runs.STOP_REASON_COLUMN, res.get(runs.STOP_REASON_COLUMN, ""))]
         self._client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
                                params=params, tags=tags)
         for name in (runs.TRIAL_FILE, runs.RESULT_FILE, runs.CONFIG_FILE):
             if (tdir / name).exists():
                 self._client.log_artifact(run_id, str(tdir / name))
-        self._client.set_terminated(run_id, "FINISHED" if status == runs.COMPLETED else "FAILED")
+        self._client.set_terminated(run_id, _RUN_STATUS.get(status, "FAILED"))
 
     # ---------------------------------------------------------------------------------------
     # Tune's hooks

@@ -27,6 +27,10 @@ and the trial reports instead of raising, so Tune does not retry it. Only Ray's 
 killed worker, a lost node: :func:`is_system_error`) propagate, so that Tune retries the trial
 from its checkpoint (``max_failures``).
 
+Early stopping. The sweep's stopper (``rayunlearn.sweep.stopping``, on the driver) may end a
+trial at one of its trajectory evaluations, while the trial waits in its report to Tune; the
+stopper writes its ``result.json`` (:func:`write_stopped_result`, status ``stopped``).
+
 Re-entry. A trial whose ``result.json`` already holds a finished status (it finished, but the
 driver died before Tune saved that) reports its recorded result again and returns: a resumed
 sweep never reruns it nor overwrites its time.
@@ -88,12 +92,15 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
     write_json(run_dir / runs.TRIAL_FILE, point)
     append_jsonl(run_dir / runs.ATTEMPTS_FILE, {"time": time.time(), "pid": os.getpid()})
 
+    t0 = time.time()
+
     def report(metrics: dict) -> None:
         if metrics.get("done"):
             return      # the final result is reported below, once, with its status
-        tune.report({**base, **_nan_objectives(flatten_metrics(metrics)), "status": runs.RUNNING, "error": ""})
+        # time_s: what a trial stopped here has cost (rayunlearn.sweep.stopping)
+        tune.report({**base, **_nan_objectives(flatten_metrics(metrics)), "status": runs.RUNNING, "error": "",
+                     "time_s": time.time() - t0})
 
-    t0 = time.time()
     if space.resources.torch_threads and space.resources.num_workers == 1:
         import torch
 
@@ -200,6 +207,29 @@ def feasible(retention: float, threshold: Optional[float]) -> Optional[bool]:
     if threshold is None:
         return None
     return bool(math.isfinite(retention) and retention >= threshold)
+
+
+# keys of a trial's Tune result that are not metrics of its evaluation (besides Tune's own)
+_RESULT_KEYS = frozenset({"trial_id", "family", "method", "status", "error", "time_s", "done"})
+
+
+def write_stopped_result(sweep_dir: str | Path, result: dict, reason: str) -> None:
+    """``result.json`` of a trial ended by the sweep's early stopping (``rayunlearn.sweep.stopping``,
+    on the driver): status ``stopped``, the reason (``stop_reason``), the time the trial had spent
+    and the metrics of the trajectory evaluation it was stopped at (``result``: that evaluation as
+    the trial reported it to Tune). The trial is waiting in its report and writes nothing more."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    hp = {k[len(runs.HP_PREFIX):]: v for k, v in result.items() if k.startswith(runs.HP_PREFIX)}
+    metrics = {k: v for k, v in result.items()
+               if k not in _RESULT_KEYS and k not in AUTO_RESULT_KEYS and not k.startswith(runs.HP_PREFIX)}
+    trial_id = result["trial_id"]
+    write_json(runs.trial_dir(sweep_dir, trial_id) / runs.RESULT_FILE, {
+        **_result_base(trial_id, result["family"], result["method"], hp), "status": runs.STOPPED, "error": "",
+        runs.STOP_REASON_COLUMN: reason, "time_s": float(result.get("time_s", float("nan"))), "metrics": metrics})
+    status_file = runs.trial_dir(sweep_dir, trial_id) / runs.STATUS_FILE
+    if status_file.exists():     # the run's own status says it too (it would say "running" forever)
+        write_json(status_file, {**read_json(status_file), "status": runs.STOPPED, runs.STOP_REASON_COLUMN: reason})
 
 
 def time_breakdown(flat: dict, time_s: float) -> dict:

@@ -1,5 +1,6 @@
 """The Ray side of a sweep: connecting to Ray, the Tune experiment (OptunaSearch with both
-objectives inside a ConcurrencyLimiter, or a grid for a study), restoring it, the STOP file, the
+objectives inside a ConcurrencyLimiter, or a grid for a study), restoring it, the STOP file and
+the early stopping of hopeless trials (``rayunlearn.sweep.stopping``: Tune stoppers), the
 progress lines, and the life cycle of the sweep's G-effect aggregator actor.
 
 Resources. A trial runs the per-trial function in-process inside the Tune trial when
@@ -25,6 +26,7 @@ from typing import Optional
 
 from rayunlearn import UserError, runs
 from rayunlearn.config import ConfigError
+from rayunlearn.io import read_json
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, define_by_run
 from rayunlearn.sweep.tables import fmt, write_tables
 from rayunlearn.sweep.trial import (TrialContext, mark_run_failed, retention_threshold, root_error, short_error,
@@ -218,7 +220,7 @@ def build_tuner(space: SearchSpace, trainable, sweep_dir: Path, storage, num_sam
     run_config = tune.RunConfig(
         name=runs.TUNE_DIR, storage_path=str(sweep_dir),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
-        stop=_stop_file_stopper(sweep_dir),
+        stop=_stoppers(space, sweep_dir),
         callbacks=[_finished_trial_callback(space, sweep_dir, done_before), *callbacks], verbose=1)
     if space.sampler == "grid":
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -284,6 +286,18 @@ def _unfinish_search(exp_dir: Path, sweep_dir: Path, done_before: int = 0) -> No
         os.replace(tmp, paths[-1])
 
 
+def _stoppers(space: SearchSpace, sweep_dir: Path):
+    """The experiment's stoppers: the STOP file's, and the early stopping of hopeless trials
+    (``rayunlearn.sweep.stopping``) when the space's rules can act."""
+    from ray.tune.stopper import CombinedStopper
+
+    from rayunlearn.sweep.stopping import make_stopper
+
+    early = make_stopper(space, sweep_dir)
+    stop_file = _stop_file_stopper(sweep_dir)
+    return stop_file if early is None else CombinedStopper(stop_file, early)
+
+
 def _stop_file_stopper(sweep_dir: Path):
     """A Tune stopper: the whole experiment stops when ``<sweep>/STOP`` exists."""
     from ray.tune.stopper import Stopper
@@ -315,7 +329,11 @@ def _finished_trial_callback(space: SearchSpace, sweep_dir: Path, done_before: i
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             r = trial.last_result or {}
-            print(f"[sweep] trial {trial.trial_id} {r.get('status', '?')} ({self.done}/{space.total_trials}): "
+            # a stopped trial's last result is the evaluation it was stopped at (still "running"):
+            # its status is in the result.json the stopper wrote
+            res_file = runs.trial_dir(sweep_dir, trial.trial_id) / runs.RESULT_FILE
+            status = read_json(res_file).get("status") if res_file.exists() else r.get("status", "?")
+            print(f"[sweep] trial {trial.trial_id} {status} ({self.done}/{space.total_trials}): "
                   f"removal={fmt(r.get('removal'))} retention={fmt(r.get('retention'))} "
                   f"{r.get('method', '')}", flush=True)
             write_tables(space, sweep_dir, errors=self.errors)
