@@ -54,7 +54,7 @@ import yaml
 
 from rayunlearn import runs
 from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
-                               ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
+                               ModelConfig, TrainConfig, check_attacks, from_dict, merge_sources, parse_override,
                                read_preset, to_dict)
 from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer
 from rayunlearn.eval.scores import MIA, check_score_name
@@ -253,6 +253,10 @@ class SearchSpace:
         if MIA in score.needs and not self.unlearn.eval.mia:
             raise ConfigError(f"unlearn.eval.removal_score: {score.name} needs membership-inference scores; "
                               f"set unlearn.eval.mia=true or choose another score")
+        try:
+            check_attacks(self.unlearn.eval.attacks, self.model, self.unlearn.train)
+        except ConfigError as exc:
+            raise ConfigError(f"unlearn.{exc}") from None
         if self.storage is not None:
             check_storage_url(self.storage)
         families = self.parsed_families     # parses (and so validates) every family, once
@@ -294,6 +298,10 @@ class SearchSpace:
         blob = {"data": to_dict(self.data), "model": to_dict(self.model),
                 "prepare": to_dict(self.prepare), "eval": to_dict(self.unlearn.eval)}
         blob["data"]["synth"].pop("out", None)
+        # attacks change neither the models nor their plain evaluations (prepare adds the
+        # references' attacked evaluations as a stage of its own)
+        blob["eval"].pop("attacks")
+        blob["eval"].pop("removal_attack")
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
