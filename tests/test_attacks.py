@@ -324,3 +324,47 @@ def test_a_sweep_optimising_removal_after_relearning_writes_the_attack_columns(t
         i for i, q in enumerate(read_json(trial / runs.RAW_FILE)["forget"]["question"])
         if q in per_item["relearn"]["relearn_rows"])
     assert row[f"{runs.TIME_PREFIX}attacks"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# in the report
+
+
+def test_report_robustness_section_reads_the_attack_columns(tmp_path):
+    """Fake-but-schema-true results with hand-set attack columns: the robustness table, the
+    findings (which methods' forgetting survives) and the front under the attack."""
+    import json
+
+    import pandas as pd
+    from fake_results import make_fake_results
+
+    from rayunlearn import runs
+    from rayunlearn.io import write_json
+    from rayunlearn.report import build_report
+    from rayunlearn.report.robustness import COMES_BACK, SURVIVES
+
+    root = make_fake_results(tmp_path / "demo", sweep=False)
+    study = root / "study"
+    trials = pd.read_parquet(study / runs.TRIALS_TABLE_FILE)
+    p = runs.ATTACK_PREFIX
+    n = len(trials)
+    recovered = np.linspace(0.0, 1.0, n)          # first runs survive, last ones come back
+    trials[f"{p}relearn.unattacked.forget.prob"] = 0.1
+    trials[f"{p}relearn.forget.prob"] = 0.1 + 0.8 * recovered
+    trials[f"{p}relearn.recovered"] = recovered
+    trials[f"{p}relearn.removal"] = trials["removal"] * (1 - recovered)
+    trials[f"{p}relearn.retention"] = trials["retention"]
+    trials[f"{p}relearn.error"] = ""
+    trials.to_parquet(study / runs.TRIALS_TABLE_FILE)
+    write_json(runs.attacked_reference(runs.reference_eval(study, "target")),
+               {"relearn": {"metrics": {"forget.prob": 0.93, "unattacked.forget.prob": 0.9, "retention": 0.6}}})
+    out = build_report(root).parent
+    md = (out / "report.md").read_text()
+    summary = json.loads((out / runs.REPORT_SUMMARY_FILE).read_text())
+    found = summary["robustness"]["study"]
+    assert found["attacks"] == ["relearn"]
+    n_survive, n_back = int((recovered < SURVIVES).sum()), int((recovered >= COMES_BACK).sum())
+    assert f"the forgetting of {n_survive} of {n} runs survives" in found["findings"][0]
+    assert f"in {n_back} most of it comes back" in found["findings"][0]
+    assert "| (target model) | 0.9 | 0.93 |" in md
+    assert "study_front_relearn.png" in summary["figures"]
