@@ -276,6 +276,9 @@ class EvalConfig:
     # post-attack scores (the sweep optimises removal that survives it); `removal_unattacked`
     # keeps the plain one
     removal_attack: Optional[str] = None
+    # generate answers (ROUGE) when evaluating attacked models; false: the fast evaluation (no
+    # generation; their `retention` is then the six non-ROUGE utility numbers' harmonic mean)
+    attack_rouge: bool = True
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "every": NONNEGATIVE_INT,

@@ -368,3 +368,13 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     assert f"in {n_back} most of it comes back" in found["findings"][0]
     assert "| (target model) | 0.9 | 0.93 |" in md
     assert "study_front_relearn.png" in summary["figures"]
+
+
+def test_attacked_models_are_evaluated_without_generation_when_asked(unlearned):
+    from rayunlearn.eval.evaluate import Evaluator
+
+    model, _, tok, bench, _ = unlearned
+    full = Evaluator(tok, bench, data_config(), EvalConfig(max_new_tokens=4, mia=False, attack_rouge=False))
+    fast = A.attack_evaluator(full)
+    assert fast is not full and fast.fast and not fast.prompts and fast.records == full.records
+    assert A.attack_evaluator(Evaluator(tok, bench, data_config(), EvalConfig(mia=False))).fast is False

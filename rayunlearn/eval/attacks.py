@@ -367,10 +367,21 @@ def _target_prob(target_attacked: Optional[dict], label: str, attack) -> Optiona
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def attack_evaluator(evaluator):
+    """The evaluator of attacked models: ``evaluator`` itself, or its fast twin (no generation)
+    under ``eval.attack_rouge=false``."""
+    from rayunlearn.eval.evaluate import Evaluator
+
+    if evaluator.eval_cfg.attack_rouge or evaluator.fast:
+        return evaluator
+    return Evaluator(evaluator.tokenizer, evaluator.benchmark, evaluator.data_cfg, evaluator.eval_cfg,
+                     retain_reference=evaluator.reference, fast=True, distributed=evaluator.distributed)
+
+
 def reference_attacks(model, evaluator, plain: dict, attacks, *, benchmark) -> dict:
     """The attacked evaluations of a reference (retain or target) model: {name: {"config",
     "metrics", "items", "forget_prob", ...}}, what ``<reference>.attacks.json`` holds."""
-    results, per_item = run_attacks(model, evaluator, plain, attacks, benchmark=benchmark)
+    results, per_item = run_attacks(model, attack_evaluator(evaluator), plain, attacks, benchmark=benchmark)
     return {label: {**per_item.get(label, {"config": attack_settings(a)}), "metrics": results[label]}
             for a in attacks for label in [a.label]}
 
@@ -400,7 +411,7 @@ def attack_unlearned(eval_cfg, model, benchmark, evaluator, metrics: dict, run_d
     from rayunlearn.io import write_json
 
     target_attacked = load_attacked_reference(eval_cfg.target_reference)
-    results, per_item = run_attacks(model, evaluator, metrics, eval_cfg.attacks, benchmark=benchmark,
+    results, per_item = run_attacks(model, attack_evaluator(evaluator), metrics, eval_cfg.attacks, benchmark=benchmark,
                                     step=int(metrics.get("step", 0)), target_attacked=target_attacked)
     write_json(Path(run_dir) / runs.ATTACKS_FILE, per_item)
     out = {**metrics, "attack": results}

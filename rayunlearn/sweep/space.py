@@ -300,8 +300,8 @@ class SearchSpace:
         blob["data"]["synth"].pop("out", None)
         # attacks change neither the models nor their plain evaluations (prepare adds the
         # references' attacked evaluations as a stage of its own)
-        blob["eval"].pop("attacks")
-        blob["eval"].pop("removal_attack")
+        for key in ("attacks", "removal_attack", "attack_rouge"):
+            blob["eval"].pop(key)
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
