@@ -378,3 +378,13 @@ def test_attacked_models_are_evaluated_without_generation_when_asked(unlearned):
     fast = A.attack_evaluator(full)
     assert fast is not full and fast.fast and not fast.prompts and fast.records == full.records
     assert A.attack_evaluator(Evaluator(tok, bench, data_config(), EvalConfig(mia=False))).fast is False
+
+
+def test_bench_reports_each_attacks_cost_relative_to_the_unlearning_run():
+    from rayunlearn.bench.attacks import attack_costs
+
+    flat = {"time.attacks": 30.0, "time.steps": 20.0, "attack.relearn.time_s": 12.0, "attack.relearn.error": "",
+            "attack.quant4.time_s": 18.0, "attack.quant4.error": "boom", "attack.relearn.forget.prob": 0.3}
+    costs = attack_costs(flat, time_s=90.0)        # the run itself: 90 - 30 = 60 s
+    assert costs == [{"attack": "quant4", "seconds": 18.0, "per_run": 0.3, "per_steps": 0.9, "error": "boom"},
+                     {"attack": "relearn", "seconds": 12.0, "per_run": 0.2, "per_steps": 0.6, "error": ""}]
