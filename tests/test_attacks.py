@@ -207,6 +207,12 @@ def test_relearning_brings_back_a_ga_unlearned_models_forgetting(unlearned):
     assert m["recovered"] == pytest.approx((m["forget.prob"] - m["unattacked.forget.prob"])
                                            / (0.8 - m["unattacked.forget.prob"]))
     assert len(per_item["relearn"]["losses"]) == 8
+    # the G-effects of relearning: the forgotten risk falls back, as the first-order prediction says
+    effects = per_item["relearn"]["effects"]
+    assert [r["step"] for r in effects] == list(range(8))
+    assert effects[-1]["forget_risk"] < effects[0]["forget_risk"]
+    assert effects[0]["forget_effect"] > 0 and effects[0]["predicted_forget_risk_change"] < 0
+    assert all(r["predicted_forget_risk_change"] == pytest.approx(-3e-3 * r["forget_effect"]) for r in effects)
     assert per_item["relearn"]["losses"][-1] < per_item["relearn"]["losses"][0]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())   # a copy was attacked
     # the evaluated items' probabilities are the per-item values of the attacked model
@@ -358,6 +364,11 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     trials.to_parquet(study / runs.TRIALS_TABLE_FILE)
     write_json(runs.attacked_reference(runs.reference_eval(study, "target")),
                {"relearn": {"metrics": {"forget.prob": 0.93, "unattacked.forget.prob": 0.9, "retention": 0.6}}})
+    first = str(trials["trial_id"].iloc[0])
+    write_json(runs.trial_dir(study, first) / runs.ATTACKS_FILE,
+               {"relearn": {"items": [0, 1], "forget_prob": [0.5, 0.4], "unattacked_forget_prob": [0.1, 0.1],
+                            "effects": [{"step": k, "forget_risk": 3.0 - k, "forget_effect": 1.0, "lr": 1e-3}
+                                        for k in range(3)]}})
     out = build_report(root).parent
     md = (out / "report.md").read_text()
     summary = json.loads((out / runs.REPORT_SUMMARY_FILE).read_text())
@@ -367,7 +378,7 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     assert f"the forgetting of {n_survive} of {n} runs survives" in found["findings"][0]
     assert f"in {n_back} most of it comes back" in found["findings"][0]
     assert "| (target model) | 0.9 | 0.93 |" in md
-    assert "study_front_relearn.png" in summary["figures"]
+    assert {"study_front_relearn.png", "study_relearn_relearn.png"} <= set(summary["figures"])
 
 
 def test_attacked_models_are_evaluated_without_generation_when_asked(unlearned):

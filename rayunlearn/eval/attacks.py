@@ -45,7 +45,8 @@ forgetting). 0 = nothing came back, 1 = the attacked model knows as much as the 
 target; below 0 the attack removed more, above 1 it overshot the target. NaN when the gap is
 below :data:`MIN_GAP` (nothing was forgotten) or the target's attacked value is missing.
 
-Per-item values (which forget items come back, the relearning losses) go to ``attacks.json`` in
+Per-item values (which forget items come back, the relearning losses, the G-effects of each
+relearning step on the forget and retain probes) go to ``attacks.json`` in
 the run directory (``runs.ATTACKS_FILE``); the retain and target models' attacked evaluations to
 ``<reference>.attacks.json`` beside their reference evaluations (``runs.attacked_reference``).
 """
@@ -204,6 +205,42 @@ def relearn(model, examples: list[dict], attack, pad_id: int,
     return m, losses
 
 
+PROBE_ROWS = 16     # rows of each probe the relearning G-effects are measured on
+
+
+def relearn_effect_recorder(forget_examples: list[dict], retain_examples: list[dict], lr: float, pad_id: int):
+    """(``before_step`` callback for :func:`relearn`, the list it fills): at the weights each
+    relearning step starts from, the probe risks R (token-mean NLL, the G-effect paper's risk:
+    ``rayunlearn.effects.engine.risk_nll``) of the evaluated forget items and of retain rows, and
+    the step's SGD G-effects e = ∇R·∇L on them (L the relearning batch's NLL; the risk changes
+    by about −lr·e: a positive removal effect means the forgotten risk falls back)."""
+    import torch
+
+    from rayunlearn.data.examples import collate_examples, to_device
+    from rayunlearn.effects.engine import risk_nll
+    from rayunlearn.forward import token_view
+
+    rows: list[dict] = []
+    probes = {"forget": collate_examples(forget_examples[:PROBE_ROWS], pad_id),
+              "retain": collate_examples(retain_examples[:PROBE_ROWS], pad_id)}
+
+    def before_step(step: int, model, batch: dict) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = params[0].device
+        g_l = torch.autograd.grad(risk_nll(token_view(model, batch)), params, allow_unused=True)
+        row = {"step": step, "lr": lr}
+        for name, probe in probes.items():
+            risk = risk_nll(token_view(model, to_device(probe, device)))
+            g_r = torch.autograd.grad(risk, params, allow_unused=True)
+            effect = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_r, g_l)
+                         if a is not None and b is not None)
+            row[f"{name}_risk"], row[f"{name}_effect"] = float(risk.detach()), effect
+            row[f"predicted_{name}_risk_change"] = -lr * effect
+        rows.append(row)
+
+    return before_step, rows
+
+
 def quantize(model, attack):
     """A copy of ``model`` with every linear weight but the LM head quantized by torchao to
     ``attack.bits`` bits (symmetric round-to-nearest, per output row or per ``group_size`` group)."""
@@ -309,14 +346,15 @@ def failed_metrics(error: str, time_s: float = NAN) -> dict:
 
 
 def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int = 0,
-                target_attacked: Optional[dict] = None, on_relearn_step=None) -> tuple[dict, dict]:
+                target_attacked: Optional[dict] = None) -> tuple[dict, dict]:
     """Run every attack on a copy of ``model`` and evaluate it with ``evaluator`` (the
     :class:`~rayunlearn.eval.evaluate.Evaluator` of ``plain``, the unattacked evaluation).
     Returns ({name: metrics (flat, with ``error``)}, {name: per-item values for attacks.json}).
     ``target_attacked``: the target model's attacked results ({name: {"metrics": ...}}, what
-    :func:`reference_attacks` writes) for the recovered fraction; ``on_relearn_step(label)`` ->
-    a ``before_step`` callback for :func:`relearn` (or None). An attack that raises is recorded
-    (NaN metrics, its error) and the others still run."""
+    :func:`reference_attacks` writes) for the recovered fraction. A relearning attack also records
+    its steps' G-effects on the forget and retain probes (:func:`relearn_effect_recorder`, in
+    attacks.json). An attack that raises is recorded (NaN metrics, its error) and the others
+    still run."""
     from rayunlearn.data.examples import encode_records
     from rayunlearn.sweep.trial import short_error
 
@@ -327,13 +365,15 @@ def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int 
         t0 = time.perf_counter()
         try:
             rows, items = attack_rows(attack, benchmark, evaluator.data_cfg, ev_cfg, evaluator.records["forget"])
-            losses = []
+            losses, effects = [], []
             if attack.kind == "quantize":
                 attacked_model = quantize(model, attack)
             else:
-                examples = encode_records(rows, evaluator.tokenizer, evaluator.data_cfg)
-                hook = on_relearn_step(label) if on_relearn_step is not None else None
-                attacked_model, losses = relearn(model, examples, attack, evaluator.encoder.pad_id, before_step=hook)
+                encode = lambda recs: encode_records(recs, evaluator.tokenizer, evaluator.data_cfg)  # noqa: E731
+                hook, effects = relearn_effect_recorder(encode([evaluator.records["forget"][i] for i in items]),
+                                                        encode(evaluator.records["retain"]), attack.lr,
+                                                        evaluator.encoder.pad_id)
+                attacked_model, losses = relearn(model, encode(rows), attack, evaluator.encoder.pad_id, before_step=hook)
             attacked = evaluator(attacked_model, step=step)
             del attacked_model
             t_prob = _target_prob(target_attacked, label, attack)
@@ -342,7 +382,7 @@ def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int 
                                      selection_seed=ev_cfg.selection_seed, target_attacked_prob=t_prob)
             metrics.update({"n_relearn": float(len(rows)), "time_s": time.perf_counter() - t0, "error": ""})
             per_item[label] = {"config": attack_settings(attack), "items": list(items),
-                               "relearn_rows": [r["question"] for r in rows], "losses": losses,
+                               "relearn_rows": [r["question"] for r in rows], "losses": losses, "effects": effects,
                                "forget_prob": item_probs(attacked["raw"]),
                                "unattacked_forget_prob": item_probs(plain["raw"])}
         except Exception as exc:  # noqa: BLE001 - an attack's failure is a result, the run goes on

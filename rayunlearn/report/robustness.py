@@ -7,7 +7,10 @@ retention after the attack, with the retain and target models under the same att
 (``reference/<which>.attacks.json``); the front under each attack (post-attack removal against
 post-attack retention) beside the plain front; findings naming the methods whose forgetting
 survives each attack (recovered fraction below :data:`SURVIVES`) and those whose forgetting
-comes back (at least :data:`COMES_BACK`). Reads results files only.
+comes back (at least :data:`COMES_BACK`); for relearning attacks, the relearning steps' G-effects
+on the forget probe (how fast the forgotten risk falls back) and how the per-instance GA
+PG-effects during unlearning relate to which forget items come back first. Reads results files
+only.
 """
 
 from __future__ import annotations
@@ -107,6 +110,72 @@ def attacked_points(trials: pd.DataFrame, hp_columns: list[str], name: str) -> p
     return pts[np.isfinite(pts["removal"]) & np.isfinite(pts["retention"])].reset_index(drop=True)
 
 
+def per_trial_attacks(c, trial_id: str) -> dict:
+    """The trial's attacks.json ({} when absent)."""
+    path = c.trial_dir(trial_id) / runs.ATTACKS_FILE
+    return read_json(path) if path.exists() else {}
+
+
+def relearn_curves(c, trials: pd.DataFrame, name: str) -> dict[str, pd.DataFrame]:
+    """{trial label: its relearning steps' probe risks and G-effects} for attack ``name``."""
+    out = {}
+    for _, r in trials.iterrows():
+        effects = per_trial_attacks(c, str(r["trial_id"])).get(name, {}).get("effects")
+        if effects:
+            out[trial_label(r, c.hp_columns)] = pd.DataFrame(effects)
+    return out
+
+
+def instance_recovery(c, trials: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Per trial: how the per-instance GA PG-effects on the removal risk during unlearning
+    (geffects rows of kind ``instance_ga_unweighted``, summed over the recorded steps) relate to
+    how much of each evaluated forget item came back under attack ``name`` (its probability
+    after − before): Spearman's ρ over the items with both, and the items that came back most.
+    Instances are forget rows, the evaluated items forget-split items in the same order."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for _, r in trials.iterrows():
+        tid = str(r["trial_id"])
+        entry = per_trial_attacks(c, tid).get(name)
+        g = c.geffects(tid)
+        if not entry or g is None or "instance" not in g.columns:
+            continue
+        ga = g[(g["kind"] == runs.INSTANCE_GA_KIND) & (g["risk"] == "removal")]
+        if ga.empty:
+            continue
+        effect = ga.groupby("instance")["value"].sum()
+        after, before = np.asarray(entry["forget_prob"]), np.asarray(entry["unattacked_forget_prob"])
+        items = [i for i in entry["items"] if i in effect.index]
+        if len(items) < 3:
+            continue
+        back = after[items] - before[items]
+        rho = float(spearmanr(effect.loc[items].to_numpy(float), back).statistic)
+        first = [items[k] for k in np.argsort(-back)[:3]]
+        rows.append({"method": trial_label(r, c.hp_columns), "items": len(items), "spearman rho": rho,
+                     "came back first (item: +prob)": ", ".join(f"{i}: {after[i] - before[i]:+.3f}" for i in first)})
+    return pd.DataFrame(rows)
+
+
+def relearn_figure(curves: dict[str, pd.DataFrame], title: str, path: Path) -> Path:
+    """Forget-probe risk and the relearning steps' removal G-effect, per trial."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, df in list(curves.items())[:12]:
+        axes[0].plot(df["step"], df["forget_risk"], marker="o", ms=3, label=label[:40])
+        axes[1].plot(df["step"], df["forget_effect"], marker="o", ms=3, label=label[:40])
+    axes[0].set(xlabel="relearning step", ylabel="forget-probe risk R_u (NLL)", title="forgotten risk falls back")
+    axes[1].set(xlabel="relearning step", ylabel="G-effect ∇R_u·∇L (> 0: R_u falls)", title="relearning G-effect")
+    axes[1].axhline(0, color="k", lw=0.6)
+    axes[0].legend(fontsize=6.5)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def add_section(doc, collections, colors: dict, fig_dir: Path, fig, slug, fmt_summary: dict) -> None:
     """Append the robustness section to ``doc`` (see the module docstring); ``fig`` registers a
     figure path, ``slug`` names files; the section's answers go to ``fmt_summary["robustness"]``."""
@@ -144,7 +213,28 @@ def add_section(doc, collections, colors: dict, fig_dir: Path, fig, slug, fmt_su
             kept = sorted(plain_front & front)
             doc.p(f"{name}: {len(front)} trials on the front after the attack, {len(kept)} of the plain front's "
                   f"{len(plain_front)} stay on it.")
-        summary[c.name] = {"attacks": names, "findings": found}
+        relations = {}
+        for name in names:
+            curves = relearn_curves(c, trials, name)
+            if not curves:
+                continue
+            doc.p(f"{name}: the relearning steps seen through the G-effect — the forget-probe risk at the weights "
+                  "each step starts from, and the step's G-effect on it (∇R_u·∇L; the risk changes by about −lr·e, "
+                  "so a positive effect is forgotten risk falling back).")
+            doc.img(fig(relearn_figure(curves, f"relearning ({name}) — {c.name}",
+                                       fig_dir / f"{slug(c.name)}_relearn_{name}.png")),
+                    f"relearning G-effects of {c.name}")
+            rel = instance_recovery(c, trials, name)
+            if rel.empty:
+                doc.note(f"{name}: no per-instance GA PG-effects (geffects kind instance_ga_unweighted) for the "
+                         "evaluated items: the per-instance relation is not drawn.")
+                continue
+            doc.p(f"{name}: which forget items come back first, against their per-instance GA PG-effect during "
+                  "unlearning (summed over the recorded steps): Spearman's ρ over the evaluated items in the "
+                  "G-effect probe; ρ < 0 = items pushed harder up in risk during unlearning come back more.")
+            doc.table(rel)
+            relations[name] = rel.to_dict(orient="records")
+        summary[c.name] = {"attacks": names, "findings": found, "instances": relations}
     if not summary:
         doc.note("no attack columns (eval.attacks was empty in every collection).")
     fmt_summary["robustness"] = summary
