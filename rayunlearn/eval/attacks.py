@@ -11,7 +11,8 @@ evaluator (same items, references and settings), and reports ``attack.<name>.<me
   token-mean NLL on ``batch_size`` rows each, cycling through a seeded shuffle of the *relearning
   subset*: the first ``size`` forget items taken author by author in a seeded order of the
   authors of the held-out split's *selection* part (:func:`relearn_split`; the report part is
-  never relearned). Only the items of authors with no relearned item are evaluated, so the subset and the evaluated items are disjoint, and no evaluated item shares an
+  never relearned). Only the items of authors with no relearned item are evaluated, so the
+  subset and the evaluated items are disjoint, and no evaluated item shares an
   author (and so its facts and phrasing) with a relearned one: what comes back was hidden in the
   weights, not re-taught. ``data: retain`` / ``world``: the same finetuning on ``size`` seeded rows of the
   retain split or the world facts (benign finetuning that never shows a forget fact); every
@@ -54,7 +55,6 @@ the run directory (``runs.ATTACKS_FILE``); the retain and target models' attacke
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import random
 import time
@@ -114,7 +114,8 @@ def relearn_split(authors: list[str], size: int, seed: int,
     return tuple(sorted(relearned)), evaluated
 
 
-def attack_rows(attack, benchmark, data_cfg, eval_cfg, forget_records: list[dict]) -> tuple[list[dict], tuple[int, ...]]:
+def attack_rows(attack, benchmark, data_cfg, eval_cfg,
+                forget_records: list[dict]) -> tuple[list[dict], tuple[int, ...]]:
     """(QA records the attack finetunes on, evaluated forget item indices) of one attack;
     ``forget_records`` are the evaluated forget split's records (``Evaluator.records["forget"]``).
     The forget rows relearned come from the *selection* part of the held-out split
@@ -246,8 +247,6 @@ def quantize(model, attack):
     ``attack.bits`` bits (symmetric round-to-nearest, per output row or per ``group_size`` group)."""
     import torch
 
-    # torchao tries to load its CUDA-only kernels at import and logs each failure: harmless on CPU
-    logging.getLogger("torchao").setLevel(logging.ERROR)
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -373,7 +372,8 @@ def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int 
                 hook, effects = relearn_effect_recorder(encode([evaluator.records["forget"][i] for i in items]),
                                                         encode(evaluator.records["retain"]), attack.lr,
                                                         evaluator.encoder.pad_id)
-                attacked_model, losses = relearn(model, encode(rows), attack, evaluator.encoder.pad_id, before_step=hook)
+                attacked_model, losses = relearn(model, encode(rows), attack, evaluator.encoder.pad_id,
+                                                 before_step=hook)
             attacked = evaluator(attacked_model, step=step)
             del attacked_model
             t_prob = _target_prob(target_attacked, label, attack)
