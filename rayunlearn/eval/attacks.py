@@ -408,14 +408,17 @@ def _target_prob(target_attacked: Optional[dict], label: str, attack) -> Optiona
 
 
 def attack_evaluator(evaluator):
-    """The evaluator of attacked models: ``evaluator`` itself, or its fast twin (no generation)
-    under ``eval.attack_rouge=false``."""
+    """The evaluator of attacked models: ``evaluator`` itself, or its twin that is fast (no
+    generation) under ``eval.attack_rouge=false`` and evaluates on this process alone (the
+    attacks run on rank 0 only: a collective evaluation there would wait for the other ranks)."""
+    from rayunlearn.eval import distributed as D
     from rayunlearn.eval.evaluate import Evaluator
 
-    if evaluator.eval_cfg.attack_rouge or evaluator.fast:
+    fast = evaluator.fast or not evaluator.eval_cfg.attack_rouge
+    if fast == evaluator.fast and not D.use_distributed(evaluator.distributed):
         return evaluator
     return Evaluator(evaluator.tokenizer, evaluator.benchmark, evaluator.data_cfg, evaluator.eval_cfg,
-                     retain_reference=evaluator.reference, fast=True, distributed=evaluator.distributed)
+                     retain_reference=evaluator.reference, fast=fast, distributed=False)
 
 
 def reference_attacks(model, evaluator, plain: dict, attacks, *, benchmark) -> dict:
