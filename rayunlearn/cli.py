@@ -10,7 +10,7 @@
     rayunlearn sweep SPACE [--resume | --extend N] [key=value ...]
     rayunlearn report RESULTS_DIR [--summary-md PATH [--readme README.md]]
     rayunlearn demo [--model tiny|smollm2-135m] [--summary PATH] [key=value ...]
-    rayunlearn bench {effects,eval,sweep,gpu,all}
+    rayunlearn bench {effects,eval,sweep,gpu,attacks,all}
     rayunlearn methods        (objectives, method presets and their hyper-parameters)
 """
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("overrides", nargs="*", metavar="key=value")
 
     bn = sub.add_parser("bench", help="performance measurements, printed as side-by-side ratios")
-    bn.add_argument("what", choices=["effects", "eval", "sweep", "gpu", "all"])
+    bn.add_argument("what", choices=["effects", "eval", "sweep", "gpu", "attacks", "all"])
     bn.add_argument("--model", default=None, help="tiny, smollm2-135m (default: both where installed)")
     bn.add_argument("--quick", action="store_true", help="fewer repetitions")
 

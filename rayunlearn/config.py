@@ -195,6 +195,63 @@ class EffectsConfig:
                                             "retain_probe_size": COUNT}
 
 
+# the bit widths torchao's weight-only integer quantization (IntxWeightOnlyConfig) rounds to;
+# 1 bit leaves a single level per scale group, nothing left to evaluate
+QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
+ATTACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+@dataclass
+class AttackConfig:
+    """One attack of ``eval.attacks``, run on the unlearned model after its final evaluation and
+    on the retain and target models when a sweep prepares them (rayunlearn/eval/attacks.py
+    documents each): ``relearn`` finetunes a copy for ``steps`` AdamW steps on ``data`` — a
+    held-out subset of ``size`` forget items (whole authors; the other authors' items are
+    evaluated), or ``size`` retain / world-fact rows (benign finetuning); ``quantize`` rounds
+    every linear weight but the LM head to ``bits`` bits (torchao, weight-only)."""
+
+    kind: Literal["relearn", "quantize"] = "relearn"
+    name: str = ""                 # the columns attack.<name>.*; default: relearn / relearn_<data> / quant<bits>
+    data: Literal["forget", "retain", "world"] = "forget"
+    steps: int = 10
+    lr: float = 1e-3
+    batch_size: int = 4
+    size: int = 10
+    seed: int = 0
+    bits: int = 8
+    group_size: int = 0            # input columns sharing one scale; 0 = one scale per output row
+    # a LoRA run's adapter is merged into a copy of the model before the attack (the attacker holds
+    # the released weights); false is refused (an unmerged adapter is not a model to attack)
+    merge_lora: bool = True
+
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "steps": COUNT,        # 0 relearning steps is no attack
+        "lr": POSITIVE,
+        "batch_size": COUNT,
+        "size": COUNT,
+        "seed": NONNEGATIVE_INT,
+        "bits": COUNT,
+        "group_size": NONNEGATIVE_INT,
+    }
+
+    def validate(self) -> None:
+        _check(not self.name or bool(ATTACK_NAME.fullmatch(self.name)), "name",
+               f"{self.name!r} is not a column name: letters, digits and _, starting with a letter")
+        if self.kind == "quantize":
+            _check(self.bits in QUANT_BITS, "bits",
+                   f"torchao's weight-only integer quantization rounds to {QUANT_BITS[0]}..{QUANT_BITS[-1]} "
+                   f"bits, got {self.bits}; use e.g. 8 or 4")
+
+    @property
+    def label(self) -> str:
+        """The attack's name in its columns (``attack.<label>.<metric>``)."""
+        if self.name:
+            return self.name
+        if self.kind == "quantize":
+            return f"quant{self.bits}"
+        return "relearn" if self.data == "forget" else f"relearn_{self.data}"
+
+
 @dataclass
 class EvalConfig:
     """TOFU evaluation (docs/spec/TOFU_METRICS.md)."""
@@ -213,6 +270,15 @@ class EvalConfig:
     removal_score: str = "tr_closeness"
     selection_fraction: float = 0.5   # share of forget authors in the selection part (1 = no held-out part)
     selection_seed: int = 0
+    # robustness attacks run after the final evaluation (AttackConfig; metrics attack.<name>.*)
+    attacks: list[AttackConfig] = field(default_factory=list)
+    # the name of one of `attacks`: `removal` / `removal_report` are then that attack's
+    # post-attack scores (the sweep optimises removal that survives it); `removal_unattacked`
+    # keeps the plain one
+    removal_attack: Optional[str] = None
+    # generate answers (ROUGE) when evaluating attacked models; false: the fast evaluation (no
+    # generation; their `retention` is then the six non-ROUGE utility numbers' harmonic mean)
+    attack_rouge: bool = True
 
     DOMAINS: ClassVar[dict[str, Domain]] = {
         "every": NONNEGATIVE_INT,
@@ -232,6 +298,12 @@ class EvalConfig:
             check_score_name(self.removal_score, "removal_score")
         except UnknownNameError as exc:     # a config key: reported as the config's error
             raise ConfigError(str(exc)) from None
+        labels = [a.label for a in self.attacks]
+        for i, label in enumerate(labels):
+            _check(label not in labels[:i], f"attacks[{i}].name",
+                   f"two attacks are named {label!r}; give each a distinct name")
+        _check(self.removal_attack is None or self.removal_attack in labels, "removal_attack",
+               f"{self.removal_attack!r} names none of eval.attacks ({', '.join(labels) or 'none given'})")
 
 
 @dataclass
@@ -279,6 +351,18 @@ class UnlearnConfig:
             parse_method(self.method, allow_no_forget=self.allow_no_forget)
         except UserError as exc:
             raise ConfigError(f"method: {exc}") from None
+        check_attacks(self.eval.attacks, self.model, self.train)
+
+
+def check_attacks(attacks: list[AttackConfig], model: ModelConfig, train: TrainConfig) -> None:
+    """What an attack needs of the run: a whole model on one process, a merged LoRA adapter."""
+    for i, a in enumerate(attacks):
+        _check(a.merge_lora or model.lora_r == 0, f"eval.attacks[{i}].merge_lora",
+               f"model.lora_r={model.lora_r}: an attack acts on the released model, the adapter merged "
+               f"into its base; set eval.attacks[{i}].merge_lora=true (or drop the attack)")
+    _check(not attacks or train.strategy == "ddp", "eval.attacks",
+           f"attacks run on one process with the whole model; train.strategy={train.strategy} shards it: "
+           f"use train.strategy=ddp or drop eval.attacks")
 
 
 # --------------------------------------------------------------------------------------------

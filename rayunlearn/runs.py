@@ -24,7 +24,7 @@ Layout (``docs/ARCHITECTURE.md`` draws it with every field)::
         extensions.jsonl                    one line per `--extend N`
         mlruns.db                           the MLflow store, one run per trial (`tracking_uri:`)
         tune/                               Ray Tune's experiment state (--resume)
-        reference/{target,retain}.json
+        reference/{target,retain}.json      (+ {target,retain}.attacks.json with eval.attacks)
         trials/<trial_id>/                  a run directory (+ trial.json, attempts.jsonl, result.json)
           seed<j>/                          seed j >= 1 of a `seeds: k` trial (a run directory + trial.json)
         effects/<trial_id>/{geffects,steps}.parquet
@@ -67,6 +67,7 @@ TRAINER_STATE_FILE = "trainer.json"
 TRIAL_FILE = "trial.json"              # the search point (family, method, hyper-parameters)
 ATTEMPTS_FILE = "attempts.jsonl"       # one line per start: retries are visible
 RESULT_FILE = "result.json"            # status, error, time, flattened metrics
+ATTACKS_FILE = "attacks.json"          # per-item values of the run's attacks (eval.attacks)
 
 # names in a sweep directory
 SWEEP_SPACE_FILE = "sweep.yaml"        # the resolved search space
@@ -145,6 +146,13 @@ def effects_table(results_dir: str | Path, trial_id: str, table: str) -> Path:
 def reference_eval(results_dir: str | Path, which: str) -> Path:
     """``<results_dir>/reference/<which>.json`` (which: "target" or "retain")."""
     return Path(results_dir) / REFERENCE_DIR / f"{which}.json"
+
+
+def attacked_reference(reference: str | Path) -> Path:
+    """``<dir>/<stem>.attacks.json`` beside a reference evaluation ``<dir>/<stem>.json``: the
+    reference model's evaluations under the sweep's attacks (``rayunlearn.eval.attacks``)."""
+    reference = Path(reference)
+    return reference.with_name(f"{reference.stem}{ATTACKED_SUFFIX}")
 
 
 def prepared_dir(results: str | Path, key: str) -> Path:
@@ -253,7 +261,7 @@ TRIALS_FIXED_COLUMNS = ("trial_id", "family", "method", "status", "error", "time
 # training loop measures the phases (exclusive: G-effect recording inside a step counts as
 # effects, not steps); `other` is time_s minus their sum (see rayunlearn.train.timing)
 TIME_PREFIX = "time."
-TIME_PHASES = ("load", "steps", "effects", "trajectory_eval", "final_eval")
+TIME_PHASES = ("load", "steps", "effects", "trajectory_eval", "final_eval", "attacks")
 TIME_OTHER = "other"
 # replicates (`seeds: k` in a search space): `removal`/`retention` are the means over the seeds,
 # SD_SUFFIX columns their standard deviations (sample sd, ddof 1; NaN for one seed), SEEDS_COLUMN
@@ -270,6 +278,7 @@ STOP_REASON_COLUMN = "stop_reason"
 # attacks (`eval.attacks`): `attack.<name>.<metric>` (e.g. attack.relearn.forget.prob); an attack
 # that failed leaves its metrics NaN and its reason in `attack.<name>.error`
 ATTACK_PREFIX = "attack."
+ATTACKED_SUFFIX = ".attacks.json"     # a reference model's attacked evaluations (attacked_reference)
 TRIALS_REQUIRED_COLUMNS = ("trial_id", "family", "method", "status", "removal", "retention")
 HP_PREFIX = "hp."
 

@@ -68,6 +68,7 @@ def test_a_stage_only_override_of_shared_settings_is_refused(tmp_path):
 def test_smollm2_overrides_are_valid(tmp_path):
     spaces = load_demo_spaces(tmp_path, SMOLLM2)
     assert spaces["study"].model.name == "smollm2-135m" and spaces["study"].prepare.train_base is False
+    assert spaces["study"].unlearn.eval.attacks == [] and load_demo_spaces(tmp_path, [])["study"].unlearn.eval.attacks
     assert spaces["study"].data.template == "plain" and spaces["sweep"].num_samples == 4
 
 

@@ -12,6 +12,7 @@ BENCHES = {
     "eval": "rayunlearn.bench.eval",
     "sweep": "rayunlearn.bench.sweep",
     "gpu": "rayunlearn.bench.gpu",
+    "attacks": "rayunlearn.bench.attacks",
 }
 
 

@@ -105,7 +105,7 @@ class Evaluator:
                  progress: bool = False, min_k: Optional[float] = None, distributed: Optional[bool] = None):
         from rayunlearn.eval.probe import Probe, QAEncoder
 
-        self.tokenizer = tokenizer
+        self.tokenizer, self.benchmark = tokenizer, benchmark
         self.data_cfg, self.eval_cfg = data_cfg, eval_cfg
         if min_k is None:
             min_k = getattr(eval_cfg, "mia_min_k", MIN_K)

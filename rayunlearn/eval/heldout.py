@@ -53,8 +53,11 @@ def block_authors(n: int) -> list[str]:
     return [f"block-{i // TOFU_QA_PER_AUTHOR}" for i in range(n)]
 
 
-def _rank_key(seed: int, author: str) -> str:
-    return hashlib.sha256(f"{int(seed)}:{author}".encode("utf-8")).hexdigest()
+def ranked_authors(authors: list[str], seed: int) -> list[str]:
+    """The distinct ``authors`` in a seeded order that depends only on the seed and the names
+    (a hash of ``(seed, author)``): the held-out split takes its selection part from the front,
+    the relearning attack (``rayunlearn.eval.attacks``) its relearned authors."""
+    return sorted(set(authors), key=lambda a: hashlib.sha256(f"{int(seed)}:{a}".encode("utf-8")).hexdigest())
 
 
 def split_authors(authors: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -68,7 +71,7 @@ def split_authors(authors: list[str], fraction: float, seed: int) -> tuple[list[
     if fraction == 1 or len(unique) < 2:
         return unique, []
     k = min(len(unique) - 1, max(1, round(fraction * len(unique))))
-    ranked = sorted(unique, key=lambda a: _rank_key(seed, a))
+    ranked = ranked_authors(unique, seed)
     return sorted(ranked[:k]), sorted(ranked[k:])
 
 

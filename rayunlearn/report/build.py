@@ -20,6 +20,7 @@ from rayunlearn import runs
 from rayunlearn.io import write_json, write_text
 from rayunlearn.report import figures as F
 from rayunlearn.report import interactive as I
+from rayunlearn.report import robustness
 from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, MIN_IMPORTANCE_TRIALS, NPO_FAMILY, TABLE_COLUMNS,
                                         fidelity_stats, front_data, front_in_words, front_of, ga_effect_by_weight,
                                         group_effects, hp_importance, instance_effects, results_table, trial_label)
@@ -28,8 +29,9 @@ from rayunlearn.report.findings import FAILED, HELD, check_claims
 
 MAX_SERIES = 12      # lines per curve figure
 MAX_TABLE_ROWS = 40  # results-table rows per collection before keeping only the front
-SECTIONS = ("Overview", "Findings", "Pareto frontier", "Results table", "G-effect curves", "Layer groups",
-            "Per-instance G-effects", "GA PG-effect by NPO weight", "Trajectories", "First-order fidelity", "Hyper-parameter importance")
+SECTIONS = ("Overview", "Findings", "Pareto frontier", "Results table", robustness.SECTION, "G-effect curves",
+            "Layer groups", "Per-instance G-effects", "GA PG-effect by NPO weight", "Trajectories",
+            "First-order fidelity", "Hyper-parameter importance")
 
 
 class Doc:
@@ -339,6 +341,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         doc.table(tbl[cols].rename(columns=heads))
         if not any(c.steps(t) is not None for t in trials["trial_id"]):
             doc.note("cumulative G-effects: not recorded (no effects/<trial>/steps.parquet).")
+
+    # Robustness: the eval.attacks (rayunlearn/report/robustness.py)
+    robustness.add_section(doc, collections, colors, fig_dir, fig, _slug, summary)
 
     def per_trial_series(title, intro, load, draw, name, stem, caption, missing, interactive=None):
         """One section: per collection, a figure of `load(c, trial)` for the trials that have it

@@ -13,6 +13,8 @@ settings (:meth:`SearchSpace.prepare_key`); names from ``rayunlearn.runs``:
                              seed + j, from the same base model
     reference/noise.json     the noise floor of every score between the retain replicates
                              (:func:`noise_floor`; ``rayunlearn.runs.noise_path``)
+    reference/{retain,target}.attacks.json   with unlearn.eval.attacks: their evaluations under
+                             the same attacks as the trials' (rayunlearn.eval.attacks)
 
 The sweep copies the reference evaluations to ``<sweep>/reference/``.
 """
@@ -20,12 +22,14 @@ The sweep copies the reference evaluations to ``<sweep>/reference/``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import shutil
 from pathlib import Path
 
 from rayunlearn import runs
-from rayunlearn.config import FinetuneConfig, SynthConfig
+from rayunlearn.config import FinetuneConfig, SynthConfig, to_dict
 from rayunlearn.io import read_json, write_json
 from rayunlearn.sweep.space import SearchSpace, stage_train
 
@@ -94,7 +98,35 @@ def prepare(space: SearchSpace, console=None) -> Prepared:
             write_json(runs.noise_path(root), noise)
             say(f"[prepare {key}] noise floor between {len(replicates)} retain replicates: removal "
                 f"({noise['removal_kind']}) ±{noise['removal']:.4g}, retention ±{noise['retention']:.4g}")
+        attacks = space.unlearn.eval.attacks
+        if attacks:
+            stage_key = "attacks_" + hashlib.sha256(json.dumps(to_dict(space.unlearn.eval)["attacks"],
+                                                               sort_keys=True).encode()).hexdigest()[:12]
+            for stage in ("retain", "target"):
+                if not done.get(f"{stage_key}_{stage}"):
+                    say(f"[prepare {key}] attacking the {stage} model ({', '.join(a.label for a in attacks)})")
+                    _attack_reference(space, data, model_dirs[stage], runs.reference_eval(root, stage), retain_ref)
+                    done[f"{stage_key}_{stage}"] = True
+                    write_json(done_path, done)
     return Prepared(root=root, data=data, target=str(model_dirs["target"]), retain_reference=retain_ref)
+
+
+def _attack_reference(space: SearchSpace, data, model_dir: Path, reference: Path, retain_reference: str) -> None:
+    """The reference model's evaluations under ``unlearn.eval.attacks`` (the same attacks as
+    every trial's), beside its reference evaluation (``runs.attacked_reference``): a trial's
+    recovered fraction is measured against the equally attacked target."""
+    from rayunlearn.data import load_benchmark
+    from rayunlearn.eval.attacks import reference_attacks
+    from rayunlearn.eval.evaluate import Evaluator, load_reference
+    from rayunlearn.models import load_model
+
+    model, tokenizer = load_model(space.model, path=str(model_dir))
+    model.eval()
+    benchmark = load_benchmark(data)
+    evaluator = Evaluator(tokenizer, benchmark, data, space.unlearn.eval, retain_reference=retain_reference)
+    plain = load_reference(str(reference))
+    write_json(runs.attacked_reference(reference),
+               reference_attacks(model, evaluator, plain, space.unlearn.eval.attacks, benchmark=benchmark))
 
 
 def _fail_fast(space: SearchSpace, data) -> None:
@@ -102,8 +134,9 @@ def _fail_fast(space: SearchSpace, data) -> None:
     or an unreachable hub fails in seconds with its clear message instead of inside Ray Train
     workers (which may wait for GPUs that never come)."""
     from rayunlearn.data import load_benchmark
+    from rayunlearn.eval.attacks import check_attacks_fit
 
-    load_benchmark(data)
+    check_attacks_fit(space.unlearn.eval.attacks, load_benchmark(data), data, space.unlearn.eval)
     name = space.model.name
     if name in ("tiny", "smollm2-135m") or Path(name).is_dir():
         return

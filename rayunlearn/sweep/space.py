@@ -57,7 +57,7 @@ import yaml
 
 from rayunlearn import runs
 from rayunlearn.config import (ConfigError, DataConfig, EffectsConfig, EvalConfig, FinetuneConfig,
-                               ModelConfig, TrainConfig, from_dict, merge_sources, parse_override,
+                               ModelConfig, TrainConfig, check_attacks, from_dict, merge_sources, parse_override,
                                read_preset, to_dict)
 from rayunlearn.domains import COUNT, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, Domain, integer, number
 from rayunlearn.eval.scores import MIA, check_score_name
@@ -301,6 +301,10 @@ class SearchSpace:
         if MIA in score.needs and not self.unlearn.eval.mia:
             raise ConfigError(f"unlearn.eval.removal_score: {score.name} needs membership-inference scores; "
                               f"set unlearn.eval.mia=true or choose another score")
+        try:
+            check_attacks(self.unlearn.eval.attacks, self.model, self.unlearn.train)
+        except ConfigError as exc:
+            raise ConfigError(f"unlearn.{exc}") from None
         if self.storage is not None:
             check_storage_url(self.storage)
         p = self.prepare
@@ -366,6 +370,10 @@ class SearchSpace:
         # replicates are extra stages of the same preparation: a study without them and a sweep
         # with them share the base, target and retain models
         blob["prepare"].pop("retain_replicates")
+        # attacks change neither the models nor their plain evaluations (prepare adds the
+        # references' attacked evaluations as a stage of its own)
+        for key in ("attacks", "removal_attack", "attack_rouge"):
+            blob["eval"].pop(key)
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

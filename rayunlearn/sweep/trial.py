@@ -342,7 +342,8 @@ def mark_run_failed(run_dir, error: str) -> None:
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
     """Scalar leaves of a metrics dict with dotted keys (``forget.prob``); the fingerprint, lists
-    and the ``done`` flag are dropped."""
+    and the ``done`` flag are dropped, and so are the top-level ``status`` / ``error`` (the trial
+    records its own), not a nested one such as ``attack.<name>.error``."""
     out: dict[str, Any] = {}
     for k, v in metrics.items():
         key = f"{prefix}{k}"
@@ -354,7 +355,7 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
             out[key] = float(v)
         elif isinstance(v, (int, float)):
             out[key] = float(v)
-        elif isinstance(v, str) and k not in ("status", "error"):
+        elif isinstance(v, str) and (prefix or k not in ("status", "error")):   # attack.<name>.error stays
             out[key] = v
     return out
 

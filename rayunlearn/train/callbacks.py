@@ -36,6 +36,7 @@ from rayunlearn import UserError
 from rayunlearn.config import UnlearnConfig
 from rayunlearn.data.examples import collate_examples, to_device
 from rayunlearn.effects.recorder import build_probe, default_sink, make_recorder
+from rayunlearn.eval.attacks import attack_unlearned
 from rayunlearn.eval.evaluate import Evaluator, trajectory_record, write_eval
 from rayunlearn.eval.tofu_logs import export_tofu_logs
 from rayunlearn.forward import token_view
@@ -134,7 +135,7 @@ class UnlearnCallbacks(Callbacks):
             self.recorder = make_recorder(cfg.effects, task.model, task.method, forget_probe, retain_probe,
                                           task.reference, task.ctx, sink, trial_id, rank=0 if is_main else 1,
                                           ref_cache=task.ref_caches)
-        self._fast = None
+        self._fast = self._full = None
 
     def resumed(self, start: int) -> None:
         """Before the first step, which is optimiser step `start` (0 when starting from scratch):
@@ -193,9 +194,9 @@ class UnlearnCallbacks(Callbacks):
                 self._fast = Evaluator(task.tokenizer, task.benchmark, self.cfg.data, self.cfg.eval,
                                        retain_reference=self.cfg.eval.retain_reference, fast=True, **kw)
             return self._fast(model, step=step)
-        ev = Evaluator(task.tokenizer, task.benchmark, self.cfg.data, self.cfg.eval,
-                       retain_reference=self.cfg.eval.retain_reference, **kw)
-        return ev(model, step=step)
+        self._full = Evaluator(task.tokenizer, task.benchmark, self.cfg.data, self.cfg.eval,
+                               retain_reference=self.cfg.eval.retain_reference, **kw)
+        return self._full(model, step=step)
 
     def _trajectory(self, metrics: dict, step: int, report: bool = True) -> None:
         rec = {**trajectory_record(metrics), "step": step}
@@ -221,6 +222,10 @@ class UnlearnCallbacks(Callbacks):
             metrics = dict(log[-1]) if log else {"step": total_steps}
         else:
             self._trajectory(metrics, total_steps, report=False)
+            if self.cfg.eval.attacks:
+                with self.timer.phase("attacks"):
+                    metrics = attack_unlearned(self.cfg.eval, self.task.model, self.task.benchmark, self._full,
+                                               metrics, self.run_dir)
             write_eval(metrics, self.run_dir)
             try:
                 export_tofu_logs(metrics, self.run_dir / TOFU_EVAL_DIR)

@@ -220,6 +220,11 @@ def _check_unlearn(cfg: UnlearnConfig) -> Method:
                         f"`rayunlearn finetune stage=target ...` or set target=<model dir>")
     check_weight_files(cfg.target)
     _check_common(cfg)
+    if cfg.evaluate and cfg.eval.attacks:
+        from rayunlearn.data import load_benchmark
+        from rayunlearn.eval.attacks import check_attacks_fit
+
+        check_attacks_fit(cfg.eval.attacks, load_benchmark(cfg.data), cfg.data, cfg.eval)
     return parse_method(cfg.method, allow_no_forget=cfg.allow_no_forget)
 
 
