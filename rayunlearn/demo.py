@@ -51,18 +51,18 @@ def parse_stages(text: str | None) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s in asked)
 
 # SmolLM2-135M-Instruct: no base stage (the pretrained model is the base), the plain template
-# (its chat template adds a ~30-token system prompt to every sequence), sized for two CPU cores:
-# a benchmark of 10 authors of 6 QA each (forget10 = one author, 6 rows) and small evaluation
-# sets. The target and retain models are finetuned long enough (3 epochs of 8 rows at 3e-4) for
-# the target to learn its authors: its forget probability must stand well above the retain
-# model's, or unlearning has nothing to remove. Unlearning: the paper's 5 epochs with batches of
-# 2 (15 optimiser steps, so the G-effect curves have 8 points at every=2) at a learning rate for a
+# (its chat template adds a ~30-token system prompt to every sequence), sized for two busy CPU
+# cores: a benchmark of 10 authors of 4 QA each (forget10 = one author, 4 rows) and small
+# evaluation sets. The target and retain models are finetuned long enough (3 epochs of 8 rows at
+# 3e-4) for the target to learn its authors: its forget probability must stand well above the
+# retain model's, or unlearning has nothing to remove. Unlearning: the paper's 5 epochs with
+# batches of 2 (10 optimiser steps; G-effects at every other step) at a learning rate for a
 # pretrained 135 M model, with small fixed probes (a G-effect record costs a backward pass per
 # probe row).
 SMOLLM2 = [
     "model.name=smollm2-135m", "data.template=plain", "data.max_length=96",
-    "data.synth.num_authors=10", "data.synth.min_qa_per_author=6", "data.synth.max_qa_per_author=6",
-    "data.synth.num_world_facts=16", "data.synth.retain_perturbed_size=12",
+    "data.synth.num_authors=10", "data.synth.min_qa_per_author=4", "data.synth.max_qa_per_author=4",
+    "data.synth.num_world_facts=10", "data.synth.retain_perturbed_size=8",
     "prepare.train_base=false",
     "prepare.target={epochs: 3, batch_size: 8, micro_batch_size: 8, lr: 3.0e-4, warmup_epochs: 0.5, max_grad_norm: 1.0}",
     "prepare.retain={epochs: 3, batch_size: 8, micro_batch_size: 8, lr: 3.0e-4, warmup_epochs: 0.5, max_grad_norm: 1.0}",
