@@ -9,7 +9,7 @@
     rayunlearn tofu-summary EVAL_DIR [--retain RETAIN_DIR] [--json]
     rayunlearn sweep SPACE [--resume | --extend N] [key=value ...]
     rayunlearn report RESULTS_DIR [--summary-md PATH [--readme README.md]]
-    rayunlearn demo [--model tiny|smollm2-135m] [--summary PATH] [key=value ...]
+    rayunlearn demo [--model tiny|smollm2-135m] [--stages study,sweep] [--summary PATH] [key=value ...]
     rayunlearn bench {effects,eval,sweep,gpu,attacks,all}
     rayunlearn methods        (objectives, method presets and their hyper-parameters)
 """
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--model", default="tiny", help="tiny (default) or smollm2-135m")
     dm.add_argument("--out", default="results/demo")
     dm.add_argument("--fresh", action="store_true", help="ignore finished stages and start over")
+    dm.add_argument("--stages", default=None, metavar="LIST",
+                    help="the stages to run after the preparation, comma-separated: study, sweep "
+                         "(default: both); e.g. --stages study")
     dm.add_argument("--summary", default=None, metavar="PATH",
                     help="also write a Markdown summary of the results to PATH (e.g. docs/results/demo.md)")
     dm.add_argument("overrides", nargs="*", metavar="key=value")
@@ -154,10 +157,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return report_command(args.results_dir, summary_md=args.summary_md, command=args.command_line,
                               readme=args.readme)
     if cmd == "demo":
-        from rayunlearn.demo import demo_command
+        from rayunlearn.demo import demo_command, parse_stages
 
         return demo_command(model=args.model, out=args.out, overrides=args.overrides, fresh=args.fresh,
-                            summary=args.summary, command=args.command_line)
+                            summary=args.summary, command=args.command_line, stages=parse_stages(args.stages))
     if cmd == "bench":
         from rayunlearn.bench import bench_command
 

@@ -102,3 +102,36 @@ def test_retain_reference_is_its_own_forget_quality_reference():
     # everything else is unchanged
     assert ref["model_utility"] == plain["model_utility"] and ref["forget"] == plain["forget"]
     assert ref["raw"] is plain["raw"]
+
+
+def test_stages_option_parses_a_subset_in_stage_order():
+    from rayunlearn.demo import STAGES, parse_stages
+
+    assert parse_stages(None) == STAGES == ("study", "sweep")
+    assert parse_stages("study") == ("study",)
+    assert parse_stages("sweep, study") == ("study", "sweep")
+    for bad in ("report", "study,swep", " , "):
+        with pytest.raises(UserError, match="--stages"):
+            parse_stages(bad)
+
+
+def test_demo_runs_only_the_stages_asked_for(tmp_path, monkeypatch):
+    """`--stages study`: the study runs, the sweep neither runs nor is marked done, and a later
+    `--stages sweep` runs the sweep and skips the finished study."""
+    import rayunlearn.demo as demo
+    import rayunlearn.report as report
+    from rayunlearn import runs
+    from rayunlearn.io import read_json
+
+    ran = []
+    monkeypatch.setattr(demo, "_run_stage", lambda space, console: ran.append(space.name) or {})
+    (tmp_path / runs.REPORT_DIR).mkdir()
+    monkeypatch.setattr(report, "build_report", lambda out_dir: tmp_path / runs.REPORT_DIR / "report.html")
+    assert demo.demo_command(out=str(tmp_path), stages=("study",)) == 0
+    state = read_json(tmp_path / runs.DEMO_STATE_FILE)
+    assert ran == ["study"] and state["study"] == "done" and "sweep" not in state
+    assert demo.demo_command(out=str(tmp_path), stages=("study", "sweep")) == 0
+    assert ran == ["study", "sweep"]
+    # --fresh starts over only the stages asked for
+    assert demo.demo_command(out=str(tmp_path), stages=("sweep",), fresh=True) == 0
+    assert ran == ["study", "sweep", "sweep"] and read_json(tmp_path / runs.DEMO_STATE_FILE)["study"] == "done"
