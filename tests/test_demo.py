@@ -34,7 +34,7 @@ def test_study_runs_the_papers_methods_and_sweep_the_proposed_families(tmp_path)
 
 
 def test_the_default_regime_has_curves_and_equal_thirds(tmp_path):
-    """The demo's regime (issue 13): a multiple of 3 blocks (the report's layer thirds equal, at least
+    """The demo's regime: a multiple of 3 blocks (the report's layer thirds equal, at least
     two blocks each), at least 40 unlearning steps on the demo's forget split, G-effects every 1-2
     steps in the study, and the study and the sweep unlearning with the same recipe."""
     from rayunlearn.data.synth import generate

@@ -137,8 +137,8 @@ def test_search_space_validates_the_score_at_load():
     with pytest.raises(ConfigError, match="unlearn.eval.removal_score: unknown removal score 'forgetquality'"):
         load_space("demo_sweep", ["unlearn.eval.removal_score=forgetquality"])
     with pytest.raises(ConfigError, match="tr_closeness needs the prepared reference"):
-        load_space("demo_sweep", ["prepare.reference_eval=false", "prepare.retain_replicates=1"])
-    assert load_space("demo_sweep", ["prepare.reference_eval=false", "prepare.retain_replicates=1", "unlearn.eval.removal_score=es_removal"])
+        load_space("demo_sweep", ["prepare.reference_eval=false", "prepare.retain_replicates=1", "retention_floor=null"])
+    assert load_space("demo_sweep", ["prepare.reference_eval=false", "prepare.retain_replicates=1", "retention_floor=null", "unlearn.eval.removal_score=es_removal"])
     with pytest.raises(ConfigError, match="needs membership-inference"):
         load_space("demo_sweep", ["unlearn.eval.mia=false", "unlearn.eval.removal_score=privleak_closeness"])
 

@@ -1,4 +1,4 @@
-"""Replicates, the retention floor and the noise floor (issue 14 items 3-5): seed aggregation on
+"""Replicates, the retention floor and the noise floor: seed aggregation on
 hand-made values, a synthetic sweep with two seeds per configuration and a floor, the floor's
 constraint reaching the Optuna sampler, and the noise floor between retain replicates on
 hand-made evaluations."""

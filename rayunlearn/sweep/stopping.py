@@ -77,9 +77,13 @@ def fast_retention(evaluation: dict) -> float:
 
 def retention_floor(space: SearchSpace, sweep_dir: Path) -> Optional[float]:
     """The absolute retention floor of trajectory evaluations: ``space.retention_floor`` × the
-    target model's fast-mode retention (``<sweep>/reference/target.json``); None without a floor."""
+    target model's fast-mode retention (``<sweep>/reference/target.json``); without a preparation
+    (a synthetic trainable) the floor itself, as the sampler's constraint takes it
+    (``rayunlearn.sweep.trial.retention_threshold``); None without a floor."""
     if space.retention_floor is None:
         return None
+    if not space.prepare.enabled:
+        return float(space.retention_floor)
     path = runs.reference_eval(sweep_dir, "target")
     if not path.exists():
         raise RetentionFloorError(
