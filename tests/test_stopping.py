@@ -72,8 +72,12 @@ def test_floor_is_a_fraction_of_the_targets_fast_retention(tmp_path):
     # the harmonic mean of the six non-ROUGE numbers, by hand: 6 / (3/0.8 + 3/0.5)
     assert fast_retention(_target_eval(0.8, 0.5)) == pytest.approx(6 / (3 / 0.8 + 3 / 0.5), rel=1e-12)
     space = _space(tmp_path, "floor", retention_floor=0.5)
+    # no target evaluation: the floor itself without a preparation (a synthetic trainable's
+    # retention is a score in [0, 1]); with one, the missing evaluation is an error
+    assert retention_floor(space, tmp_path) == 0.5
+    prepared = _space(tmp_path, "floor", retention_floor=0.5, prepare={"enabled": True})
     with pytest.raises(RetentionFloorError, match="target.json does not exist"):
-        retention_floor(space, tmp_path)
+        retention_floor(prepared, tmp_path)
     write_json(runs.reference_eval(tmp_path, "target"), _target_eval())
     # 0.5 × 0.8, not 0.5 × the full retention (0.24, ROUGE included)
     assert retention_floor(space, tmp_path) == pytest.approx(0.4, rel=1e-12)

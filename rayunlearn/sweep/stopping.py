@@ -77,20 +77,21 @@ def fast_retention(evaluation: dict) -> float:
 
 def retention_floor(space: SearchSpace, sweep_dir: Path) -> Optional[float]:
     """The absolute retention floor of trajectory evaluations: ``space.retention_floor`` × the
-    target model's fast-mode retention (``<sweep>/reference/target.json``); without a preparation
-    (a synthetic trainable) the floor itself, as the sampler's constraint takes it
+    target model's fast-mode retention (``<sweep>/reference/target.json``, which trajectory
+    evaluations match); without a target evaluation and without a preparation (a synthetic
+    trainable) the floor itself, as for the sampler's constraint
     (``rayunlearn.sweep.trial.retention_threshold``); None without a floor."""
     if space.retention_floor is None:
         return None
+    path = runs.reference_eval(sweep_dir, "target")
+    if path.exists():
+        return space.retention_floor * fast_retention(read_json(path))
     if not space.prepare.enabled:
         return float(space.retention_floor)
-    path = runs.reference_eval(sweep_dir, "target")
-    if not path.exists():
-        raise RetentionFloorError(
-            f"retention_floor={space.retention_floor:g} is a fraction of the target model's retention, and "
-            f"{path} does not exist; keep prepare.enabled and prepare.reference_eval on (they write it), or "
-            f"unset retention_floor")
-    return space.retention_floor * fast_retention(read_json(path))
+    raise RetentionFloorError(
+        f"retention_floor={space.retention_floor:g} is a fraction of the target model's retention, and "
+        f"{path} does not exist; keep prepare.enabled and prepare.reference_eval on (they write it), or "
+        f"unset retention_floor")
 
 
 def noise_band(sweep_dir: Path) -> tuple[float, float]:

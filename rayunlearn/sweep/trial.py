@@ -192,14 +192,16 @@ def _sample_sd(vals: list[float]) -> float:
 
 def retention_threshold(space: SearchSpace, sweep_dir: str | Path) -> Optional[float]:
     """The retention a trial must reach under ``retention_floor``: the floor times the target
-    model's retention (``<sweep>/reference/target.json``); without a preparation (a synthetic
-    trainable) the floor itself, retention being a score in [0, 1]. None without a floor."""
+    model's retention (``<sweep>/reference/target.json``); without a target evaluation and without
+    a preparation (a synthetic trainable) the floor itself, retention being a score in [0, 1]
+    (``rayunlearn.sweep.stopping.retention_floor`` judges trajectories the same way). None
+    without a floor."""
     if space.retention_floor is None:
         return None
-    if not space.prepare.enabled:
+    path = runs.reference_eval(sweep_dir, "target")
+    if not path.exists() and not space.prepare.enabled:
         return float(space.retention_floor)
-    target = read_json(runs.reference_eval(sweep_dir, "target"))
-    return float(space.retention_floor) * float(target["retention"])
+    return float(space.retention_floor) * float(read_json(path)["retention"])
 
 
 def feasible(retention: float, threshold: Optional[float]) -> Optional[bool]:
