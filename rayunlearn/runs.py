@@ -40,6 +40,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import re
+
 import pyarrow as pa
 
 from rayunlearn import UserError
@@ -289,3 +291,14 @@ HP_PREFIX = "hp."
 class DivergedError(UserError):
     """The divergence guard stopped a run: a non-finite loss or gradient norm. Deterministic for a
     given config and seed, so a sweep records it and does not retry it."""
+
+
+# the text of a trial's `error` column and an attack's `attack.<name>.error`
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def short_error(exc: BaseException) -> str:
+    """``Type: message`` on one line, without terminal colour codes, cut to 500 characters (a
+    table cell, not a traceback)."""
+    text = " ".join(_ANSI.sub("", f"{type(exc).__name__}: {exc}").split())
+    return text if len(text) <= 500 else text[:497] + "..."

@@ -165,7 +165,8 @@ def test_deterministic_failure_recorded_once_with_a_clean_error(tmp_path, ray_lo
 
 def test_system_errors_are_told_from_the_trials_own():
     ray = pytest.importorskip("ray")
-    from rayunlearn.sweep.trial import is_system_error, root_error, short_error
+    from rayunlearn.runs import short_error
+    from rayunlearn.sweep.trial import is_system_error, root_error
 
     assert is_system_error(ray.exceptions.WorkerCrashedError())
     assert is_system_error(ray.exceptions.ActorDiedError())

@@ -62,7 +62,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from rayunlearn import UserError
+from rayunlearn import UserError, runs
 from rayunlearn.eval import metrics as M
 from rayunlearn.eval import scores as S
 from rayunlearn.eval.heldout import block_authors, item_authors, ranked_authors, split_items
@@ -355,7 +355,6 @@ def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int 
     attacks.json). An attack that raises is recorded (NaN metrics, its error) and the others
     still run."""
     from rayunlearn.data.examples import encode_records
-    from rayunlearn.sweep.trial import short_error
 
     ev_cfg = evaluator.eval_cfg
     results, per_item = {}, {}
@@ -386,7 +385,7 @@ def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int 
                                "forget_prob": item_probs(attacked["raw"]),
                                "unattacked_forget_prob": item_probs(plain["raw"])}
         except Exception as exc:  # noqa: BLE001 - an attack's failure is a result, the run goes on
-            metrics = failed_metrics(short_error(exc), time.perf_counter() - t0)
+            metrics = failed_metrics(runs.short_error(exc), time.perf_counter() - t0)
         results[label] = metrics
     return results, per_item
 
@@ -433,7 +432,6 @@ def load_attacked_reference(reference_path) -> Optional[dict]:
     """The attacked evaluations stored beside a reference evaluation, or None."""
     from pathlib import Path
 
-    from rayunlearn import runs
     from rayunlearn.io import read_json
 
     if not reference_path or isinstance(reference_path, dict):
@@ -450,7 +448,6 @@ def attack_unlearned(eval_cfg, model, benchmark, evaluator, metrics: dict, run_d
     ``removal_report_unattacked``)."""
     from pathlib import Path
 
-    from rayunlearn import runs
     from rayunlearn.io import write_json
 
     target_attacked = load_attacked_reference(eval_cfg.target_reference)

@@ -27,7 +27,8 @@ from rayunlearn import runs
 from rayunlearn.io import read_json, write_json, write_parquet
 from rayunlearn.pareto import hypervolume_2d, noisy_pareto_front, pareto_front
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace
-from rayunlearn.sweep.trial import root_error, short_error
+from rayunlearn.runs import short_error
+from rayunlearn.sweep.trial import root_error
 
 
 def write_tables(space: SearchSpace, sweep_dir: Path, errors: Optional[dict[str, str]] = None) -> dict:

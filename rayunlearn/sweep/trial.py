@@ -44,7 +44,6 @@ import dataclasses
 import importlib
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -142,9 +141,9 @@ def run_seed(space: SearchSpace, ctx: TrialContext, point: dict, j: int, report)
         if is_system_error(exc):
             raise
         if isinstance(exc, runs.DivergedError):
-            metrics, status, error = {}, runs.DIVERGED, short_error(exc)
+            metrics, status, error = {}, runs.DIVERGED, runs.short_error(exc)
         else:
-            metrics, status, error = {}, runs.FAILED, short_error(root_error(exc))
+            metrics, status, error = {}, runs.FAILED, runs.short_error(root_error(exc))
             mark_run_failed(seed_dir, error)
     return _nan_objectives(flatten_metrics(metrics)), status, error
 
@@ -279,16 +278,6 @@ def import_trainable(spec: str):
 
 def _result_base(trial_id: str, family: str, method: str, hp: dict) -> dict:
     return {"trial_id": trial_id, "family": family, "method": method, "hp": hp}
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def short_error(exc: BaseException) -> str:
-    """``Type: message`` on one line, without terminal colour codes, cut to 500 characters (a
-    table cell, not a traceback)."""
-    text = " ".join(_ANSI.sub("", f"{type(exc).__name__}: {exc}").split())
-    return text if len(text) <= 500 else text[:497] + "..."
 
 
 # Ray's errors for a lost process or node: the trial's code did nothing wrong, a retry can succeed

@@ -29,8 +29,7 @@ from rayunlearn.config import ConfigError
 from rayunlearn.io import read_json
 from rayunlearn.sweep.space import OBJECTIVES, SearchSpace, define_by_run
 from rayunlearn.sweep.tables import fmt, write_tables
-from rayunlearn.sweep.trial import (TrialContext, mark_run_failed, retention_threshold, root_error, short_error,
-                                   sweep_trial)
+from rayunlearn.sweep.trial import TrialContext, mark_run_failed, retention_threshold, root_error, sweep_trial
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +340,7 @@ def _finished_trial_callback(space: SearchSpace, sweep_dir: Path, done_before: i
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
             error = trial.get_error()      # a system error, retried max_failures times already
-            self.errors[trial.trial_id] = short_error(root_error(error)) if error is not None else runs.FAILED
+            self.errors[trial.trial_id] = runs.short_error(root_error(error)) if error is not None else runs.FAILED
             mark_run_failed(runs.trial_dir(sweep_dir, trial.trial_id), self.errors[trial.trial_id])
             print(f"[sweep] trial {trial.trial_id} {runs.FAILED} ({self.done}/{space.total_trials}): "
                   f"{self.errors[trial.trial_id]}", flush=True)
