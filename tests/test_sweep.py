@@ -386,8 +386,11 @@ def test_bench_time_breakdown_and_efficiency(tmp_path):
 
     from rayunlearn.bench.sweep import sweep_efficiency, time_breakdown
 
-    phases = ["time.load", "time.steps", "time.effects", "time.trajectory_eval", "time.final_eval", "time.other"]
-    a, b = [1.0, 4.0, 0.5, 1.5, 7.0, 2.0], [3.0, 2.0, 0.5, 0.5, 5.0, 1.0]
+    from rayunlearn import runs
+
+    phases = [runs.TIME_PREFIX + p for p in (*runs.TIME_PHASES, runs.TIME_OTHER)]
+    assert len(phases) == 7       # load, steps, effects, trajectory_eval, final_eval, attacks, other
+    a, b = [1.0, 4.0, 0.5, 1.5, 7.0, 0.0, 2.0], [3.0, 2.0, 0.5, 0.5, 5.0, 0.0, 1.0]
     table = {k: [x, y] for k, x, y in zip(phases, a, b)}
     table["time_s"] = [sum(a), sum(b)]
     pq.write_table(pa.table({**table, "trial_id": ["x", "y"]}), tmp_path / "trials.parquet")
@@ -403,7 +406,7 @@ def test_bench_tells_first_trials_in_a_process_from_reused_ones_and_compares_res
     from rayunlearn.bench.sweep import breakdown_by_process, metric_differences
     from rayunlearn.io import append_jsonl
 
-    phases = ["time.load", "time.steps", "time.effects", "time.trajectory_eval", "time.final_eval", "time.other"]
+    phases = [runs.TIME_PREFIX + p for p in (*runs.TIME_PHASES, runs.TIME_OTHER) if p != "attacks"]
     # trials a and c started first in processes 7 and 8; b ran in process 7 after a (a retried trial
     # counts by its last attempt: d's first attempt in process 9 died, its retry reused process 8)
     starts = {"a": [(7, 100.0)], "b": [(7, 130.0)], "c": [(8, 101.0)], "d": [(9, 102.0), (8, 140.0)]}
@@ -412,7 +415,8 @@ def test_bench_tells_first_trials_in_a_process_from_reused_ones_and_compares_res
         for pid, t in attempts:
             append_jsonl(runs.trial_dir(tmp_path, tid) / runs.ATTEMPTS_FILE, {"time": t, "pid": pid})
     rows = {"trial_id": list(starts), "method": ["m1", "m2", "m3", "m4"], "removal": [0.1, float("nan"), 0.3, 0.4],
-            **{k: [loads[t] if k == "time.load" else 1.0 for t in starts] for k in phases}}
+            **{k: [loads[t] if k == "time.load" else 1.0 for t in starts] for k in phases},
+            "time.attacks": [0.0] * 4}
     rows["time_s"] = [loads[t] + 5.0 for t in starts]
     pq.write_table(pa.table(rows), tmp_path / "trials.parquet")
     got = breakdown_by_process(tmp_path)
