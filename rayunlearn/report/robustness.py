@@ -66,6 +66,7 @@ def robustness_table(trials: pd.DataFrame, hp_columns: list[str], names: list[st
             m = attacked.get(name, {})
             row[f"{name}: forget prob before"] = m.get("unattacked.forget.prob")
             row[f"{name}: after"] = m.get("forget.prob")
+            row[f"{name}: recovered"] = None       # measured against the target: not defined for it
             row[f"{name}: retention after"] = m.get("retention")
         rows.append(row)
     for i, (_, r) in enumerate(trials.iterrows()):

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rayunlearn import runs
 from rayunlearn.io import write_text
+from rayunlearn.report import robustness
 from rayunlearn.report.analysis import front_data, front_in_words
 from rayunlearn.report.data import Collection, ReportDataError, discover, read_json_file
 
@@ -121,13 +123,46 @@ def summary_markdown(results_dir: str | Path, findings: list[dict], command: str
         out += collection_table(c) + [""]
         if c.hp_columns:    # a sweep: which differences on its front are real
             out += [" ".join(front_in_words(front_data(c))), ""]
+        out += robustness_lines(c)
     out += ["## Claims", ""]
     if not findings:
         out += ["_No findings recorded (build the report first: `rayunlearn report RESULTS`)._", ""]
     for f in findings:
         out.append(f"- Claim {f['claim']} — **{f['verdict']}**: {_cell(f['title'])}.")
     out.append("")
+    out += time_lines(Path(results_dir))
     return "\n".join(out)
+
+
+def robustness_lines(c: Collection) -> list[str]:
+    """The collection's attacks (eval.attacks): forget probability before and after each attack
+    on the attack's evaluated items, the recovered fraction and the retention after, with the
+    reference models' rows (rayunlearn.report.robustness); nothing without attacks."""
+    names = robustness.attack_names(c.trials)
+    if not names or c.completed.empty:
+        return []
+    table = robustness.robustness_table(c.completed, c.hp_columns, names, robustness.attacked_references(c.path))
+    cols = list(table.columns)
+    lines = [f"### {c.name}: attacks", "",
+             "Forget probability on each attack's evaluated items before and after it; recovered = (p_after − "
+             "p_before) / (p_target,attacked − p_before), the share of the gap to the equally attacked target that "
+             "came back.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(_cell(str(r[k])) if isinstance(r[k], str) else num(r[k]) for k in cols) + " |")
+    lines += [""] + [f"- {_cell(v)}" for v in robustness.verdicts(c.completed, c.hp_columns, names)] + [""]
+    return lines
+
+
+def time_lines(results_dir: Path) -> list[str]:
+    """What each stage of `rayunlearn demo` cost on the machine that ran it (``demo_state.json``'s
+    timings, seconds); nothing for results the demo did not write."""
+    state = results_dir / runs.DEMO_STATE_FILE
+    timings = read_json_file(state).get("timings") if state.exists() else None
+    if not timings:
+        return []
+    shown = ", ".join(f"{k.replace('_', ' ')} {float(v):.0f} s" for k, v in timings.items())
+    return ["## Time", "", f"Stage times of the demo run that wrote these results (wall clock; the study stage "
+            f"includes the preparation, the sweep stage its retain replicate): {shown}.", ""]
 
 
 def write_summary(results_dir: str | Path, path: str | Path, command: str, report_summary: str | Path) -> Path:
