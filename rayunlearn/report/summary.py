@@ -116,9 +116,12 @@ def summary_markdown(results_dir: str | Path, findings: list[dict], command: str
            "number; the gap is the selection's optimism). Forget quality is TOFU's KS p-value over all forget "
            "items with its statistic D and n (model/retain); MU = model utility; privleak ≈ 0 is ideal.", ""]
     for c in collections:
-        n_other = len(c.trials) - len(c.completed)
+        n_stopped = int((c.trials["status"] == runs.STOPPED).sum())
+        n_other = len(c.trials) - len(c.completed) - n_stopped
         out += [f"## {c.name}", "",
-                f"{len(c.completed)} completed trials" + (f", {n_other} failed or unfinished" if n_other else "")
+                f"{len(c.completed)} completed trials"
+                + (f", {n_stopped} stopped early (rayunlearn/sweep/stopping.py)" if n_stopped else "")
+                + (f", {n_other} failed or unfinished" if n_other else "")
                 + ("; `*` = on the Pareto front of (removal (selection), retention)." if c.hp_columns else "."), ""]
         out += collection_table(c) + [""]
         if c.hp_columns:    # a sweep: which differences on its front are real
