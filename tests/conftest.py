@@ -12,6 +12,7 @@ import os
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,3 +163,18 @@ def data_config(**kw):
 
     return DataConfig(benchmark="toy", forget_split=kw.pop("forget_split", "forget01"),
                       template=kw.pop("template", "plain"), max_length=kw.pop("max_length", 64), **kw)
+
+# --------------------------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray for the sweep tests of one module (an instance already running is used
+    and left running)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -122,17 +122,6 @@ def test_the_floor_reaches_the_sampler_and_steers_it_away(tmp_path):
 # ----------------------------------------------------------------------------- a sweep with seeds and a floor
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.ray
 def test_sweep_with_two_seeds_and_a_floor(tmp_path, ray_local):
     import optuna

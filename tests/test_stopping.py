@@ -142,17 +142,6 @@ def test_stopper_judges_against_completed_trials_on_disk(tmp_path):
 # a real tiny Ray sweep
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _space(tmp_path, name, **kw):
     data = {
         "name": name, "results": str(tmp_path),

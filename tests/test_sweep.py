@@ -12,22 +12,10 @@ import pytest
 from rayunlearn.io import read_json, read_jsonl
 from rayunlearn.pareto import pareto_front
 from rayunlearn.sweep.space import load_space
-from rayunlearn.sweep.synthetic import synthetic_objectives
 
 pytestmark = [pytest.mark.ray]
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def _space(tmp_path, name, **kw):
