@@ -246,13 +246,13 @@ def default_sink(effects_cfg, out_dir):
     ``effects.aggregator`` (a sweep sets it), else a LocalSink writing under `out_dir` (the
     results directory: rows go to ``<out_dir>/effects/<trial_id>/``). A named actor that cannot
     be reached is an error."""
-    import ray
-
     from rayunlearn.effects.actor import LocalSink, RaySink, get_aggregator
 
     name = effects_cfg.aggregator
     if not name:
         return LocalSink(str(out_dir))
+    import ray      # only here: a run without a sweep's aggregator runs where Ray is not installed
+
     if not ray.is_initialized():
         problem = "Ray is not running in this process"
     else:

@@ -120,7 +120,11 @@ def _attack_reference(space: SearchSpace, data, model_dir: Path, reference: Path
     from rayunlearn.eval.evaluate import Evaluator, load_reference
     from rayunlearn.models import load_model
 
+    import torch
+
     model, tokenizer = load_model(space.model, path=str(model_dir))
+    if torch.cuda.is_available():       # as _evaluate: the attacks' relearning steps and evaluations
+        model.cuda()
     model.eval()
     benchmark = load_benchmark(data)
     evaluator = Evaluator(tokenizer, benchmark, data, space.unlearn.eval, retain_reference=retain_reference)

@@ -46,7 +46,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from rayunlearn import runs
 from rayunlearn.config import ConfigError, UnlearnConfig, from_dict, to_dict
@@ -73,8 +73,18 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
     from ray import tune
 
     space = from_dict(SearchSpace, ctx.space)
-    trial_id = tune.get_context().get_trial_id()
     family_name, hp = decode(space, config)
+    run_trial(space, ctx, tune.get_context().get_trial_id(), family_name, hp, tune.report)
+
+
+def run_trial(space: SearchSpace, ctx: TrialContext, trial_id: str, family_name: str, hp: dict,
+              report_to: Callable[[dict], None]) -> None:
+    """The body of :func:`sweep_trial` without Ray: one configuration (``family_name`` with its
+    decoded hyper-parameters ``hp``) as trial ``trial_id``, every seed, its files under
+    ``trials/<trial_id>/``; ``report_to`` receives what a Tune trial reports (the trajectory
+    evaluations, then the final result once). A driver that runs a grid space in-process
+    (docs/results/smollm2-gpu/run_study.py) calls it directly with a ``report_to`` that keeps
+    nothing, then writes the tables with ``rayunlearn.sweep.tables.write_tables``."""
     family = space.parsed_families[family_name]
     method = family.method_string(hp)
     run_dir = runs.trial_dir(ctx.sweep_dir, trial_id)
@@ -82,8 +92,8 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
             **{f"{runs.HP_PREFIX}{k}": v for k, v in hp.items()}}
     recorded = read_json(run_dir / runs.RESULT_FILE) if (run_dir / runs.RESULT_FILE).exists() else {}
     if recorded.get("status") in runs.FINISHED_STATUSES:
-        tune.report({**base, **_nan_objectives(dict(recorded.get("metrics", {}))),
-                     "status": recorded["status"], "error": recorded.get("error", "")})
+        report_to({**base, **_nan_objectives(dict(recorded.get("metrics", {}))),
+                   "status": recorded["status"], "error": recorded.get("error", "")})
         return
     point = {"trial_id": trial_id, "family": family_name, "method": method, "hp": hp,
              "unit": family.unit(hp), "retain_keys": family.retain_keys(hp), "seeds": space.seeds}
@@ -97,8 +107,8 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
         if metrics.get("done"):
             return      # the final result is reported below, once, with its status
         # time_s: what a trial stopped here has cost (rayunlearn.sweep.stopping)
-        tune.report({**base, **_nan_objectives(flatten_metrics(metrics)), "status": runs.RUNNING, "error": "",
-                     "time_s": time.time() - t0})
+        report_to({**base, **_nan_objectives(flatten_metrics(metrics)), "status": runs.RUNNING, "error": "",
+                   "time_s": time.time() - t0})
 
     if space.resources.torch_threads and space.resources.num_workers == 1:
         import torch
@@ -120,7 +130,7 @@ def sweep_trial(config: dict, ctx: TrialContext) -> None:
             if status == runs.COMPLETED else None
     write_json(run_dir / runs.RESULT_FILE, {**_result_base(trial_id, family_name, method, hp), "status": status,
                                             "error": error, "time_s": time_s, "metrics": flat})
-    tune.report({**base, **flat, "status": status, "error": error})
+    report_to({**base, **flat, "status": status, "error": error})
 
 
 def run_seed(space: SearchSpace, ctx: TrialContext, point: dict, j: int, report) -> tuple[dict, str, str]:
