@@ -221,7 +221,7 @@ class AttackConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 2e-2
     batch_size: int = 4
-    size: int = 10
+    size: int = 20                 # relearning rows: 20 = about two of the demo's authors (one of TOFU's)
     seed: int = 0
     bits: int = 8
     group_size: int = 0            # input columns sharing one scale; 0 = one scale per output row
