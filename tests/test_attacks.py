@@ -477,6 +477,10 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     trials[f"{p}relearn.removal"] = trials["removal"] * (1 - after)
     trials[f"{p}relearn.retention"] = trials["retention"]
     trials[f"{p}relearn.error"] = ""
+    # the last run's attack failed: NaN metrics and the reason (A.failed_metrics)
+    trials.loc[n - 1, [f"{p}relearn.forget.prob", f"{p}relearn.unattacked.forget.prob"]] = np.nan
+    trials.loc[n - 1, f"{p}relearn.error"] = "RuntimeError: boom"
+    kinds[n - 1] = "failed"
     trials.to_parquet(study / runs.TRIALS_TABLE_FILE)
     write_json(runs.attacked_reference(runs.reference_eval(study, "target")),
                {"relearn": {"metrics": {"forget.prob": 0.6, "unattacked.forget.prob": 0.9, "retention": 0.6}}})
@@ -499,8 +503,9 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     assert f"the forgetting of {count['A']} of {defined} runs survives" in line, line
     assert f"in {count['C']} most of it comes back" in line, line
     assert f"{labels[0]} (0.21)" in line and f"{labels[2]} (0.58)" in line and labels[1] + " (" not in line
-    assert f"Not defined for {count['D'] + count['E']} runs" in line
-    assert "gap 0.02 is below MIN_GAP=0.05" in line and "from 0.9 to 0.6" in line
+    assert f"Not defined for {count['D'] + count['E'] + 1} runs" in line
+    assert "gap 0.02 is below MIN_GAP=0.05" in line and "from 0.9 to 0.6" in line and "the attack failed" in line
+    assert "| failed: RuntimeError: boom | n/a: the attack failed |" in md
     assert "the target model's forget prob under it 0.9 → 0.6" in line
     assert "| (target model) | 0.9 | 0.6 |" in md
     assert "(p_after − p_before) / (p_target − p_before)" in md

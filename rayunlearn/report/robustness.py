@@ -80,7 +80,12 @@ def recoveries(trials: pd.DataFrame, name: str, references: dict[str, dict]) -> 
     after, before = _col(trials, name, "forget.prob"), _col(trials, name, "unattacked.forget.prob")
     t0, t1 = col("target.unattacked.forget.prob", "target", "unattacked.forget.prob"), col("target.forget.prob", "target", "forget.prob")
     r0, r1 = col("retain.unattacked.forget.prob", "retain", "unattacked.forget.prob"), col("retain.forget.prob", "retain", "forget.prob")
-    return [recovery(*(float(v[i]) for v in (after, before, t0, t1, r0, r1))) for i in range(len(trials))]
+    errors = trials.get(f"{runs.ATTACK_PREFIX}{name}.error", pd.Series([""] * len(trials), index=trials.index))
+    out = []
+    for i, err in enumerate(errors):
+        rec = recovery(*(float(v[i]) for v in (after, before, t0, t1, r0, r1)))
+        out.append({**rec, "why": "the attack failed"} if isinstance(err, str) and err else rec)
+    return out
 
 
 def robustness_table(trials: pd.DataFrame, hp_columns: list[str], names: list[str],
