@@ -9,14 +9,16 @@ evaluator (same items, references and settings), and reports ``attack.<name>.<me
 
 * ``relearn`` (``data: forget``): ``steps`` steps of plain SGD (``optimizer: sgd``, the default;
   or AdamW, constant ``lr``, no weight decay) on the token-mean NLL of ``batch_size`` rows each,
-  cycling through a seeded shuffle of the *relearning subset* (deterministic given ``seed``): the first ``size`` forget items taken author by author in a seeded order of the
-  authors of the held-out split's *selection* part (:func:`relearn_split`; the report part is
-  never relearned). Only the items of authors with no relearned item are evaluated, so the
-  subset and the evaluated items are disjoint, and no evaluated item shares an
-  author (and so its facts and phrasing) with a relearned one: what comes back was hidden in the
-  weights, not re-taught. ``data: retain`` / ``world``: the same finetuning on ``size`` seeded rows of the
-  retain split or the world facts (benign finetuning that never shows a forget fact); every
-  forget item is evaluated.
+  cycling through a seeded shuffle of the *relearning subset* (deterministic given ``seed``):
+  the first ``size`` forget items taken author by author in a seeded order of the authors of the
+  held-out split's *selection* part (:func:`relearn_split`; the report part is never
+  relearned). Only the items of authors with no relearned item are evaluated, so the subset and
+  the evaluated items are disjoint, and no evaluated item shares an author (and so its facts and
+  phrasing) with a relearned one: what comes back was hidden in the weights, not re-taught.
+  ``data: retain`` / ``world``: the same finetuning on ``size`` seeded rows of the retain split or
+  the world facts (benign finetuning that never shows a forget fact); every forget item is
+  evaluated. Why SGD and the demo's settings: docs/spec/ATTACKS.md (AdamW moves every weight by
+  about ``lr`` whatever its gradient, and destroyed the demo target's own knowledge).
 * ``quantize``: weight-only round-to-nearest integer quantization by torchao
   (``IntxWeightOnlyConfig``: symmetric, ``bits`` bits, one scale per output row or per
   ``group_size`` input columns) of every ``nn.Linear`` but the LM head (kept in full precision,
