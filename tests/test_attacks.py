@@ -133,12 +133,12 @@ def test_recovered_fraction_on_hand_made_numbers():
 
 @pytest.mark.parametrize("args,why", [
     # the gap (0.9 - 0.87 = 0.03) is below MIN_GAP: nothing measurable was forgotten
-    ((0.88, 0.87, 0.9, 0.9, 0.0, 0.0), "gap 0.03 is below MIN_GAP=0.05"),
+    ((0.88, 0.87, 0.9, 0.9, 0.0, 0.0), "gap 0.03 < MIN_GAP=0.05"),
     # the attack took the target from 0.9 to 0.4: 0.3 of its 0.8 gap left, under GUARD = 0.5 of it
-    ((0.5, 0.1, 0.9, 0.4, 0.0, 0.0), "from 0.9 to 0.4"),
+    ((0.5, 0.1, 0.9, 0.4, 0.0, 0.0), "target 0.9 → 0.4, under 0.5 of its gap"),
     ((0.5, 0.1, 0.9, None, 0.0, 0.0), "no attacked target"),
     ((0.5, 0.1, None, 0.8, 0.0, 0.0), "no target model"),
-    ((math.nan, 0.1, 0.9, 0.8, 0.0, 0.0), "unlearned model's forget probability is missing"),
+    ((math.nan, 0.1, 0.9, 0.8, 0.0, 0.0), "no forget probability of the unlearned model"),
 ])
 def test_recovered_fraction_is_nan_with_its_reason_when_it_cannot_be_read(args, why):
     r = A.recovery(*args)
@@ -504,7 +504,7 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     assert f"in {count['C']} most of it comes back" in line, line
     assert f"{labels[0]} (0.21)" in line and f"{labels[2]} (0.58)" in line and labels[1] + " (" not in line
     assert f"Not defined for {count['D'] + count['E'] + 1} runs" in line
-    assert "gap 0.02 is below MIN_GAP=0.05" in line and "from 0.9 to 0.6" in line and "the attack failed" in line
+    assert "gap 0.02 < MIN_GAP=0.05" in line and "target 0.9 → 0.6, under 0.5" in line and "the attack failed" in line
     assert "| failed: RuntimeError: boom | n/a: the attack failed |" in md
     assert "the target model's forget prob under it 0.9 → 0.6" in line
     assert "| (target model) | 0.9 | 0.6 |" in md

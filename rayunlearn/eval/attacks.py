@@ -328,25 +328,23 @@ def recovery(attacked: float, unlearned: float, target: Optional[float], target_
     recovered − max(0, retain_change); ``why`` = "" or, when they are NaN, the reason in words."""
     values = {"recovered": NAN, "target_change": NAN, "retain_change": NAN, "recovered_beyond_retain": NAN}
     if not _finite(attacked, unlearned):
-        return {**values, "why": "the unlearned model's forget probability is missing"}
+        return {**values, "why": "no forget probability of the unlearned model"}
     if not _finite(target):
         return {**values, "why": "no target model evaluated on these items"}
     gap = target - unlearned
     if gap < MIN_GAP:
-        return {**values, "why": f"the target–unlearned gap {gap:.3g} is below MIN_GAP={MIN_GAP}: nothing measurable "
-                                 f"was forgotten"}
+        return {**values, "why": f"target–unlearned gap {gap:.3g} < MIN_GAP={MIN_GAP}: nothing measurable forgotten"}
     if not _finite(target_attacked):
-        return {**values, "why": "no attacked target model: the attack's own effect on the target is unknown"}
+        return {**values, "why": "no attacked target model (the attack's own effect on it unknown)"}
     values["target_change"] = (target_attacked - target) / gap
     if _finite(retain, retain_attacked):
         values["retain_change"] = (retain_attacked - retain) / gap
     if target_attacked - unlearned < GUARD * gap:
-        return {**values, "why": f"the attack itself took the target's forget probability from {target:.3g} to "
-                                 f"{target_attacked:.3g}, less than {GUARD:g} of its gap to the unlearned model left: "
-                                 f"recovery is not interpretable"}
+        return {**values, "why": f"the attack itself took the target {target:.3g} → {target_attacked:.3g}, under "
+                                 f"{GUARD:g} of its gap left: not interpretable"}
     values["recovered"] = (attacked - unlearned) / gap
     if not math.isfinite(values["retain_change"]):
-        return {**values, "why": "no attacked retain model: recovered_beyond_retain unknown"}
+        return {**values, "why": "no attacked retain model (recovered_beyond_retain unknown)"}
     values["recovered_beyond_retain"] = values["recovered"] - max(0.0, values["retain_change"])
     return {**values, "why": ""}
 
