@@ -205,7 +205,7 @@ ATTACK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 class AttackConfig:
     """One attack of ``eval.attacks``, run on the unlearned model after its final evaluation and
     on the retain and target models when a sweep prepares them (rayunlearn/eval/attacks.py
-    documents each): ``relearn`` finetunes a copy for ``steps`` AdamW steps on ``data`` — a
+    documents each): ``relearn`` finetunes a copy for ``steps`` ``optimizer`` steps on ``data`` — a
     held-out subset of ``size`` forget items (whole authors; the other authors' items are
     evaluated), or ``size`` retain / world-fact rows (benign finetuning); ``quantize`` rounds
     every linear weight but the LM head to ``bits`` bits (torchao, weight-only)."""
@@ -214,9 +214,14 @@ class AttackConfig:
     name: str = ""                 # the columns attack.<name>.*; default: relearn / relearn_<data> / quant<bits>
     data: Literal["forget", "retain", "world"] = "forget"
     steps: int = 10
-    lr: float = 1e-3
+    # plain SGD by default: its step scales with the relearning loss's gradient, so it barely moves
+    # a model that already knows the relearned facts (the target) and restores a model they were
+    # removed from; AdamW moves every weight by ~lr whatever the gradient, and on the demo's tiny
+    # model destroyed the target's own knowledge (docs/spec/ATTACKS.md has the measurements)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 2e-2
     batch_size: int = 4
-    size: int = 10
+    size: int = 20                 # relearning rows: 20 = about two of the demo's authors (one of TOFU's)
     seed: int = 0
     bits: int = 8
     group_size: int = 0            # input columns sharing one scale; 0 = one scale per output row

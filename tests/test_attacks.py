@@ -114,25 +114,70 @@ def test_benign_and_quantization_attacks_evaluate_every_forget_item():
 
 
 def test_recovered_fraction_on_hand_made_numbers():
-    # unlearned 0.1 -> attacked 0.5, the target under the same attack 0.9: half the gap came back
-    assert A.recovered_fraction(0.5, 0.1, 0.9) == pytest.approx(0.5)
-    assert A.recovered_fraction(0.1, 0.1, 0.9) == 0.0
-    assert A.recovered_fraction(0.9, 0.1, 0.9) == pytest.approx(1.0)
-    assert A.recovered_fraction(0.05, 0.1, 0.9) == pytest.approx(-0.0625)     # the attack removed more
-    assert math.isnan(A.recovered_fraction(0.5, 0.1, None))                     # no attacked target
-    assert math.isnan(A.recovered_fraction(0.5, 0.3, 0.3))                      # nothing was forgotten
+    # unlearned 0.1, target 0.9 (gap 0.8); the attack takes the unlearned model to 0.5 and the
+    # target to 0.8: half of what unlearning removed came back, the target lost 1/8 of the gap
+    r = A.recovery(0.5, 0.1, 0.9, 0.8, retain=0.05, retain_attacked=0.03)
+    assert r["recovered"] == pytest.approx(0.5) and r["target_change"] == pytest.approx(-0.125)
+    assert r["retain_change"] == pytest.approx(-0.025) and r["why"] == ""
+    assert r["recovered_beyond_retain"] == pytest.approx(0.5)     # the retain model's fall is not credited
+    # the retain model (never saw these authors) rises by 0.2 under the attack = 1/4 of the gap
+    r = A.recovery(0.5, 0.1, 0.9, 0.8, retain=0.05, retain_attacked=0.25)
+    assert r["retain_change"] == pytest.approx(0.25) and r["recovered_beyond_retain"] == pytest.approx(0.25)
+    assert A.recovery(0.1, 0.1, 0.9, 0.9, 0.0, 0.0)["recovered"] == 0.0
+    assert A.recovery(0.9, 0.1, 0.9, 0.9, 0.0, 0.0)["recovered"] == pytest.approx(1.0)
+    assert A.recovery(0.05, 0.1, 0.9, 0.9, 0.0, 0.0)["recovered"] == pytest.approx(-0.0625)   # the attack removed more
+    # against the unattacked target, not the attacked one: (0.5 - 0.1) / (0.9 - 0.1), not / (0.6 - 0.1)
+    r = A.recovery(0.5, 0.1, 0.9, 0.6, 0.0, 0.0)
+    assert r["recovered"] == pytest.approx(0.5) and r["target_change"] == pytest.approx(-0.375)
+
+
+@pytest.mark.parametrize("args,why", [
+    # the gap (0.9 - 0.87 = 0.03) is below MIN_GAP: nothing measurable was forgotten
+    ((0.88, 0.87, 0.9, 0.9, 0.0, 0.0), "gap 0.03 < MIN_GAP=0.05"),
+    # the attack took the target from 0.9 to 0.4: 0.3 of its 0.8 gap left, under GUARD = 0.5 of it
+    ((0.5, 0.1, 0.9, 0.4, 0.0, 0.0), "target 0.9 → 0.4, under 0.5 of its gap"),
+    ((0.5, 0.1, 0.9, None, 0.0, 0.0), "no attacked target"),
+    ((0.5, 0.1, None, 0.8, 0.0, 0.0), "no target model"),
+    ((math.nan, 0.1, 0.9, 0.8, 0.0, 0.0), "no forget probability of the unlearned model"),
+])
+def test_recovered_fraction_is_nan_with_its_reason_when_it_cannot_be_read(args, why):
+    r = A.recovery(*args)
+    assert math.isnan(r["recovered"]) and math.isnan(r["recovered_beyond_retain"]) and why in r["why"]
+
+
+def test_recovered_fraction_guard_sits_at_half_the_gap():
+    assert A.GUARD == 0.5 and A.MIN_GAP == 0.05
+    # gap 0.8: the attacked target at 0.1 + 0.4 keeps exactly half of it (defined), just below not
+    assert A.recovery(0.3, 0.1, 0.9, 0.5, 0.0, 0.0)["recovered"] == pytest.approx(0.25)
+    assert math.isnan(A.recovery(0.3, 0.1, 0.9, 0.4999, 0.0, 0.0)["recovered"])
+    # no attacked retain model: the plain fraction stands, the one beyond the retain model's rise is unknown
+    r = A.recovery(0.3, 0.1, 0.9, 0.8)
+    assert r["recovered"] == pytest.approx(0.25) and math.isnan(r["recovered_beyond_retain"])
+    assert "no attacked retain model" in r["why"]
 
 
 def test_attack_metrics_restrict_every_score_to_the_evaluated_items():
     plain, attacked = _raw([2.0, 3.0, 4.0, 5.0]), _raw([2.0, 1.0, 4.0, 0.5])
-    m = A.attack_metrics({"raw": attacked, "retention": 0.4}, {"raw": plain}, (1, 3), reference=None, target=None,
+    target, retain = {"raw": _raw([0.1, 0.2, 0.3, 0.4])}, {"raw": _raw([3.0, 2.5, 3.0, 3.5])}
+    m = A.attack_metrics({"raw": attacked, "retention": 0.4}, {"raw": plain}, (1, 3), reference=retain, target=target,
                          removal_score="prob_removal", selection_fraction=0.5, selection_seed=0,
-                         target_attacked_prob=0.9)
+                         target_attacked_prob=0.75, retain_attacked_prob=0.1)
     p_att = (math.exp(-1.0) + math.exp(-0.5)) / 2
     p_unl = (math.exp(-3.0) + math.exp(-5.0)) / 2
+    p_tgt = (math.exp(-0.2) + math.exp(-0.4)) / 2          # the unattacked target on items 1 and 3
+    p_ret = (math.exp(-2.5) + math.exp(-3.5)) / 2
     assert m["forget.prob"] == pytest.approx(p_att) and m["unattacked.forget.prob"] == pytest.approx(p_unl)
-    assert m["recovered"] == pytest.approx((p_att - p_unl) / (0.9 - p_unl))
-    assert m["retention"] == 0.4 and m["n_items"] == 2 and math.isnan(m["forget_quality"])
+    assert m["target.unattacked.forget.prob"] == pytest.approx(p_tgt) and m["target.forget.prob"] == 0.75
+    assert m["retain.unattacked.forget.prob"] == pytest.approx(p_ret) and m["retain.forget.prob"] == 0.1
+    gap = p_tgt - p_unl
+    assert m["recovered"] == pytest.approx((p_att - p_unl) / gap)
+    assert m["target_change"] == pytest.approx((0.75 - p_tgt) / gap)
+    assert m["retain_change"] == pytest.approx((0.1 - p_ret) / gap) and m["retain_change"] > 0
+    assert m["recovered_beyond_retain"] == pytest.approx((p_att - p_unl - (0.1 - p_ret)) / gap)
+    assert m["recovered_why"] == ""
+    assert m["retention"] == 0.4 and m["n_items"] == 2
+    # the KS test against the retain model on the two items (equal truth ratios: p = 1)
+    assert m["forget_quality"] == pytest.approx(1.0)
     # authors x (items 0, 1) and y (2, 3): each part keeps its evaluated item only
     parts = sorted([m["removal"], m["removal_report"]])
     assert parts == pytest.approx(sorted([1 - math.exp(-1.0), 1 - math.exp(-0.5)]))
@@ -192,32 +237,72 @@ def unlearned():
     return model, target, tok, bench, Evaluator(tok, bench, data_config(), ev_cfg, fast=True)
 
 
-def test_relearning_brings_back_a_ga_unlearned_models_forgetting(unlearned):
+def test_relearning_brings_back_a_ga_unlearned_models_forgetting(unlearned, tmp_path):
+    from rayunlearn.eval.evaluate import Evaluator, write_eval
+
     model, target, tok, bench, ev = unlearned
+    # the target's evaluation as the run's target reference, and the target under the same attack
+    ev_cfg = EvalConfig(max_new_tokens=4, rouge=False, mia=False,
+                        target_reference=str(write_eval(ev(target), tmp_path / "target.json")))
+    ev = Evaluator(tok, bench, data_config(), ev_cfg, fast=True)
     plain, target_plain = ev(model), ev(target)
     assert plain["forget"]["prob"] < 0.5 * target_plain["forget"]["prob"]      # GA did forget
-    attack = AttackConfig(size=2, steps=8, lr=3e-3, batch_size=2)
+    attack = AttackConfig(size=2, steps=8, lr=LR_TOY, batch_size=2)
+    target_attacked = A.reference_attacks(target, ev, target_plain, [attack], benchmark=bench)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    results, per_item = A.run_attacks(model, ev, plain, [attack], benchmark=bench,
-                                      target_attacked={"relearn": {"config": A.attack_settings(attack),
-                                                                   "metrics": {"forget.prob": 0.8}}})
+    results, per_item = A.run_attacks(model, ev, plain, [attack], benchmark=bench, target_attacked=target_attacked)
     m = results["relearn"]
     assert m["error"] == "" and m["n_relearn"] == 2 and m["n_items"] == 4
     assert m["forget.prob"] > 2 * m["unattacked.forget.prob"], m
+    # recovered against the unattacked target on the same items (its reference evaluation)
+    items = per_item["relearn"]["items"]
+    p_target = float(np.exp(-np.asarray(target_plain["raw"]["forget"]["avg_gt_loss"]))[items].mean())
+    assert m["target.unattacked.forget.prob"] == pytest.approx(p_target)
+    assert m["target.forget.prob"] == target_attacked["relearn"]["metrics"]["forget.prob"]
     assert m["recovered"] == pytest.approx((m["forget.prob"] - m["unattacked.forget.prob"])
-                                           / (0.8 - m["unattacked.forget.prob"]))
+                                           / (p_target - m["unattacked.forget.prob"]))
+    assert m["target_change"] == pytest.approx((m["target.forget.prob"] - p_target)
+                                               / (p_target - m["unattacked.forget.prob"]))
+    assert "no attacked retain model" in m["recovered_why"]
     assert len(per_item["relearn"]["losses"]) == 8
     # the G-effects of relearning: the forgotten risk falls back, as the first-order prediction says
     effects = per_item["relearn"]["effects"]
     assert [r["step"] for r in effects] == list(range(8))
     assert effects[-1]["forget_risk"] < effects[0]["forget_risk"]
     assert effects[0]["forget_effect"] > 0 and effects[0]["predicted_forget_risk_change"] < 0
-    assert all(r["predicted_forget_risk_change"] == pytest.approx(-3e-3 * r["forget_effect"]) for r in effects)
+    assert all(r["predicted_forget_risk_change"] == pytest.approx(-LR_TOY * r["forget_effect"]) for r in effects)
     assert per_item["relearn"]["losses"][-1] < per_item["relearn"]["losses"][0]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())   # a copy was attacked
     # the evaluated items' probabilities are the per-item values of the attacked model
-    probs = np.asarray(per_item["relearn"]["forget_prob"])[per_item["relearn"]["items"]]
+    probs = np.asarray(per_item["relearn"]["forget_prob"])[items]
     assert m["forget.prob"] == pytest.approx(float(probs.mean()))
+
+
+LR_TOY = 0.5     # plain SGD on the toy model (hidden size 32): its gradients are small
+
+
+def test_relearning_is_plain_sgd_and_deterministic_given_the_seed(unlearned):
+    """One SGD step is θ − lr·∇L on the seeded batch (checked against a float64 hand step), and
+    the same seed gives the same weights; another seed another batch order."""
+    from rayunlearn.data.examples import collate_examples, encode_records
+    from rayunlearn.effects.engine import risk_nll
+    from rayunlearn.forward import token_view
+
+    model, _, tok, bench, ev = unlearned
+    rows, _ = A.attack_rows(AttackConfig(size=2), bench, data_config(), ev.eval_cfg, ev.records["forget"])
+    examples = encode_records(rows, tok, data_config())
+    one, _ = A.relearn(model, examples, AttackConfig(size=2, steps=1, lr=0.1, batch_size=2), tok.pad_token_id)
+    ref = copy.deepcopy(model).double().train()
+    loss = risk_nll(token_view(ref, collate_examples(examples, tok.pad_token_id)))
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    for (name, p), g, q in zip(ref.named_parameters(), grads, one.parameters()):
+        assert torch.allclose(q.double(), p.detach() - 0.1 * g, atol=1e-6), name
+    attack = AttackConfig(size=2, steps=5, lr=0.1, batch_size=1)
+    a, la = A.relearn(model, examples, attack, tok.pad_token_id)
+    b, lb = A.relearn(model, examples, attack, tok.pad_token_id)
+    c, lc = A.relearn(model, examples, AttackConfig(size=2, steps=5, lr=0.1, batch_size=1, seed=3), tok.pad_token_id)
+    assert la == lb and all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert la != lc
 
 
 def _expanded_scale(w):
@@ -229,7 +314,10 @@ def _expanded_scale(w):
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 16)])
 def test_quantization_round_trip_moves_weights_by_at_most_half_a_step(unlearned, bits, group):
     model = unlearned[1]
-    q = A.quantize(model, AttackConfig(kind="quantize", bits=bits, group_size=group))
+    attack = AttackConfig(kind="quantize", bits=bits, group_size=group)
+    q = A.quantized_copy(model, attack)
+    # the attacked model holds exactly the dequantized weights, as ordinary float tensors
+    plain_weights = dict(A.quantize(model, attack).named_modules())
     head = q.get_output_embeddings()
     originals = dict(model.named_modules())
     n_linear = 0
@@ -243,6 +331,7 @@ def test_quantization_round_trip_moves_weights_by_at_most_half_a_step(unlearned,
         n_linear += 1
         w = mod.weight
         deq = w.dequantize()
+        assert type(plain_weights[name].weight.data) is torch.Tensor and torch.equal(plain_weights[name].weight, deq)
         step = _expanded_scale(w)
         assert step.shape == w0.shape
         assert torch.all((deq - w0).abs() <= step / 2 * (1 + 1e-4))     # half a step, float32 rounding
@@ -263,6 +352,15 @@ def test_eight_bit_quantization_keeps_the_metrics_of_a_float_model(unlearned):
     assert q8["forget.prob"] == pytest.approx(q8["unattacked.forget.prob"], rel=0.02)
     assert q8["retention"] == pytest.approx(plain["retention"], rel=0.02)
     assert abs(q2["forget.prob"] - plain["forget"]["prob"]) > abs(q8["forget.prob"] - plain["forget"]["prob"])
+
+
+def test_dequantized_weights_score_like_torchaos_quantized_model(unlearned):
+    _, target, _, _, ev = unlearned
+    attack = AttackConfig(kind="quantize", bits=4)
+    by_library, ours = ev(A.quantized_copy(target, attack)), ev(A.quantize(target, attack))
+    for key in ("avg_gt_loss", "avg_paraphrased_loss"):
+        assert np.allclose(by_library["raw"]["forget"][key], ours["raw"]["forget"][key], rtol=1e-6, atol=1e-7)
+    assert ours["forget"]["prob"] != pytest.approx(ev(target)["forget"]["prob"], rel=1e-6)   # it did round
 
 
 def test_a_failing_attack_is_recorded_and_the_others_still_run(unlearned):
@@ -336,9 +434,22 @@ def test_a_sweep_optimising_removal_after_relearning_writes_the_attack_columns(t
 # in the report
 
 
+# per-trial (unattacked, attacked) forget probabilities against a target at 0.9 unattacked and 0.6
+# under the attack, and a retain model rising 0.05 -> 0.13 under it (0.08 / 0.9 of a gap from 0):
+#   A: recovered 0.3, beyond the retain model's rise 0.211: survives (< 0.25)
+#   B: 0.578, beyond 0.489: neither       C: 0.667, beyond 0.578: comes back (>= 0.5)
+#   D: gap 0.9 - 0.88 = 0.02 < MIN_GAP: n/a
+#   E: the attacked target keeps 0.6 - 0.4 = 0.2 of the 0.5 gap (< GUARD): n/a
+# Read against the attacked target (0.6 - p_before) and with no retain correction, A would not
+# survive (0.45), B would come back (0.867) and E would come back (0.5).
+REPORT_ROWS = {"A": (0.0, 0.27), "B": (0.0, 0.52), "C": (0.0, 0.6), "D": (0.88, 0.89), "E": (0.4, 0.5)}
+
+
 def test_report_robustness_section_reads_the_attack_columns(tmp_path):
-    """Fake-but-schema-true results with hand-set attack columns: the robustness table, the
-    findings (which methods' forgetting survives) and the front under the attack."""
+    """Fake-but-schema-true results with hand-set attack columns (and a stored ``recovered``
+    column of the old definition, against the attacked target, which the report must not read):
+    the robustness table, the findings (which methods' forgetting survives, the runs where the
+    fraction is not defined and why) and the front under the attack."""
     import json
 
     import pandas as pd
@@ -347,23 +458,34 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     from rayunlearn import runs
     from rayunlearn.io import write_json
     from rayunlearn.report import build_report
-    from rayunlearn.report.robustness import COMES_BACK, SURVIVES
 
     root = make_fake_results(tmp_path / "demo", sweep=False)
     study = root / "study"
     trials = pd.read_parquet(study / runs.TRIALS_TABLE_FILE)
     p = runs.ATTACK_PREFIX
     n = len(trials)
-    recovered = np.linspace(0.0, 1.0, n)          # first runs survive, last ones come back
-    trials[f"{p}relearn.unattacked.forget.prob"] = 0.1
-    trials[f"{p}relearn.forget.prob"] = 0.1 + 0.8 * recovered
-    trials[f"{p}relearn.recovered"] = recovered
-    trials[f"{p}relearn.removal"] = trials["removal"] * (1 - recovered)
+    kinds = ["ABCDE"[i % 5] for i in range(n)]
+    before = np.array([REPORT_ROWS[k][0] for k in kinds])
+    after = np.array([REPORT_ROWS[k][1] for k in kinds])
+    trials[f"{p}relearn.unattacked.forget.prob"] = before
+    trials[f"{p}relearn.forget.prob"] = after
+    trials[f"{p}relearn.target.unattacked.forget.prob"] = 0.9
+    trials[f"{p}relearn.target.forget.prob"] = 0.6
+    trials[f"{p}relearn.retain.unattacked.forget.prob"] = 0.05
+    trials[f"{p}relearn.retain.forget.prob"] = 0.13
+    trials[f"{p}relearn.recovered"] = (after - before) / (0.6 - before)      # the old definition: not read
+    trials[f"{p}relearn.removal"] = trials["removal"] * (1 - after)
     trials[f"{p}relearn.retention"] = trials["retention"]
     trials[f"{p}relearn.error"] = ""
+    # the last run's attack failed: NaN metrics and the reason (A.failed_metrics)
+    trials.loc[n - 1, [f"{p}relearn.forget.prob", f"{p}relearn.unattacked.forget.prob"]] = np.nan
+    trials.loc[n - 1, f"{p}relearn.error"] = "RuntimeError: boom"
+    kinds[n - 1] = "failed"
     trials.to_parquet(study / runs.TRIALS_TABLE_FILE)
     write_json(runs.attacked_reference(runs.reference_eval(study, "target")),
-               {"relearn": {"metrics": {"forget.prob": 0.93, "unattacked.forget.prob": 0.9, "retention": 0.6}}})
+               {"relearn": {"metrics": {"forget.prob": 0.6, "unattacked.forget.prob": 0.9, "retention": 0.6}}})
+    write_json(runs.attacked_reference(runs.reference_eval(study, "retain")),
+               {"relearn": {"metrics": {"forget.prob": 0.13, "unattacked.forget.prob": 0.05, "retention": 0.5}}})
     first = str(trials["trial_id"].iloc[0])
     write_json(runs.trial_dir(study, first) / runs.ATTACKS_FILE,
                {"relearn": {"items": [0, 1], "forget_prob": [0.5, 0.4], "unattacked_forget_prob": [0.1, 0.1],
@@ -374,11 +496,38 @@ def test_report_robustness_section_reads_the_attack_columns(tmp_path):
     summary = json.loads((out / runs.REPORT_SUMMARY_FILE).read_text())
     found = summary["robustness"]["study"]
     assert found["attacks"] == ["relearn"]
-    n_survive, n_back = int((recovered < SURVIVES).sum()), int((recovered >= COMES_BACK).sum())
-    assert f"the forgetting of {n_survive} of {n} runs survives" in found["findings"][0]
-    assert f"in {n_back} most of it comes back" in found["findings"][0]
-    assert "| (target model) | 0.9 | 0.93 |" in md
+    line = found["findings"][0]
+    labels = trials["method"].astype(str).tolist()
+    count = {k: kinds.count(k) for k in "ABCDE"}
+    defined = count["A"] + count["B"] + count["C"]
+    assert f"the forgetting of {count['A']} of {defined} runs survives" in line, line
+    assert f"in {count['C']} most of it comes back" in line, line
+    assert f"{labels[0]} (0.21)" in line and f"{labels[2]} (0.58)" in line and labels[1] + " (" not in line
+    assert f"Not defined for {count['D'] + count['E'] + 1} runs" in line
+    assert "gap 0.02 < MIN_GAP=0.05" in line and "target 0.9 → 0.6, under 0.5" in line and "the attack failed" in line
+    assert "| failed: RuntimeError: boom | n/a: the attack failed |" in md
+    assert "the target model's forget prob under it 0.9 → 0.6" in line
+    assert "| (target model) | 0.9 | 0.6 |" in md
+    assert "(p_after − p_before) / (p_target − p_before)" in md
     assert {"study_front_relearn.png", "study_relearn_relearn.png"} <= set(summary["figures"])
+
+
+def test_report_reads_reference_probabilities_from_the_attacked_references_for_older_results():
+    """Results written before the ``target.*`` / ``retain.*`` columns existed: the report takes
+    the reference models' probabilities from their ``.attacks.json`` (same items, same attack)."""
+    import pandas as pd
+
+    from rayunlearn.report.robustness import recoveries
+
+    trials = pd.DataFrame({"attack.relearn.unattacked.forget.prob": [0.0, 0.0],
+                           "attack.relearn.forget.prob": [0.27, 0.6],
+                           "attack.relearn.target.forget.prob": [0.6, 0.6]})
+    refs = {"target": {"relearn": {"forget.prob": 0.6, "unattacked.forget.prob": 0.9}},
+            "retain": {"relearn": {"forget.prob": 0.13, "unattacked.forget.prob": 0.05}}}
+    found = recoveries(trials, "relearn", refs)
+    assert [r["recovered"] for r in found] == pytest.approx([0.3, 2 / 3])
+    assert [r["recovered_beyond_retain"] for r in found] == pytest.approx([0.3 - 0.08 / 0.9, 2 / 3 - 0.08 / 0.9])
+    assert all(math.isnan(r["recovered"]) for r in recoveries(trials, "relearn", {}))
 
 
 def test_attacked_models_are_evaluated_without_generation_when_asked(unlearned):

@@ -124,8 +124,8 @@ def test_the_repository_readme_quotes_the_committed_demo_summary():
 
 def test_summary_shows_the_attacks_and_the_demo_stage_times(tmp_path):
     """The attacks table reads each attack's own columns (a table that swapped `forget.prob` with
-    `unattacked.forget.prob` or `recovered` would show other numbers) and the reference rows;
-    the stage times come from demo_state.json."""
+    `unattacked.forget.prob`, or measured against the attacked target, would show other numbers)
+    and the reference rows; the stage times come from demo_state.json."""
     import pyarrow as pa
 
     from rayunlearn.io import write_json, write_parquet
@@ -136,17 +136,24 @@ def test_summary_shows_the_attacks_and_the_demo_stage_times(tmp_path):
             "status": ["completed", "completed"], "removal": [0.9, 0.5], "retention": [0.1, 0.6],
             "attack.relearn.unattacked.forget.prob": [0.001, 0.02], "attack.relearn.forget.prob": [0.3, 0.05],
             "attack.relearn.recovered": [0.4, 0.0625], "attack.relearn.retention": [0.2, 0.55],
-            "attack.relearn.target.forget.prob": [0.75, 0.5]}
+            "attack.relearn.target.forget.prob": [0.75, 0.75], "attack.relearn.target.unattacked.forget.prob": [0.96, 0.96],
+            "attack.relearn.retain.forget.prob": [0.146, 0.146],
+            "attack.relearn.retain.unattacked.forget.prob": [0.05, 0.05]}
     write_parquet(tmp_path / runs.TRIALS_TABLE_FILE, pa.table(cols))
     write_json(runs.attacked_reference(runs.reference_eval(tmp_path, "target")),
                {"relearn": {"metrics": {"unattacked.forget.prob": 0.96, "forget.prob": 0.75, "retention": 0.61}}})
+    write_json(runs.attacked_reference(runs.reference_eval(tmp_path, "retain")),
+               {"relearn": {"metrics": {"unattacked.forget.prob": 0.05, "forget.prob": 0.146, "retention": 0.58}}})
     lines = robustness_lines(discover(tmp_path)[0])
     rows = [ln for ln in lines if ln.startswith("| ")]
     assert rows[0] == ("| method | relearn: forget prob before | relearn: after | relearn: recovered | "
-                       "relearn: retention after |")
-    assert rows[1] == "| (target model) | 0.96 | 0.75 | – | 0.61 |"
-    assert rows[2] == "| ga | 0.001 | 0.3 | 0.4 | 0.2 |"
-    assert rows[3] == "| npo | 0.02 | 0.05 | 0.0625 | 0.55 |"
+                       "relearn: beyond retain | relearn: retention after |")
+    assert rows[1] == "| (target model) | 0.96 | 0.75 | – | – | 0.61 |"
+    assert rows[2] == "| (retain model) | 0.05 | 0.146 | – | – | 0.58 |"
+    # recovered = (0.3 - 0.001) / (0.96 - 0.001), not the stored 0.4 nor / (0.75 - 0.001); beyond the
+    # retain model's rise of 0.096: - 0.096 / 0.959
+    assert rows[3] == "| ga | 0.001 | 0.3 | 0.3118 | 0.2117 | 0.2 |"
+    assert rows[4] == "| npo | 0.02 | 0.05 | 0.03191 | -0.07021 | 0.55 |"
     assert time_lines(tmp_path) == []                       # results the demo did not write
     write_json(tmp_path / runs.DEMO_STATE_FILE, {"study": "done", "timings": {"study": 601.4, "this_run_total": 700}})
     assert "study 601 s, this run total 700 s." in time_lines(tmp_path)[2]

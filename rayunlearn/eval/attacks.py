@@ -7,44 +7,56 @@ attacks a *copy* of the model after its final evaluation, evaluates the copy wit
 evaluator (same items, references and settings), and reports ``attack.<name>.<metric>``
 (``runs.ATTACK_PREFIX``) in metrics.json, hence in result.json and trials.parquet:
 
-* ``relearn`` (``data: forget``): AdamW (constant ``lr``, no weight decay) for ``steps`` steps of
-  token-mean NLL on ``batch_size`` rows each, cycling through a seeded shuffle of the *relearning
-  subset*: the first ``size`` forget items taken author by author in a seeded order of the
-  authors of the held-out split's *selection* part (:func:`relearn_split`; the report part is
-  never relearned). Only the items of authors with no relearned item are evaluated, so the
-  subset and the evaluated items are disjoint, and no evaluated item shares an
-  author (and so its facts and phrasing) with a relearned one: what comes back was hidden in the
-  weights, not re-taught. ``data: retain`` / ``world``: the same finetuning on ``size`` seeded rows of the
-  retain split or the world facts (benign finetuning that never shows a forget fact); every
-  forget item is evaluated.
+* ``relearn`` (``data: forget``): ``steps`` steps of plain SGD (``optimizer: sgd``, the default;
+  or AdamW, constant ``lr``, no weight decay) on the token-mean NLL of ``batch_size`` rows each,
+  cycling through a seeded shuffle of the *relearning subset* (deterministic given ``seed``):
+  the first ``size`` forget items taken author by author in a seeded order of the authors of the
+  held-out split's *selection* part (:func:`relearn_split`; the report part is never
+  relearned). Only the items of authors with no relearned item are evaluated, so the subset and
+  the evaluated items are disjoint, and no evaluated item shares an author (and so its facts and
+  phrasing) with a relearned one: what comes back was hidden in the weights, not re-taught.
+  ``data: retain`` / ``world``: the same finetuning on ``size`` seeded rows of the retain split or
+  the world facts (benign finetuning that never shows a forget fact); every forget item is
+  evaluated. Why SGD and the demo's settings: docs/spec/ATTACKS.md (AdamW moves every weight by
+  about ``lr`` whatever its gradient, and destroyed the demo target's own knowledge).
 * ``quantize``: weight-only round-to-nearest integer quantization by torchao
   (``IntxWeightOnlyConfig``: symmetric, ``bits`` bits, one scale per output row or per
   ``group_size`` input columns) of every ``nn.Linear`` but the LM head (kept in full precision,
   as quantized releases do). torchao is PyTorch's own quantization library, released with it and
   declaring no dependencies (so it cannot pull another torch build), and runs on CPU; the
-  quantized model is evaluated as the library leaves it (its tensor subclass computes the
-  linear layers from the rounded weights).
+  quantized model is evaluated with the rounded weights torchao computes from, dequantized once
+  (:func:`quantize`).
 
 Metrics of an attack (on its evaluated forget items, in metrics.json under ``attack.<name>``):
 ``forget.prob|truth_ratio|extraction_strength|rouge`` of the attacked model and
 ``unattacked.forget.*`` of the unattacked one on the same items; ``removal`` / ``removal_report``
 (the run's removal score on the selection / report part of the held-out split, less the
 relearned items), ``forget_quality`` (KS p-value against the retain model on those items),
-``retention`` (model utility of the attacked model); ``target.forget.prob`` (the target model
-under the same attack, from the prepared reference, NaN without one) and ``recovered``; ``n_items``,
-``n_relearn``, ``time_s``, and ``error`` ("" or why the attack failed: its metrics are then NaN
-and the run still completes).
+``retention`` (model utility of the attacked model); ``target.forget.prob`` /
+``retain.forget.prob`` (the target / retain model under the same attack, from the prepared
+references' ``.attacks.json``) and ``target.unattacked.forget.prob`` /
+``retain.unattacked.forget.prob`` (the same models unattacked, on the same items); ``recovered``,
+``target_change``, ``retain_change``, ``recovered_beyond_retain`` and ``recovered_why``
+(:func:`recovery`); ``n_items``, ``n_relearn``, ``time_s``, and ``error`` ("" or why the attack
+failed: its metrics are then NaN and the run still completes).
 
-Recovered fraction — how much of the gap between the unlearned and the target model came back::
+Recovered fraction (:func:`recovery`, the one definition; docs/spec/ATTACKS.md) — how much of
+what unlearning removed came back, with p the mean forget probability on the evaluated items::
 
-    recovered = (p_attacked − p_unlearned) / (p_target_attacked − p_unlearned)
+    recovered = (p_attacked − p_unlearned) / (p_target − p_unlearned)
 
-with p the mean forget probability on the evaluated items: of the unlearned model before and
-after the attack, and of the target model *under the same attack* (the gap an attacker could at
-most close with this attack; for quantization the target's own 4-bit loss is not counted as
-forgetting). 0 = nothing came back, 1 = the attacked model knows as much as the equally attacked
-target; below 0 the attack removed more, above 1 it overshot the target. NaN when the gap is
-below :data:`MIN_GAP` (nothing was forgotten) or the target's attacked value is missing.
+against the *unattacked* target: the gap is what unlearning removed, a property of the unlearned
+model, not of the attack. 0 = nothing came back, 1 = the attacked model knows as much as the
+target did; below 0 the attack removed more. Read beside it, in units of the same gap: the
+target's own change under the attack (``target_change``; an attack that damages what it should
+reveal scores low on every run) and the retain model's (``retain_change``; the retain model never
+saw the evaluated authors, so its rise is what the attack teaches by itself). What the report's
+verdicts read is ``recovered_beyond_retain`` = recovered − max(0, retain_change): a rise the
+attack produces in a model that never knew the facts is not hidden knowledge coming back (a fall
+is not credited). NaN, with the reason in ``recovered_why``, when the gap is below
+:data:`MIN_GAP` (nothing measurable was forgotten), when the attacked target keeps less than
+:data:`GUARD` of its gap (the attack itself destroyed the knowledge: recovery is not
+interpretable), or when a reference is missing.
 
 Per-item values (which forget items come back, the relearning losses, the G-effects of each
 relearning step on the forget and retain probes) go to ``attacks.json`` in
@@ -67,13 +79,21 @@ from rayunlearn.eval import metrics as M
 from rayunlearn.eval import scores as S
 from rayunlearn.eval.heldout import block_authors, item_authors, ranked_authors, split_items
 
-MIN_GAP = 1e-6      # a smaller forget-probability gap to the target leaves nothing to recover
+# a target–unlearned forget-probability gap below this is not measured (docs/spec/ATTACKS.md): two
+# retain replicates differ by ~0.01 on the demo's evaluated items and the default relearning moves
+# the target by ~0.02-0.04
+MIN_GAP = 0.05
+# the attacked target must keep at least this share of its gap to the unlearned model, or the attack
+# destroyed the knowledge it is supposed to reveal and recovery is not interpretable
+GUARD = 0.5
 NAN = float("nan")
 FORGET_FIELDS = ("prob", "truth_ratio", "extraction_strength", "rouge")
 # every attack's metrics (NaN when it failed), so the trials table has the same columns either way
 ATTACK_METRICS = (tuple(f"forget.{f}" for f in FORGET_FIELDS) + tuple(f"unattacked.forget.{f}" for f in FORGET_FIELDS)
-                  + ("removal", "removal_report", "forget_quality", "retention", "target.forget.prob",
-                     "recovered", "n_items", "n_relearn", "time_s"))
+                  + ("removal", "removal_report", "forget_quality", "retention",
+                     "target.forget.prob", "target.unattacked.forget.prob", "retain.forget.prob",
+                     "retain.unattacked.forget.prob", "recovered", "target_change", "retain_change",
+                     "recovered_beyond_retain", "n_items", "n_relearn", "time_s"))
 
 
 class AttackSettingError(UserError):
@@ -168,20 +188,24 @@ def releasable(model, attack):
 
 
 def relearn(model, examples: list[dict], attack, pad_id: int,
-            before_step: Optional[Callable[[int, object, dict], None]] = None):
+            after_backward: Optional[Callable[[int, object, list], None]] = None):
     """Finetune a copy of ``model`` on encoded ``examples`` (see the module docstring); returns
-    (the copy in eval mode, the loss of each step). ``before_step(step, model, batch)`` is
-    called before each update (the G-effect of relearning is recorded there)."""
+    (the copy in eval mode, the loss of each step). ``after_backward(step, model, grads)`` is
+    called once each step's loss gradient is computed, at the weights the step starts from
+    (``grads``: the gradient of every parameter; the G-effects of relearning are recorded there)."""
     import torch
 
     from rayunlearn.data.examples import collate_examples, to_device
+    from rayunlearn.effects.engine import risk_nll
     from rayunlearn.forward import token_view
 
     m = releasable(model, attack)
     m.requires_grad_(True)
     m.train()
-    device = next(m.parameters()).device
-    opt = torch.optim.AdamW(m.parameters(), lr=attack.lr, weight_decay=0.0)
+    params = list(m.parameters())
+    device = params[0].device
+    opt = (torch.optim.SGD(params, lr=attack.lr) if attack.optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=attack.lr, weight_decay=0.0))
     rng = random.Random(attack.seed)
     order: list[int] = []
     losses = []
@@ -192,13 +216,11 @@ def relearn(model, examples: list[dict], attack, pad_id: int,
                 order = list(range(len(examples)))
                 rng.shuffle(order)
             rows.append(examples[order.pop()])
-        batch = to_device(collate_examples(rows, pad_id), device)
-        if before_step is not None:
-            before_step(step, m, batch)
-        view = token_view(m, batch)
-        loss = -(view.logps * view.mask).sum() / view.token_count
+        loss = risk_nll(token_view(m, to_device(collate_examples(rows, pad_id), device)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward(step, m, [p.grad for p in params])
         opt.step()
         losses.append(float(loss.detach()))
     m.eval()
@@ -206,15 +228,25 @@ def relearn(model, examples: list[dict], attack, pad_id: int,
     return m, losses
 
 
-PROBE_ROWS = 16     # rows of each probe the relearning G-effects are measured on
+PROBE_ROWS = 8      # rows of each probe the relearning G-effects are measured on (two backward passes a step)
 
 
-def relearn_effect_recorder(forget_examples: list[dict], retain_examples: list[dict], lr: float, pad_id: int):
-    """(``before_step`` callback for :func:`relearn`, the list it fills): at the weights each
+def probe_rows(examples: list[dict], n: int = PROBE_ROWS) -> list[dict]:
+    """``n`` rows spread evenly over ``examples`` (every author of the evaluated items, not the
+    first author's rows only)."""
+    if len(examples) <= n:
+        return list(examples)
+    return [examples[(k * len(examples)) // n] for k in range(n)]
+
+
+def relearn_effect_recorder(forget_examples: list[dict], retain_examples: list[dict], attack, pad_id: int):
+    """(``after_backward`` callback for :func:`relearn`, the list it fills): at the weights each
     relearning step starts from, the probe risks R (token-mean NLL, the G-effect paper's risk:
-    ``rayunlearn.effects.engine.risk_nll``) of the evaluated forget items and of retain rows, and
-    the step's SGD G-effects e = ∇R·∇L on them (L the relearning batch's NLL; the risk changes
-    by about −lr·e: a positive removal effect means the forgotten risk falls back)."""
+    ``rayunlearn.effects.engine.risk_nll``) of :data:`PROBE_ROWS` evaluated forget items and
+    retain rows (:func:`probe_rows`), and the step's G-effects e = ∇R·∇L on them (L the
+    relearning batch's NLL, whose gradient the step computed anyway). Under SGD the risk changes
+    by −lr·e to first order (``predicted_<probe>_risk_change``; a positive removal effect means
+    the forgotten risk falls back); AdamW's step is not −lr·∇L, so there it is NaN."""
     import torch
 
     from rayunlearn.data.examples import collate_examples, to_device
@@ -222,29 +254,46 @@ def relearn_effect_recorder(forget_examples: list[dict], retain_examples: list[d
     from rayunlearn.forward import token_view
 
     rows: list[dict] = []
-    probes = {"forget": collate_examples(forget_examples[:PROBE_ROWS], pad_id),
-              "retain": collate_examples(retain_examples[:PROBE_ROWS], pad_id)}
+    probes = {"forget": collate_examples(probe_rows(forget_examples), pad_id),
+              "retain": collate_examples(probe_rows(retain_examples), pad_id)}
+    sgd = attack.optimizer == "sgd"
 
-    def before_step(step: int, model, batch: dict) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
+    def after_backward(step: int, model, grads: list) -> None:
+        params = list(model.parameters())
         device = params[0].device
-        g_l = torch.autograd.grad(risk_nll(token_view(model, batch)), params, allow_unused=True)
-        row = {"step": step, "lr": lr}
+        row = {"step": step, "lr": attack.lr}
         for name, probe in probes.items():
             risk = risk_nll(token_view(model, to_device(probe, device)))
             g_r = torch.autograd.grad(risk, params, allow_unused=True)
-            effect = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_r, g_l)
+            effect = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_r, grads)
                          if a is not None and b is not None)
             row[f"{name}_risk"], row[f"{name}_effect"] = float(risk.detach()), effect
-            row[f"predicted_{name}_risk_change"] = -lr * effect
+            row[f"predicted_{name}_risk_change"] = -attack.lr * effect if sgd else NAN
         rows.append(row)
 
-    return before_step, rows
+    return after_backward, rows
 
 
 def quantize(model, attack):
+    """A copy of ``model`` whose linear weights but the LM head hold their ``attack.bits``-bit
+    rounding by torchao (:func:`quantized_copy`) as ordinary float tensors: the dequantized
+    values torchao's tensor subclass computes every linear layer from (identical metrics on the
+    demo's models), without dequantizing them again in every forward pass (~20 % of an
+    evaluation on CPU)."""
+    import torch
+
+    m = quantized_copy(model, attack)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear) and type(mod.weight.data) is not torch.Tensor:   # torchao's subclass
+                mod.weight = torch.nn.Parameter(mod.weight.dequantize(), requires_grad=False)
+    return m
+
+
+def quantized_copy(model, attack):
     """A copy of ``model`` with every linear weight but the LM head quantized by torchao to
-    ``attack.bits`` bits (symmetric round-to-nearest, per output row or per ``group_size`` group)."""
+    ``attack.bits`` bits (symmetric round-to-nearest, per output row or per ``group_size`` group),
+    as the library leaves it (tensor-subclass weights holding the integers and scales)."""
     import torch
 
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
@@ -268,13 +317,40 @@ def quantize(model, attack):
 # scores of an attacked evaluation (pure: raw per-item arrays in, numbers out)
 
 
-def recovered_fraction(attacked: float, unlearned: float, target_attacked: Optional[float]) -> float:
-    """(attacked − unlearned) / (target_attacked − unlearned); NaN when the target's value is
-    missing or the gap is below :data:`MIN_GAP` (see the module docstring)."""
-    if target_attacked is None or not all(math.isfinite(x) for x in (attacked, unlearned, target_attacked)):
-        return NAN
-    gap = target_attacked - unlearned
-    return NAN if abs(gap) < MIN_GAP else (attacked - unlearned) / gap
+def recovery(attacked: float, unlearned: float, target: Optional[float], target_attacked: Optional[float],
+             retain: Optional[float] = None, retain_attacked: Optional[float] = None) -> dict:
+    """The recovered fraction of an attack and what it is read beside (module docstring;
+    docs/spec/ATTACKS.md), from mean forget probabilities on the attack's evaluated items: the
+    unlearned model after (``attacked``) and before (``unlearned``) the attack, the target and
+    retain models before and after the same attack. Returns ``recovered`` = (attacked −
+    unlearned) / (target − unlearned); ``target_change`` / ``retain_change`` = each reference
+    model's own change under the attack in units of that gap; ``recovered_beyond_retain`` =
+    recovered − max(0, retain_change); ``why`` = "" or, when they are NaN, the reason in words."""
+    values = {"recovered": NAN, "target_change": NAN, "retain_change": NAN, "recovered_beyond_retain": NAN}
+    if not _finite(attacked, unlearned):
+        return {**values, "why": "no forget probability of the unlearned model"}
+    if not _finite(target):
+        return {**values, "why": "no target model evaluated on these items"}
+    gap = target - unlearned
+    if gap < MIN_GAP:
+        return {**values, "why": f"target–unlearned gap {gap:.3g} < MIN_GAP={MIN_GAP}: nothing measurable forgotten"}
+    if not _finite(target_attacked):
+        return {**values, "why": "no attacked target model (the attack's own effect on it unknown)"}
+    values["target_change"] = (target_attacked - target) / gap
+    if _finite(retain, retain_attacked):
+        values["retain_change"] = (retain_attacked - retain) / gap
+    if target_attacked - unlearned < GUARD * gap:
+        return {**values, "why": f"the attack itself took the target {target:.3g} → {target_attacked:.3g}, under "
+                                 f"{GUARD:g} of its gap left: not interpretable"}
+    values["recovered"] = (attacked - unlearned) / gap
+    if not math.isfinite(values["retain_change"]):
+        return {**values, "why": "no attacked retain model (recovered_beyond_retain unknown)"}
+    values["recovered_beyond_retain"] = values["recovered"] - max(0.0, values["retain_change"])
+    return {**values, "why": ""}
+
+
+def _finite(*xs) -> bool:
+    return all(x is not None and math.isfinite(x) for x in xs)
 
 
 def forget_scores(raw: dict, items) -> dict:
@@ -297,11 +373,12 @@ def item_probs(raw: dict) -> list[float]:
 
 def attack_metrics(attacked: dict, plain: dict, items, *, reference: Optional[dict], target: Optional[dict],
                    removal_score: str, selection_fraction: float, selection_seed: int,
-                   target_attacked_prob: Optional[float]) -> dict:
+                   target_attacked_prob: Optional[float], retain_attacked_prob: Optional[float] = None) -> dict:
     """An attack's metrics (module docstring) from the attacked and the unattacked evaluations
     (metrics dicts with ``raw``) on forget items ``items``; ``reference`` / ``target`` are the
-    retain and target references (their raw arrays), ``target_attacked_prob`` the target model's
-    forget probability on these items under the same attack."""
+    retain and target references (their raw arrays: the unattacked models on these items),
+    ``target_attacked_prob`` / ``retain_attacked_prob`` those models' forget probabilities on
+    these items under the same attack (None when not known)."""
     raw = attacked["raw"]
     items = tuple(items)
     out = {f"forget.{k}": v for k, v in forget_scores(raw, items).items()}
@@ -324,10 +401,16 @@ def attack_metrics(attacked: dict, plain: dict, items, *, reference: Optional[di
         "removal_report": _num(parts["report"][kind]) if parts["report"] else NAN,
         "forget_quality": fq,
         "retention": _num(attacked.get("retention")),
-        "target.forget.prob": NAN if target_attacked_prob is None else float(target_attacked_prob),
-        "recovered": recovered_fraction(out["forget.prob"], out["unattacked.forget.prob"], target_attacked_prob),
+        "target.forget.prob": _num(target_attacked_prob),
+        "target.unattacked.forget.prob": forget_scores(target_raw, items)["prob"] if target_raw else NAN,
+        "retain.forget.prob": _num(retain_attacked_prob),
+        "retain.unattacked.forget.prob": forget_scores(ref_raw, items)["prob"] if ref_raw else NAN,
         "n_items": float(len(items)),
     })
+    rec = recovery(out["forget.prob"], out["unattacked.forget.prob"], out["target.unattacked.forget.prob"],
+                   out["target.forget.prob"], out["retain.unattacked.forget.prob"], out["retain.forget.prob"])
+    out.update({k: v for k, v in rec.items() if k != "why"})
+    out["recovered_why"] = rec["why"]
     return out
 
 
@@ -337,7 +420,7 @@ def _num(x) -> float:
 
 def failed_metrics(error: str, time_s: float = NAN) -> dict:
     """An attack that failed: every metric NaN, the reason in ``error``."""
-    return {**{k: NAN for k in ATTACK_METRICS}, "time_s": time_s, "error": error}
+    return {**{k: NAN for k in ATTACK_METRICS}, "time_s": time_s, "recovered_why": "the attack failed", "error": error}
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,12 +428,13 @@ def failed_metrics(error: str, time_s: float = NAN) -> dict:
 
 
 def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int = 0,
-                target_attacked: Optional[dict] = None) -> tuple[dict, dict]:
+                target_attacked: Optional[dict] = None, retain_attacked: Optional[dict] = None) -> tuple[dict, dict]:
     """Run every attack on a copy of ``model`` and evaluate it with ``evaluator`` (the
     :class:`~rayunlearn.eval.evaluate.Evaluator` of ``plain``, the unattacked evaluation).
     Returns ({name: metrics (flat, with ``error``)}, {name: per-item values for attacks.json}).
-    ``target_attacked``: the target model's attacked results ({name: {"metrics": ...}}, what
-    :func:`reference_attacks` writes) for the recovered fraction. A relearning attack also records
+    ``target_attacked`` / ``retain_attacked``: the target and retain models' attacked results
+    ({name: {"config", "metrics"}}, what :func:`reference_attacks` writes) for the recovered
+    fraction and its guards (:func:`recovery`). A relearning attack also records
     its steps' G-effects on the forget and retain probes (:func:`relearn_effect_recorder`, in
     attacks.json). An attack that raises is recorded (NaN metrics, its error) and the others
     still run."""
@@ -369,16 +453,17 @@ def run_attacks(model, evaluator, plain: dict, attacks, *, benchmark, step: int 
             else:
                 encode = lambda recs: encode_records(recs, evaluator.tokenizer, evaluator.data_cfg)  # noqa: E731
                 hook, effects = relearn_effect_recorder(encode([evaluator.records["forget"][i] for i in items]),
-                                                        encode(evaluator.records["retain"]), attack.lr,
+                                                        encode(evaluator.records["retain"]), attack,
                                                         evaluator.encoder.pad_id)
                 attacked_model, losses = relearn(model, encode(rows), attack, evaluator.encoder.pad_id,
-                                                 before_step=hook)
+                                                 after_backward=hook)
             attacked = evaluator(attacked_model, step=step)
             del attacked_model
-            t_prob = _target_prob(target_attacked, label, attack)
             metrics = attack_metrics(attacked, plain, items, reference=evaluator.reference, target=evaluator.target,
                                      removal_score=ev_cfg.removal_score, selection_fraction=ev_cfg.selection_fraction,
-                                     selection_seed=ev_cfg.selection_seed, target_attacked_prob=t_prob)
+                                     selection_seed=ev_cfg.selection_seed,
+                                     target_attacked_prob=_attacked_prob(target_attacked, label, attack),
+                                     retain_attacked_prob=_attacked_prob(retain_attacked, label, attack))
             metrics.update({"n_relearn": float(len(rows)), "time_s": time.perf_counter() - t0, "error": ""})
             per_item[label] = {"config": attack_settings(attack), "items": list(items),
                                "relearn_rows": [r["question"] for r in rows], "losses": losses, "effects": effects,
@@ -397,9 +482,9 @@ def attack_settings(attack) -> dict:
     return dataclasses.asdict(attack)
 
 
-def _target_prob(target_attacked: Optional[dict], label: str, attack) -> Optional[float]:
-    """The target model's forget probability under the same attack (the same settings), or None."""
-    entry = (target_attacked or {}).get(label)
+def _attacked_prob(reference_attacked: Optional[dict], label: str, attack) -> Optional[float]:
+    """A reference model's forget probability under the same attack (the same settings), or None."""
+    entry = (reference_attacked or {}).get(label)
     if not entry or entry.get("config") != attack_settings(attack):
         return None
     value = (entry.get("metrics") or {}).get("forget.prob")
@@ -450,9 +535,10 @@ def attack_unlearned(eval_cfg, model, benchmark, evaluator, metrics: dict, run_d
 
     from rayunlearn.io import write_json
 
-    target_attacked = load_attacked_reference(eval_cfg.target_reference)
     results, per_item = run_attacks(model, attack_evaluator(evaluator), metrics, eval_cfg.attacks, benchmark=benchmark,
-                                    step=int(metrics.get("step", 0)), target_attacked=target_attacked)
+                                    step=int(metrics.get("step", 0)),
+                                    target_attacked=load_attacked_reference(eval_cfg.target_reference),
+                                    retain_attacked=load_attacked_reference(eval_cfg.retain_reference))
     write_json(Path(run_dir) / runs.ATTACKS_FILE, per_item)
     out = {**metrics, "attack": results}
     if eval_cfg.removal_attack:

@@ -2,12 +2,15 @@
 (rayunlearn/eval/attacks.py)?
 
 Per collection with ``attack.<name>.*`` columns: a table per trial of the forget probability
-before and after each attack (on the attack's evaluated items), the recovered fraction and the
-retention after the attack, with the retain and target models under the same attacks
+before and after each attack (on the attack's evaluated items), the recovered fraction (recomputed
+from those probabilities by the one definition, ``rayunlearn.eval.attacks.recovery``: against the
+unattacked target, guarded, and beyond the retain model's own rise) and the retention after the
+attack, with the retain and target models under the same attacks
 (``reference/<which>.attacks.json``); the front under each attack (post-attack removal against
-post-attack retention) beside the plain front; findings naming the methods whose forgetting
-survives each attack (recovered fraction below :data:`SURVIVES`) and those whose forgetting
-comes back (at least :data:`COMES_BACK`); for relearning attacks, the relearning steps' G-effects
+post-attack retention) beside the plain front; findings naming the definition and the guards,
+the methods whose forgetting survives each attack (recovered beyond the retain model's rise below
+:data:`SURVIVES`), those whose forgetting comes back (at least :data:`COMES_BACK`) and the runs
+where it is not defined, with the reason; for relearning attacks, the relearning steps' G-effects
 on the forget probe (how fast the forgotten risk falls back) and how the per-instance GA
 PG-effects during unlearning relate to which forget items come back first. Reads results files
 only.
@@ -31,11 +34,12 @@ SECTION = "Robustness"
 
 
 def attack_names(trials: pd.DataFrame) -> list[str]:
-    """The attacks with columns in a trials table (``attack.<name>.forget.prob``), sorted."""
+    """The attacks with columns in a trials table (``attack.<name>.forget.prob``; an attack's
+    name has no dot, so ``attack.<name>.target.forget.prob`` and the like are not names), sorted."""
     suffix = ".forget.prob"
     return sorted({c[len(runs.ATTACK_PREFIX):-len(suffix)] for c in trials.columns
-                   if c.startswith(runs.ATTACK_PREFIX) and c.endswith(suffix) and ".unattacked." not in c
-                   and ".target." not in c})
+                   if c.startswith(runs.ATTACK_PREFIX) and c.endswith(suffix)
+                   and "." not in c[len(runs.ATTACK_PREFIX):-len(suffix)]})
 
 
 def _col(trials: pd.DataFrame, name: str, metric: str) -> np.ndarray:
@@ -55,10 +59,40 @@ def attacked_references(path: Path) -> dict[str, dict]:
     return out
 
 
+def _reference_value(references: dict[str, dict], which: str, name: str, key: str) -> float:
+    value = references.get(which, {}).get(name, {}).get(key)
+    return np.nan if value is None else float(value)
+
+
+def recoveries(trials: pd.DataFrame, name: str, references: dict[str, dict]) -> list[dict]:
+    """Per trial, attack ``name``'s recovered fraction and its guards, recomputed by the one
+    definition (:func:`rayunlearn.eval.attacks.recovery`) from the probability columns: the
+    trial's own before / after, and the target and retain models unattacked and attacked on the
+    same items (the trial's ``target.*`` / ``retain.*`` columns; results written before a column
+    existed take it from the references' ``.attacks.json``: the same items and attack)."""
+    from rayunlearn.eval.attacks import recovery
+
+    def col(metric: str, which: str, key: str) -> np.ndarray:
+        if f"{runs.ATTACK_PREFIX}{name}.{metric}" in trials.columns:
+            return _col(trials, name, metric)
+        return np.full(len(trials), _reference_value(references, which, name, key))
+
+    after, before = _col(trials, name, "forget.prob"), _col(trials, name, "unattacked.forget.prob")
+    t0, t1 = col("target.unattacked.forget.prob", "target", "unattacked.forget.prob"), col("target.forget.prob", "target", "forget.prob")
+    r0, r1 = col("retain.unattacked.forget.prob", "retain", "unattacked.forget.prob"), col("retain.forget.prob", "retain", "forget.prob")
+    errors = trials.get(f"{runs.ATTACK_PREFIX}{name}.error", pd.Series([""] * len(trials), index=trials.index))
+    out = []
+    for i, err in enumerate(errors):
+        rec = recovery(*(float(v[i]) for v in (after, before, t0, t1, r0, r1)))
+        out.append({**rec, "why": "the attack failed"} if isinstance(err, str) and err else rec)
+    return out
+
+
 def robustness_table(trials: pd.DataFrame, hp_columns: list[str], names: list[str],
                      references: dict[str, dict]) -> pd.DataFrame:
     """One row per trial (and reference model): forget prob before / after each attack, the
-    recovered fraction and the retention after it."""
+    recovered fraction (:func:`recoveries`; the reason in words where it is not defined), what
+    of it is beyond the retain model's own rise, and the retention after the attack."""
     rows = []
     for which, attacked in references.items():
         row = {"method": f"({which} model)"}
@@ -66,15 +100,19 @@ def robustness_table(trials: pd.DataFrame, hp_columns: list[str], names: list[st
             m = attacked.get(name, {})
             row[f"{name}: forget prob before"] = m.get("unattacked.forget.prob")
             row[f"{name}: after"] = m.get("forget.prob")
-            row[f"{name}: recovered"] = None       # measured against the target: not defined for it
+            row[f"{name}: recovered"] = None       # measured against the target: not defined for a reference
+            row[f"{name}: beyond retain"] = None
             row[f"{name}: retention after"] = m.get("retention")
         rows.append(row)
+    found = {name: recoveries(trials, name, references) for name in names}
     for i, (_, r) in enumerate(trials.iterrows()):
         row = {"method": trial_label(r, hp_columns)}
         for name in names:
+            rec = found[name][i]
             row[f"{name}: forget prob before"] = _col(trials, name, "unattacked.forget.prob")[i]
             row[f"{name}: after"] = _col(trials, name, "forget.prob")[i]
-            row[f"{name}: recovered"] = _col(trials, name, "recovered")[i]
+            row[f"{name}: recovered"] = rec["recovered"] if math.isfinite(rec["recovered"]) else f"n/a: {rec['why']}"
+            row[f"{name}: beyond retain"] = rec["recovered_beyond_retain"]
             row[f"{name}: retention after"] = _col(trials, name, "retention")[i]
             err = r.get(f"{runs.ATTACK_PREFIX}{name}.error")
             if isinstance(err, str) and err:
@@ -83,23 +121,52 @@ def robustness_table(trials: pd.DataFrame, hp_columns: list[str], names: list[st
     return pd.DataFrame(rows)
 
 
-def verdicts(trials: pd.DataFrame, hp_columns: list[str], names: list[str]) -> list[str]:
-    """One sentence per attack: which methods' forgetting survives it and which comes back."""
+DEFINITION = ("recovered = (p_after − p_before) / (p_target − p_before), the share of the gap between the "
+              "unattacked target and the unlearned model that came back; the verdicts read it beyond the retain "
+              "model's own rise under the same attack (recovered − max(0, retain rise / gap)); not defined (n/a) "
+              "when the gap is below {min_gap:g} or when the attacked target keeps less than {guard:g} of its gap "
+              "(the attack itself destroyed the knowledge)")
+
+
+def definition() -> str:
+    """The recovered fraction's definition and guards, in words (the report and the summary)."""
+    from rayunlearn.eval.attacks import GUARD, MIN_GAP
+
+    return DEFINITION.format(min_gap=MIN_GAP, guard=GUARD)
+
+
+def verdicts(trials: pd.DataFrame, hp_columns: list[str], names: list[str],
+             references: dict[str, dict]) -> list[str]:
+    """One sentence per attack: which methods' forgetting survives it and which comes back
+    (recovered beyond the retain model's own rise, :func:`recoveries`), the reference models'
+    own change under it, and the runs where the fraction is not defined, with the reason."""
     out = []
+    labels = [trial_label(r, hp_columns) for _, r in trials.iterrows()]
     for name in names:
-        rec = _col(trials, name, "recovered")
-        labels = [trial_label(r, hp_columns) for _, r in trials.iterrows()]
-        ok = [(lab, v) for lab, v in zip(labels, rec) if math.isfinite(v)]
+        found = recoveries(trials, name, references)
+        ok = [(lab, rec["recovered_beyond_retain"]) for lab, rec in zip(labels, found)
+              if math.isfinite(rec["recovered_beyond_retain"])]
+        undefined = sorted({rec["why"] for rec in found if not math.isfinite(rec["recovered_beyond_retain"])})
+        moved = "; ".join(f"the {which} model's forget prob under it {_num(m.get('unattacked.forget.prob'))} → "
+                          f"{_num(m.get('forget.prob'))}" for which, attacked in references.items()
+                          for m in [attacked.get(name, {})] if m)
+        head = f"{name} ({moved or 'no attacked reference models'})"
         if not ok:
-            out.append(f"{name}: no recovered fraction (no attacked target reference, or the attack failed).")
+            out.append(f"{head}: no recovered fraction ({'; '.join(undefined) or 'no run'}).")
             continue
         survive = [f"{lab} ({v:.2f})" for lab, v in ok if v < SURVIVES]
         back = [f"{lab} ({v:.2f})" for lab, v in ok if v >= COMES_BACK]
-        out.append(f"{name}: the forgetting of {len(survive)} of {len(ok)} runs survives (recovered < {SURVIVES}: "
-                   f"{', '.join(survive) or 'none'}); in {len(back)} most of it comes back (recovered ≥ "
-                   f"{COMES_BACK}: {', '.join(back) or 'none'}). Median recovered fraction "
-                   f"{float(np.median([v for _, v in ok])):.2f}.")
+        line = (f"{head}: the forgetting of {len(survive)} of {len(ok)} runs survives (recovered beyond the retain "
+                f"model's rise < {SURVIVES}: {', '.join(survive) or 'none'}); in {len(back)} most of it comes back "
+                f"(≥ {COMES_BACK}: {', '.join(back) or 'none'}). Median {float(np.median([v for _, v in ok])):.2f}.")
+        if len(ok) < len(found):
+            line += f" Not defined for {len(found) - len(ok)} runs: {'; '.join(undefined)}."
+        out.append(line)
     return out
+
+
+def _num(v) -> str:
+    return "–" if v is None or not math.isfinite(float(v)) else f"{float(v):.3g}"
 
 
 def attacked_points(trials: pd.DataFrame, hp_columns: list[str], name: str) -> pd.DataFrame:
@@ -183,12 +250,12 @@ def add_section(doc, collections, colors: dict, fig_dir: Path, fig, slug, fmt_su
     from rayunlearn.report import figures as F
 
     doc.h(2, SECTION)
-    doc.p("Does the forgetting survive? Each attack of eval.attacks (rayunlearn/eval/attacks.py) acts on a copy of "
-          "the unlearned model: relearning = a few finetuning steps on held-out forget authors (the evaluated "
-          "authors are never relearned) or on unrelated retain / world rows; quantization = torchao weight-only "
-          "rounding of every linear layer but the LM head. Forget probabilities are on the attack's evaluated items, "
-          "before and after. Recovered fraction = (p_after − p_before) / (p_target,attacked − p_before): the share "
-          "of the gap to the equally attacked target model that came back (0 = none, 1 = all).")
+    doc.p("Does the forgetting survive? Each attack of eval.attacks (rayunlearn/eval/attacks.py, docs/spec/ATTACKS.md) "
+          "acts on a copy of the unlearned model: relearning = a few finetuning steps on held-out forget authors (the "
+          "evaluated authors are never relearned) or on unrelated retain / world rows; quantization = torchao "
+          "weight-only rounding of every linear layer but the LM head. Forget probabilities are on the attack's "
+          f"evaluated items, before and after. Recovered fraction: {definition()}. The target and retain models' rows "
+          "show their own change under the same attack.")
     summary = {}
     for c in collections:
         names = attack_names(c.trials)
@@ -196,9 +263,10 @@ def add_section(doc, collections, colors: dict, fig_dir: Path, fig, slug, fmt_su
             continue
         doc.h(3, c.name)
         trials = c.completed
-        table = robustness_table(trials, c.hp_columns, names, attacked_references(c.path))
+        references = attacked_references(c.path)
+        table = robustness_table(trials, c.hp_columns, names, references)
         doc.table(table)
-        found = verdicts(trials, c.hp_columns, names)
+        found = verdicts(trials, c.hp_columns, names, references)
         for line in found:
             doc.p(line)
         plain_front = set(front_of(trials)["trial_id"]) if not trials.empty else set()

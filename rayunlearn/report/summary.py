@@ -144,15 +144,15 @@ def robustness_lines(c: Collection) -> list[str]:
     names = robustness.attack_names(c.trials)
     if not names or c.completed.empty:
         return []
-    table = robustness.robustness_table(c.completed, c.hp_columns, names, robustness.attacked_references(c.path))
+    references = robustness.attacked_references(c.path)
+    table = robustness.robustness_table(c.completed, c.hp_columns, names, references)
     cols = list(table.columns)
     lines = [f"### {c.name}: attacks", "",
-             "Forget probability on each attack's evaluated items before and after it; recovered = (p_after − "
-             "p_before) / (p_target,attacked − p_before), the share of the gap to the equally attacked target that "
-             "came back.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             f"Forget probability on each attack's evaluated items before and after it; {robustness.definition()}.",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(_cell(str(r[k])) if isinstance(r[k], str) else num(r[k]) for k in cols) + " |")
-    lines += [""] + [f"- {_cell(v)}" for v in robustness.verdicts(c.completed, c.hp_columns, names)] + [""]
+    lines += [""] + [f"- {_cell(v)}" for v in robustness.verdicts(c.completed, c.hp_columns, names, references)] + [""]
     return lines
 
 
