@@ -7,7 +7,8 @@ On a local Ray instance with the embedded default (the synthetic benchmark and t
 2. **study** — the paper's methods (`ga`, `ga+gd`, `ga+kl`, `npo`, `npo+kl`, `wga+kl`, `tnpo+kl`,
    `wtnpo+kl`, `po+kl`, `rmu+kl`) at their default hyper-parameters, plus the runs the claim
    checks read (`wga`, `wga(alpha=0.5)`, `tnpo`, `tnpo(beta=1)`, `wtnpo`, `ga+rr`), with live
-   G-effects and evaluation along the way (the shipped space ``demo_study``, a Tune grid);
+   G-effects along the way and a full evaluation at the end (the shipped space ``demo_study``, a
+   Tune grid);
 3. **sweep** — a multi-objective Optuna sweep over the weighting and KL hyper-parameters of the
    paper's proposed families (the shipped space ``demo_sweep``);
 4. **report** — ``<out>/report/report.html`` (+ Markdown and PNG figures) with the Pareto frontier,

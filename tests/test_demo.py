@@ -53,6 +53,22 @@ def test_the_default_regime_has_curves_and_equal_thirds(tmp_path):
     assert sweep.unlearn.train == train and sweep.model == study.model
 
 
+def test_the_study_evaluates_only_at_the_end_and_still_shares_the_preparation(tmp_path):
+    """The study runs no trajectory evaluations (the sweep needs them for early stopping): how
+    often a trial evaluates along the way is no part of the preparation's key, while a setting of
+    the references' own evaluation (the generation length) is."""
+    spaces = load_demo_spaces(tmp_path, [])
+    study, sweep = spaces["study"], spaces["sweep"]
+    assert study.unlearn.eval.every == 0 and sweep.unlearn.eval.every == 15
+    assert study.prepare_key() == sweep.prepare_key()
+    every = load_demo_spaces(tmp_path, ["study.unlearn.eval.every=5"])["study"]
+    assert every.unlearn.eval.every == 5 and every.prepare_key() == study.prepare_key()
+    tokens = load_demo_spaces(tmp_path, ["unlearn.eval.max_new_tokens=16"])["study"]
+    assert tokens.prepare_key() != study.prepare_key()
+    with pytest.raises(UserError, match="share data, model, prepare"):
+        load_demo_spaces(tmp_path, ["study.unlearn.eval.max_new_tokens=16"])
+
+
 def test_overrides_route_by_prefix(tmp_path):
     spaces = load_demo_spaces(tmp_path, ["sweep.num_samples=3", "study.max_concurrent=1", "seed=7"])
     assert spaces["sweep"].num_samples == 3 and spaces["study"].max_concurrent == 1

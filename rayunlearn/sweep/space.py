@@ -371,8 +371,10 @@ class SearchSpace:
         # with them share the base, target and retain models
         blob["prepare"].pop("retain_replicates")
         # attacks change neither the models nor their plain evaluations (prepare adds the
-        # references' attacked evaluations as a stage of its own)
-        for key in ("attacks", "removal_attack", "attack_rouge"):
+        # references' attacked evaluations as a stage of its own), and how often a trial evaluates
+        # along the way is no setting of a reference's (final) evaluation: a study without
+        # trajectory evaluations and a sweep with them share one preparation
+        for key in ("attacks", "removal_attack", "attack_rouge", "every"):
             blob["eval"].pop(key)
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
