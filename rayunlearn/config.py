@@ -91,7 +91,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # tiny preset (Llama architecture from a config, trained from scratch)
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 6                  # a multiple of 3: the layer groups (thirds) are equal
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
