@@ -63,6 +63,8 @@ def test_the_study_evaluates_only_at_the_end_and_still_shares_the_preparation(tm
     assert study.prepare_key() == sweep.prepare_key()
     every = load_demo_spaces(tmp_path, ["study.unlearn.eval.every=5"])["study"]
     assert every.unlearn.eval.every == 5 and every.prepare_key() == study.prepare_key()
+    # nor how many finetunings run at once (the models but for float rounding)
+    assert load_demo_spaces(tmp_path, ["prepare.parallel=1"])["study"].prepare_key() == study.prepare_key()
     tokens = load_demo_spaces(tmp_path, ["unlearn.eval.max_new_tokens=16"])["study"]
     assert tokens.prepare_key() != study.prepare_key()
     with pytest.raises(UserError, match="share data, model, prepare"):
