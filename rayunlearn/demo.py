@@ -65,6 +65,8 @@ SMOLLM2 = [
     "data.synth.num_authors=10", "data.synth.min_qa_per_author=4", "data.synth.max_qa_per_author=4",
     "data.synth.num_world_facts=10", "data.synth.retain_perturbed_size=8",
     "prepare.train_base=false",
+    # one finetuning at a time: both would convert the GGUF file into the same cache at first use
+    "prepare.parallel=1",
     "prepare.target={epochs: 3, batch_size: 8, micro_batch_size: 8, lr: 3.0e-4, warmup_epochs: 0.5, max_grad_norm: 1.0}",
     "prepare.retain={epochs: 3, batch_size: 8, micro_batch_size: 8, lr: 3.0e-4, warmup_epochs: 0.5, max_grad_norm: 1.0}",
     "unlearn.train.lr=3.0e-5", "unlearn.train.batch_size=2", "unlearn.train.micro_batch_size=2",

@@ -88,6 +88,8 @@ def test_smollm2_overrides_are_valid(tmp_path):
     assert spaces["study"].model.name == "smollm2-135m" and spaces["study"].prepare.train_base is False
     assert spaces["study"].unlearn.eval.attacks == [] and load_demo_spaces(tmp_path, [])["study"].unlearn.eval.attacks
     assert spaces["study"].data.template == "plain" and spaces["sweep"].num_samples == 4
+    # the tiny demo finetunes target and retain at once; SmolLM2's would share one GGUF conversion
+    assert spaces["study"].prepare.parallel == 1 and load_demo_spaces(tmp_path, [])["study"].prepare.parallel == 2
 
 
 def test_grid_sampler_needs_fixed_values(tmp_path):
