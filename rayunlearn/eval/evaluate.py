@@ -178,13 +178,14 @@ class Evaluator:
 
     def _call_distributed(self, model, step: int) -> dict:
         from rayunlearn.eval import distributed as D
-        from rayunlearn.eval.probe import MAX_TOKENS, plan_batches
+        from rayunlearn.eval.probe import MAX_TOKENS, packs_supported, plan_batches, plan_packs
 
         rank, world = D.rank_world()
         sharded = D.is_sharded(model)
         bs, max_tokens = self.eval_cfg.batch_size, MAX_TOKENS
         D.check_same("evaluation settings", (self.fingerprint, bs, self.generate), None)
-        n_score = D.local_items(plan_batches([len(p.input_ids) for p in self.probes], bs, max_tokens), rank, world)
+        packs, plan = plan_packs(self.probes, bs, max_tokens, share_prompts=packs_supported(model))
+        n_score = sum(len(packs[k].members) for batch in D.shard_batches(plan, rank, world) for k in batch)
         n_gen = D.local_items(plan_batches([len(p) for p in self.prompts], bs, None), rank, world)
         was_training = getattr(model, "training", False)
         model.eval()
