@@ -7,7 +7,8 @@ On a local Ray instance with the embedded default (the synthetic benchmark and t
 2. **study** — the paper's methods (`ga`, `ga+gd`, `ga+kl`, `npo`, `npo+kl`, `wga+kl`, `tnpo+kl`,
    `wtnpo+kl`, `po+kl`, `rmu+kl`) at their default hyper-parameters, plus the runs the claim
    checks read (`wga`, `wga(alpha=0.5)`, `tnpo`, `tnpo(beta=1)`, `wtnpo`, `ga+rr`), with live
-   G-effects and evaluation along the way (the shipped space ``demo_study``, a Tune grid);
+   G-effects along the way and a full evaluation at the end (the shipped space ``demo_study``, a
+   Tune grid);
 3. **sweep** — a multi-objective Optuna sweep over the weighting and KL hyper-parameters of the
    paper's proposed families (the shipped space ``demo_sweep``);
 4. **report** — ``<out>/report/report.html`` (+ Markdown and PNG figures) with the Pareto frontier,
@@ -64,6 +65,8 @@ SMOLLM2 = [
     "data.synth.num_authors=10", "data.synth.min_qa_per_author=4", "data.synth.max_qa_per_author=4",
     "data.synth.num_world_facts=10", "data.synth.retain_perturbed_size=8",
     "prepare.train_base=false",
+    # one finetuning at a time: both would convert the GGUF file into the same cache at first use
+    "prepare.parallel=1",
     "prepare.target={epochs: 3, batch_size: 8, micro_batch_size: 8, lr: 3.0e-4, warmup_epochs: 0.5, max_grad_norm: 1.0}",
     "prepare.retain={epochs: 3, batch_size: 8, micro_batch_size: 8, lr: 3.0e-4, warmup_epochs: 0.5, max_grad_norm: 1.0}",
     "unlearn.train.lr=3.0e-5", "unlearn.train.batch_size=2", "unlearn.train.micro_batch_size=2",

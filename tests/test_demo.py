@@ -53,6 +53,24 @@ def test_the_default_regime_has_curves_and_equal_thirds(tmp_path):
     assert sweep.unlearn.train == train and sweep.model == study.model
 
 
+def test_the_study_evaluates_only_at_the_end_and_still_shares_the_preparation(tmp_path):
+    """The study runs no trajectory evaluations (the sweep needs them for early stopping): how
+    often a trial evaluates along the way is no part of the preparation's key, while a setting of
+    the references' own evaluation (the generation length) is."""
+    spaces = load_demo_spaces(tmp_path, [])
+    study, sweep = spaces["study"], spaces["sweep"]
+    assert study.unlearn.eval.every == 0 and sweep.unlearn.eval.every == 15
+    assert study.prepare_key() == sweep.prepare_key()
+    every = load_demo_spaces(tmp_path, ["study.unlearn.eval.every=5"])["study"]
+    assert every.unlearn.eval.every == 5 and every.prepare_key() == study.prepare_key()
+    # nor how many finetunings run at once (the models but for float rounding)
+    assert load_demo_spaces(tmp_path, ["prepare.parallel=1"])["study"].prepare_key() == study.prepare_key()
+    tokens = load_demo_spaces(tmp_path, ["unlearn.eval.max_new_tokens=16"])["study"]
+    assert tokens.prepare_key() != study.prepare_key()
+    with pytest.raises(UserError, match="share data, model, prepare"):
+        load_demo_spaces(tmp_path, ["study.unlearn.eval.max_new_tokens=16"])
+
+
 def test_overrides_route_by_prefix(tmp_path):
     spaces = load_demo_spaces(tmp_path, ["sweep.num_samples=3", "study.max_concurrent=1", "seed=7"])
     assert spaces["sweep"].num_samples == 3 and spaces["study"].max_concurrent == 1
@@ -70,6 +88,8 @@ def test_smollm2_overrides_are_valid(tmp_path):
     assert spaces["study"].model.name == "smollm2-135m" and spaces["study"].prepare.train_base is False
     assert spaces["study"].unlearn.eval.attacks == [] and load_demo_spaces(tmp_path, [])["study"].unlearn.eval.attacks
     assert spaces["study"].data.template == "plain" and spaces["sweep"].num_samples == 4
+    # the tiny demo finetunes target and retain at once; SmolLM2's would share one GGUF conversion
+    assert spaces["study"].prepare.parallel == 1 and load_demo_spaces(tmp_path, [])["study"].prepare.parallel == 2
 
 
 def test_grid_sampler_needs_fixed_values(tmp_path):

@@ -241,3 +241,35 @@ def test_evaluation_of_blown_up_weights_is_refused(tiny):
     raw["forget"]["truth_ratio"][0] = 1.0
     raw["retain"]["avg_gt_loss"][1] = raw["retain"]["average_perturb_loss"][1][0] = 1.0
     check_finite(raw, step=7)                      # all finite: no error
+
+
+def test_generation_batches_follow_generate_batch_size(tiny, ref_result, monkeypatch):
+    """eval.generate_batch_size sets the prompts per generate call (default: batch_size) and
+    changes no number: the same generations and metrics as one-prompt batches."""
+    import rayunlearn.eval.probe as P
+
+    target, _, tok, bench = tiny
+    sizes = []
+    real = P.generate_batch
+
+    def spy(model, prompts, chunk, *args, **kwargs):
+        sizes.append(len(chunk))
+        return real(model, prompts, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(P, "generate_batch", spy)
+    one = evaluate_model(target, tok, bench, data_config(), EvalConfig(max_new_tokens=6, generate_batch_size=1),
+                         retain_reference=ref_result)
+    n_prompts = len(sizes)                         # forget 2 + retain 8 + real authors 3 + world facts 3
+    assert sizes == [1] * 16 and n_prompts == 16
+    sizes.clear()
+    four = evaluate_model(target, tok, bench, data_config(), EvalConfig(max_new_tokens=6, batch_size=3,
+                                                                        generate_batch_size=4),
+                          retain_reference=ref_result)
+    assert sizes == [4, 4, 4, 4]
+    sizes.clear()
+    evaluate_model(target, tok, bench, data_config(), EvalConfig(max_new_tokens=6, batch_size=5),
+                   retain_reference=ref_result)
+    assert sizes == [5, 5, 5, 1]                   # None: batch_size
+    for key in ("forget", "retain", "real_authors", "world_facts"):
+        assert four["raw"][key]["generated"] == one["raw"][key]["generated"]
+    assert four["model_utility"] == pytest.approx(one["model_utility"], rel=1e-6)

@@ -69,6 +69,31 @@ def test_batched_scores_equal_one_at_a_time_float64(setup64, head_split):
         np.testing.assert_allclose(s.sigma, sigma, atol=1e-9)
 
 
+def test_probes_sharing_a_prompt_are_packed_and_others_scored_alone(setup64):
+    """An item's answers share one packed row (the prompt once), so the oracle test above covers
+    packed rows; a probe that is no prompt + self-labelled answer is scored in a row of its own,
+    in a batch of its own (one forward per batch), and matches its oracle too."""
+    from rayunlearn.eval.probe import packs_supported, plan_packs
+
+    model, tok, enc, probes, oracles = setup64
+    packs, plan = plan_packs(probes, 7)
+    assert packs_supported(model)
+    assert max(len(pk.members) for pk in packs) >= 5                # original, paraphrase, >= 3 perturbed
+    assert sum(pk.length for pk in packs) < 0.7 * sum(len(p.input_ids) for p in probes)
+    assert sorted(i for pk in packs for i in pk.members) == list(range(len(probes)))
+    odd = Probe(list(probes[0].input_ids), [IGNORE] * 3 + list(probes[0].input_ids[3:5]) +
+                [IGNORE] * (len(probes[0].input_ids) - 5), extras=True)
+    mixed = [odd] + probes[:9]
+    packs, plan = plan_packs(mixed, 16)
+    alone = [k for k, pk in enumerate(packs) if 0 in pk.members]
+    assert [packs[k].prompt for k in alone] == [None] and plan[-1] == alone and len(plan) == 2
+    got = score_probes(model, mixed, pad_id=enc.pad_id, batch_size=16)
+    np.testing.assert_allclose(got[0].logps, oracle(model, odd)[0], rtol=0, atol=1e-9)
+    for s, o in zip(got[1:], oracles[:9]):
+        np.testing.assert_allclose(s.logps, o[0], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(s.sigma, o[3], atol=1e-9)
+
+
 def test_float32_batched_close_to_float64_oracle(setup64):
     model, tok, enc, probes, oracles = setup64
     m32 = tiny_setup(seed=3)[0]                     # same weights in float32

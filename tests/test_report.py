@@ -317,3 +317,24 @@ def test_trajectory_utility_is_one_definition_per_series():
     same, full = trajectory_utility(tr.drop(columns=["model_utility_no_rouge"]))
     assert same["step"].tolist() == [10, 20] and same["value"].tolist() == [0.50, 0.40]
     assert full["value"].tolist() == [0.20]
+
+
+def test_a_study_that_evaluated_only_at_the_end_draws_no_trajectory(tmp_path):
+    """The demo's study runs no in-loop evaluations (unlearn.eval.every = 0): its trajectory.jsonl
+    holds the final evaluation alone, which is no curve, so the study gets a note instead of a
+    figure of single points, while the sweep's trajectories are still drawn."""
+    from rayunlearn.report.analysis import in_loop_trajectory
+
+    tr = pd.DataFrame({"step": [43], "forget_quality": [0.1], "model_utility": [0.4]})
+    assert in_loop_trajectory(tr) is None and in_loop_trajectory(None) is None
+    two = pd.concat([tr.assign(step=15), tr])
+    assert in_loop_trajectory(two) is two
+    root = make_fake_results(tmp_path / "demo")
+    for path in (root / "study" / "trials").glob("*/trajectory.jsonl"):
+        path.write_text(path.read_text().splitlines()[-1] + "\n")
+    out = build_report(root).parent
+    pngs = {p.name for p in (out / "figures").glob("*.png")}
+    assert "study_trajectories.png" not in pngs and "sweep_trajectories.png" in pngs
+    md = (out / "report.md").read_text()
+    section = md.split("\n## Trajectories\n")[1].split("\n## ")[0]
+    assert "trajectories of study: not recorded (no in-loop evaluations" in section

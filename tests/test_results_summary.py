@@ -138,7 +138,9 @@ def test_summary_shows_the_attacks_and_the_demo_stage_times(tmp_path):
             "attack.relearn.recovered": [0.4, 0.0625], "attack.relearn.retention": [0.2, 0.55],
             "attack.relearn.target.forget.prob": [0.75, 0.75], "attack.relearn.target.unattacked.forget.prob": [0.96, 0.96],
             "attack.relearn.retain.forget.prob": [0.146, 0.146],
-            "attack.relearn.retain.unattacked.forget.prob": [0.05, 0.05]}
+            "attack.relearn.retain.unattacked.forget.prob": [0.05, 0.05], "time_s": [40.0, 51.0],
+            **{runs.TIME_PREFIX + ph: [float(k), float(k) + 2.0]
+               for k, ph in enumerate((*runs.TIME_PHASES, runs.TIME_OTHER), start=1)}}
     write_parquet(tmp_path / runs.TRIALS_TABLE_FILE, pa.table(cols))
     write_json(runs.attacked_reference(runs.reference_eval(tmp_path, "target")),
                {"relearn": {"metrics": {"unattacked.forget.prob": 0.96, "forget.prob": 0.75, "retention": 0.61}}})
@@ -156,4 +158,8 @@ def test_summary_shows_the_attacks_and_the_demo_stage_times(tmp_path):
     assert rows[4] == "| npo | 0.02 | 0.05 | 0.03191 | -0.07021 | 0.55 |"
     assert time_lines(tmp_path) == []                       # results the demo did not write
     write_json(tmp_path / runs.DEMO_STATE_FILE, {"study": "done", "timings": {"study": 601.4, "this_run_total": 700}})
-    assert "study 601 s, this run total 700 s." in time_lines(tmp_path)[2]
+    lines = time_lines(tmp_path)
+    assert "study 601 s, this run total 700 s." in lines[2]
+    # each phase's mean over the two trials: k + 1 for the k-th phase (1-based), time_s 45.5
+    assert lines[6] == (f"- {tmp_path.name} (2 trials): load 2.0, steps 3.0, effects 4.0, trajectory eval 5.0, "
+                        "final eval 6.0, attacks 7.0, other 8.0; in all 45.5.")

@@ -7,9 +7,11 @@ settings); every rank returns the full, identical result (rank 0 usually writes 
 
 How the work is split
 ---------------------
-1. Every rank derives the *same* batch schedule as the single-process code
-   (`probe.plan_batches`: sequences sorted by decreasing length, cut into batches of
-   ``batch_size`` rows / about ``max_tokens`` padded tokens; generation prompts likewise).
+1. Every rank derives the *same* batch schedule as the single-process code (scoring:
+   `probe.plan_packs`, the probes sharing a prompt packed into one row, rows sorted by
+   decreasing length, cut into batches of about ``batch_size`` probes / ``max_tokens`` padded
+   tokens; generation: `probe.plan_batches`, prompts sorted by decreasing length, cut into
+   batches of ``batch_size`` rows).
 2. The schedule's batches are dealt round-robin: rank r runs batches r, r+W, r+2W, ... (the
    longest batches come first, so the ranks' loads differ by at most one batch).  Because each
    batch holds exactly the rows it holds in one process, with the same padding, each rank
@@ -158,24 +160,25 @@ def score_probes_distributed(model, probes, pad_id: int, batch_size: int = 32, m
                              sharded: Optional[bool] = None, group=None) -> list:
     """`probe.score_probes` split across ranks (module docstring): the same `SeqScore` list, in
     input order, on every rank.  Sharded models run a dummy forward on ranks with fewer batches."""
-    from rayunlearn.eval.probe import plan_batches, score_batch
+    from rayunlearn.eval.probe import packs_supported, plan_packs, score_pack_batch
 
     rank, world = rank_world(group)
     sharded = is_sharded(model) if sharded is None else bool(sharded)
-    plan = plan_batches([len(p.input_ids) for p in probes], batch_size, max_tokens)
+    share = packs_supported(model)
+    packs, plan = plan_packs(probes, batch_size, max_tokens, share_prompts=share)
     check_same("probes", ([(p.input_ids, p.labels, p.extras) for p in probes], batch_size, max_tokens,
-                          head_split, sharded), group)
+                          head_split, sharded, share), group)
     mine = shard_batches(plan, rank, world)
     rounds = num_rounds(plan, world) if sharded else len(mine)
     local: list[tuple[int, Any]] = []
     for k in range(rounds):
         if k < len(mine):
-            chunk = mine[k]
-            local.extend(zip(chunk, score_batch(model, probes, chunk, pad_id, head_split=head_split)))
+            scored = score_pack_batch(model, probes, packs, mine[k], pad_id, head_split=head_split)
+            local.extend(scored)
             if on_batch is not None:
-                on_batch(len(chunk))
+                on_batch(len(scored))
         else:   # FSDP: keep the number of (collective) forwards equal on every rank
-            score_batch(model, probes, [plan[-1][-1]], pad_id, head_split=head_split)
+            score_pack_batch(model, probes, packs, [plan[-1][-1]], pad_id, head_split=head_split)
     return gather_items(local, len(probes), group)
 
 

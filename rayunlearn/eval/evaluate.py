@@ -112,6 +112,7 @@ class Evaluator:
         self.fast, self.progress, self.min_k = bool(fast), bool(progress), float(min_k)
         self.distributed = distributed
         self.generate = bool(eval_cfg.rouge) and not self.fast
+        self.generate_batch_size = getattr(eval_cfg, "generate_batch_size", None) or eval_cfg.batch_size
         self.encoder = QAEncoder(tokenizer, data_cfg.template, data_cfg.max_length)
         names = split_names(data_cfg.forget_split)
         self.records = evaluation_records(benchmark, data_cfg, eval_cfg)
@@ -168,7 +169,7 @@ class Evaluator:
                                       batch_size=self.eval_cfg.batch_size, on_batch=tick_score)
                 gens = generate_greedy(model, self.prompts, pad_id=self.encoder.pad_id, eos_id=self.encoder.eos_id,
                                        max_new_tokens=self.eval_cfg.max_new_tokens,
-                                       batch_size=self.eval_cfg.batch_size, on_batch=tick_gen) if self.prompts else []
+                                       batch_size=self.generate_batch_size, on_batch=tick_gen) if self.prompts else []
         finally:
             if was_training:
                 model.train()
@@ -178,14 +179,15 @@ class Evaluator:
 
     def _call_distributed(self, model, step: int) -> dict:
         from rayunlearn.eval import distributed as D
-        from rayunlearn.eval.probe import MAX_TOKENS, plan_batches
+        from rayunlearn.eval.probe import MAX_TOKENS, packs_supported, plan_batches, plan_packs
 
         rank, world = D.rank_world()
         sharded = D.is_sharded(model)
         bs, max_tokens = self.eval_cfg.batch_size, MAX_TOKENS
-        D.check_same("evaluation settings", (self.fingerprint, bs, self.generate), None)
-        n_score = D.local_items(plan_batches([len(p.input_ids) for p in self.probes], bs, max_tokens), rank, world)
-        n_gen = D.local_items(plan_batches([len(p) for p in self.prompts], bs, None), rank, world)
+        D.check_same("evaluation settings", (self.fingerprint, bs, self.generate_batch_size, self.generate), None)
+        packs, plan = plan_packs(self.probes, bs, max_tokens, share_prompts=packs_supported(model))
+        n_score = sum(len(packs[k].members) for batch in D.shard_batches(plan, rank, world) for k in batch)
+        n_gen = D.local_items(plan_batches([len(p) for p in self.prompts], self.generate_batch_size, None), rank, world)
         was_training = getattr(model, "training", False)
         model.eval()
         try:
@@ -194,7 +196,7 @@ class Evaluator:
                                                     max_tokens=max_tokens, on_batch=tick_score, sharded=sharded)
                 gens = D.generate_greedy_distributed(
                     model, self.prompts, pad_id=self.encoder.pad_id, eos_id=self.encoder.eos_id,
-                    max_new_tokens=self.eval_cfg.max_new_tokens, batch_size=bs, on_batch=tick_gen,
+                    max_new_tokens=self.eval_cfg.max_new_tokens, batch_size=self.generate_batch_size, on_batch=tick_gen,
                     sharded=sharded) if self.prompts else []
         finally:
             if was_training:

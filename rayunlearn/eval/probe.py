@@ -2,10 +2,14 @@
 padded forward passes, and batched greedy generation with the KV cache.
 
 Scoring flattens every sequence (original, paraphrased and each perturbed answer of every item),
-sorts them by length, right-pads them into batches, runs one forward per batch and scatters the
-answer-token results back.  Only answer positions (labels ≠ −100, shifted) are projected through
-the output head when the architecture allows it (Llama-family decoders): the vocabulary-sized
-logits are never materialised for question or padding tokens.
+packs the sequences that share a prompt into one row (the prompt once, then each answer, with
+a 4-D attention mask and position ids that give each answer exactly its own sequence's context:
+an item's five to seven answers no longer recompute its question; `Pack`), sorts the rows by
+length, right-pads them into batches, runs one forward per batch and scatters the answer-token
+results back.  Only answer positions (labels ≠ −100, shifted) are projected through the output
+head when the architecture allows it (Llama-family decoders): the vocabulary-sized logits are
+never materialised for question or padding tokens.  Models that take no 4-D mask (another
+architecture, flash attention, sliding windows) score every sequence in a row of its own.
 
 Per sequence the result holds float64 numpy arrays over the answer tokens (the EOS after the
 answer included, as in the batch contract):
@@ -228,11 +232,17 @@ def score_batch(model, probes: Sequence[Probe], chunk: Sequence[int], pad_id: in
     shifted = lab[:, 1:]                                                  # (B, T-1)
     mask = shifted != IGNORE
     logits = answer_logits(model, ids, att, mask, head_split=head_split)  # (N, V)
+    return _token_scores(logits, shifted[mask], mask.sum(1).tolist(), [probes[i].extras for i in chunk])
+
+
+def _token_scores(logits: torch.Tensor, targets: torch.Tensor, counts: list, extras: list) -> list[SeqScore]:
+    """`SeqScore`s from the answer-position logits (N, V) and their targets (N,), cut into
+    consecutive sequences of ``counts`` tokens; ``extras[r]``: sequence r wants the argmax flags
+    and the vocabulary mean / std."""
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(logits.to(dt), dim=-1)                      # (N, V)
-    targets = shifted[mask]                                               # (N,)
     tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)              # (N,)
-    want_extras = any(probes[i].extras for i in chunk)
+    want_extras = any(extras)
     if want_extras:
         correct = logits.argmax(-1) == targets
         p = logp.exp()
@@ -240,34 +250,168 @@ def score_batch(model, probes: Sequence[Probe], chunk: Sequence[int], pad_id: in
         var = (p * logp * logp).sum(-1) - mu * mu
         sigma = var.clamp_min(0).sqrt()
         extra = [x.double().cpu().numpy() for x in (mu, sigma)] + [correct.cpu().numpy()]
-    counts = mask.sum(1).tolist()
     tok_np = tok.double().cpu().numpy()
     out = []
     start = 0
-    for r, i in enumerate(chunk):
-        sl = slice(start, start + counts[r])
-        start += counts[r]
+    for n, wants in zip(counts, extras):
+        sl = slice(start, start + n)
+        start += n
         s = SeqScore(logps=tok_np[sl].copy())
-        if want_extras and probes[i].extras:
+        if wants:
             s.mu, s.sigma, s.correct = extra[0][sl].copy(), extra[1][sl].copy(), extra[2][sl].copy()
         out.append(s)
     return out
+
+
+@dataclass
+class Pack:
+    """Probes that share their prompt (an item's original, paraphrased and perturbed answers),
+    scored in one row: the prompt once, then each probe's answer, its positions continuing from
+    the prompt's end and its tokens attending to the prompt and to its own earlier tokens only —
+    the numbers of each probe's own sequence, with the prompt computed once instead of once per
+    answer (most of an evaluation's tokens are prompt tokens)."""
+
+    members: list            # probe indices, in input order
+    prompt: Optional[int]    # prompt length (the tokens before the first labelled one); None: a
+                             # probe that is no prompt + self-labelled answer, scored unpacked
+    length: int              # prompt + every member's answer tokens
+
+
+def _prompt_length(probe: Probe) -> Optional[int]:
+    """The prompt length when the probe is a prompt followed by an answer labelled with its own
+    tokens (what the evaluation encodes), else None (such a probe is packed alone)."""
+    labels, ids = probe.labels, probe.input_ids
+    p = next((t for t, lab in enumerate(labels) if lab != IGNORE), None)
+    if not p or list(labels[p:]) != list(ids[p:]):
+        return None
+    return p
+
+
+def plan_packs(probes: Sequence[Probe], batch_size: int, max_tokens: Optional[int] = MAX_TOKENS,
+               share_prompts: bool = True) -> tuple[list[Pack], list[list[int]]]:
+    """(packs, batches of pack indices): probes with equal prompts grouped (in order of first
+    appearance; ``share_prompts=False`` or a probe without a prompt: one pack each), the packs
+    sorted by decreasing length and cut into batches of about ``batch_size`` probes (as many
+    answers per forward as unpacked batches of ``batch_size`` rows: the memory of the answer
+    logits stays the same) and at most ``max_tokens`` padded tokens. Deterministic, so every
+    rank of a distributed evaluation derives the same plan."""
+    groups: dict = {}
+    for i, probe in enumerate(probes):
+        p = _prompt_length(probe) if share_prompts else None
+        key = ("own", i) if p is None else tuple(probe.input_ids[:p])
+        groups.setdefault(key, []).append(i)
+    packs = []
+    for members in groups.values():
+        p = _prompt_length(probes[members[0]]) if share_prompts else None
+        packs.append(Pack(members, p, sum(len(probes[i].input_ids) for i in members) if p is None else
+                          p + sum(len(probes[i].input_ids) - p for i in members)))
+    batches = []
+    # packed rows and rows of their own never share a batch: one forward per batch either way
+    # (what a sharded model's ranks count on)
+    for kind in (True, False):
+        order = sorted((k for k in range(len(packs)) if (packs[k].prompt is not None) == kind),
+                       key=lambda k: -packs[k].length)
+        batch, n = [], 0
+        for k in order:
+            size = len(packs[k].members)
+            if batch and (n + size > batch_size or
+                          (max_tokens and (len(batch) + 1) * packs[batch[0]].length > max_tokens)):
+                batches.append(batch)
+                batch, n = [], 0
+            batch.append(k)
+            n += size
+        if batch:
+            batches.append(batch)
+    return packs, batches
+
+
+def packs_supported(model) -> bool:
+    """Whether the model honours a 4-D attention mask with position ids (packed rows): Llama-
+    family decoders under the sdpa or eager attention (flash attention takes no such mask)."""
+    m = _unwrap(model)
+    cfg = getattr(m, "config", None)
+    return (getattr(cfg, "model_type", None) in _HEAD_SPLIT_TYPES
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+            and getattr(cfg, "sliding_window", None) is None)
+
+
+@torch.no_grad()
+def score_pack_batch(model, probes: Sequence[Probe], packs: Sequence[Pack], chunk: Sequence[int], pad_id: int,
+                     head_split: bool = True) -> list[tuple[int, SeqScore]]:
+    """Score the packs `chunk` (indices into `packs`, a batch of :func:`plan_packs`) in one
+    right-padded forward with a 4-D attention mask (see :class:`Pack`); (probe index,
+    `SeqScore`) per member probe. A batch of packs without a prompt is `score_batch`'s."""
+    if packs[chunk[0]].prompt is None:
+        alone = [packs[k].members[0] for k in chunk]
+        return list(zip(alone, score_batch(model, probes, alone, pad_id, head_split=head_split)))
+    rows = [packs[k] for k in chunk]
+    device = _device(model)
+    B, T = len(rows), max(pk.length for pk in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)       # 0 = prompt, k = the k-th answer, -1 = padding
+    where_r, where_t, targets, spans, extras = [], [], [], [], []
+    for r, pk in enumerate(rows):
+        p = pk.prompt
+        ids[r, :p] = torch.tensor(probes[pk.members[0]].input_ids[:p], dtype=torch.long)
+        pos[r, :p] = torch.arange(p)
+        seg[r, :p] = 0
+        start = p
+        for k, i in enumerate(pk.members, start=1):
+            answer = probes[i].input_ids[p:]
+            n = len(answer)
+            ids[r, start:start + n] = torch.tensor(answer, dtype=torch.long)
+            pos[r, start:start + n] = torch.arange(p, p + n)
+            seg[r, start:start + n] = k
+            # the answer's t-th token is predicted at the prompt's last position (t = 0), then
+            # at its own previous token
+            where_r += [r] * n
+            where_t += [p - 1] + list(range(start, start + n - 1))
+            targets += answer
+            spans.append((i, n))
+            extras.append(probes[i].extras)
+            start += n
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])      # (B, query, key)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = (same & causal & (seg[:, None, :] >= 0)) | torch.eye(T, dtype=torch.bool)   # padding sees itself
+    dtype = next(_unwrap(model).parameters()).dtype
+    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    ids, pos, mask = ids.to(device), pos.to(device), mask.to(device)
+    where_r, where_t = torch.tensor(where_r, device=device), torch.tensor(where_t, device=device)
+    split = _head_split(model) if head_split else None
+    if split is not None:
+        dec, head = split
+
+        def run():
+            h = dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            return head(h[where_r, where_t])                                  # (N, V)
+
+        m = _unwrap(model)
+        logits = _through_root(m, run) if _is_fsdp2(m) else run()
+    else:
+        logits = _unwrap(model)(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                use_cache=False).logits[where_r, where_t]
+    return list(zip([i for i, _ in spans], _token_scores(logits, torch.tensor(targets, device=device),
+                                                          [n for _, n in spans], extras)))
 
 
 @torch.no_grad()
 def score_probes(model, probes: Sequence[Probe], pad_id: int, batch_size: int = 32,
                  max_tokens: Optional[int] = MAX_TOKENS, head_split: bool = True,
                  on_batch: Optional[Callable[[int], None]] = None) -> list[SeqScore]:
-    """Score every probe in length-sorted, right-padded batches (one forward each).
+    """Score every probe: probes sharing a prompt packed into one row (:class:`Pack`, where the
+    model supports it), rows sorted by length, right-padded into batches (one forward each).
 
     Returns one `SeqScore` per probe, in the input order.  Log-probs are computed in float64
     when the model runs in float64, else in float32."""
     results: list[Optional[SeqScore]] = [None] * len(probes)
-    for chunk in plan_batches([len(p.input_ids) for p in probes], batch_size, max_tokens):
-        for i, s in zip(chunk, score_batch(model, probes, chunk, pad_id, head_split=head_split)):
+    packs, plan = plan_packs(probes, batch_size, max_tokens, share_prompts=packs_supported(model))
+    for chunk in plan:
+        scored = score_pack_batch(model, probes, packs, chunk, pad_id, head_split=head_split)
+        for i, s in scored:
             results[i] = s
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(len(scored))
     return results  # type: ignore[return-value]
 
 

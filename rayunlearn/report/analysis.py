@@ -284,6 +284,13 @@ def ga_effect_by_weight(geffects: pd.DataFrame | None, bins: int = 6) -> pd.Data
     return pd.DataFrame(rows) if rows else None
 
 
+def in_loop_trajectory(tr: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A trajectory.jsonl frame when it is a curve, else None: a run that evaluated only at the
+    end (``unlearn.eval.every = 0``, the demo's study) has one row, the final evaluation, which the
+    results tables already show."""
+    return tr if tr is not None and len(tr) >= 2 else None
+
+
 def trajectory_utility(tr: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Model utility along a trajectory.jsonl frame as two separately named series: ``same_terms``
     (step, value) = the six non-ROUGE terms at every evaluation (``model_utility_no_rouge``; an

@@ -23,7 +23,8 @@ from rayunlearn.report import interactive as I
 from rayunlearn.report import robustness
 from rayunlearn.report.analysis import (EFFECT_COLUMNS, GROUPS, MIN_IMPORTANCE_TRIALS, NPO_FAMILY, TABLE_COLUMNS,
                                         fidelity_stats, front_data, front_in_words, front_of, ga_effect_by_weight,
-                                        group_effects, hp_importance, instance_effects, results_table, trial_label)
+                                        group_effects, hp_importance, in_loop_trajectory, instance_effects,
+                                        results_table, trial_label)
 from rayunlearn.report.data import Collection, discover
 from rayunlearn.report.findings import FAILED, HELD, check_claims
 
@@ -431,9 +432,12 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
                      "Forget quality and model utility evaluated every k steps during unlearning (trajectory.jsonl). "
                      "The utility line is the harmonic mean of the six non-ROUGE terms at every evaluation "
                      "(the in-loop evaluations generate nothing); the stars are the final evaluation's nine-term "
-                     "model utility (with ROUGE), a separate series.",
-                     lambda c, t: c.trajectory(t), F.trajectories_figure, "trajectories", "trajectories", "trajectories",
-                     "not recorded (no trajectory.jsonl)")
+                     "model utility (with ROUGE), a separate series. Runs that evaluated only at the end "
+                     "(unlearn.eval.every = 0, as the demo's study does) have no curve here; their final "
+                     "numbers are in the tables.",
+                     lambda c, t: in_loop_trajectory(c.trajectory(t)), F.trajectories_figure, "trajectories",
+                     "trajectories", "trajectories",
+                     "not recorded (no in-loop evaluations: unlearn.eval.every = 0 or no trajectory.jsonl)")
 
     # Fidelity
     per_trial_series("First-order fidelity",

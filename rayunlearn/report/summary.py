@@ -164,8 +164,25 @@ def time_lines(results_dir: Path) -> list[str]:
     if not timings:
         return []
     shown = ", ".join(f"{k.replace('_', ' ')} {float(v):.0f} s" for k, v in timings.items())
-    return ["## Time", "", f"Stage times of the demo run that wrote these results (wall clock; the study stage "
-            f"includes the preparation, the sweep stage its retain replicate): {shown}.", ""]
+    lines = ["## Time", "", f"Stage times of the demo run that wrote these results (wall clock; the study stage "
+             f"includes the preparation, the sweep stage its retain replicate): {shown}.", ""]
+    phases = [ln for c in discover(results_dir) for ln in [phase_line(c)] if ln]
+    if phases:
+        lines += ["Where a completed trial's time went (mean seconds per trial, `time.*` in trials.parquet; a "
+                  "trial of several seeds sums them):", ""] + phases + [""]
+    return lines
+
+
+def phase_line(c: Collection) -> str | None:
+    """One bullet: the collection's mean ``time.*`` phases and ``time_s`` over its completed
+    trials (None without them)."""
+    cols = [runs.TIME_PREFIX + ph for ph in (*runs.TIME_PHASES, runs.TIME_OTHER)] + ["time_s"]
+    done = c.completed
+    if done.empty or not all(col in done.columns for col in cols):
+        return None
+    means = ", ".join(f"{col.removeprefix(runs.TIME_PREFIX).replace('_', ' ')} {done[col].astype(float).mean():.1f}"
+                      for col in cols[:-1])
+    return f"- {c.name} ({len(done)} trials): {means}; in all {done['time_s'].astype(float).mean():.1f}."
 
 
 def write_summary(results_dir: str | Path, path: str | Path, command: str, report_summary: str | Path) -> Path:

@@ -51,8 +51,6 @@ def prepared_data_config(space: SearchSpace, root: Path):
 
 def prepare(space: SearchSpace, console=None) -> Prepared:
     """Train (or find cached) base/target/retain models and their reference evaluations."""
-    from rayunlearn.train import finetune
-
     key = space.prepare_key()
     root = runs.prepared_dir(space.results, key).resolve()
     data = prepared_data_config(space, root)
@@ -63,21 +61,28 @@ def prepare(space: SearchSpace, console=None) -> Prepared:
     _fail_fast(space, data)
     given = {"target": p.target_path, "retain": p.retain_path}
     init = "base" if p.train_base else None
-    # (name, what it learns, the model it starts from, its seed offset)
-    stages = ([("base", "base", None, 0)] if p.train_base else []) + [("target", "target", init, 0)] + \
-        [(runs.retain_replicate(j), "retain", init, j) for j in range(p.retain_replicates)]
-    for name, stage, start, j in stages:
-        out = runs.model_dir(root, name)
-        if done.get(name) or given.get(name):
-            continue
-        say(f"[prepare {key}] training the {name} model -> {out}")
-        train = stage_train(space, stage)
-        cfg = FinetuneConfig(stage=stage, init=str(runs.model_dir(root, start)) if start else None, out=str(out),
-                             replay_world=p.replay_world, data=data, model=space.model,
-                             train=dataclasses.replace(train, seed=train.seed + j))
-        finetune(cfg)
-        done[name] = True
-        write_json(done_path, done)
+    # (name, what it learns, the model it starts from, its seed offset): the base model first,
+    # then the finetunings that start from it, which do not depend on each other
+    waves = [[("base", "base", None, 0)] if p.train_base else [],
+             [("target", "target", init, 0)] + [(runs.retain_replicate(j), "retain", init, j)
+                                                for j in range(p.retain_replicates)]]
+    for wave in waves:
+        jobs = []
+        for name, stage, start, j in wave:
+            out = runs.model_dir(root, name)
+            if done.get(name) or given.get(name):
+                continue
+            say(f"[prepare {key}] training the {name} model -> {out}")
+            train = stage_train(space, stage)
+            jobs.append((name, FinetuneConfig(stage=stage, init=str(runs.model_dir(root, start)) if start else None,
+                                              out=str(out), replay_world=p.replay_world, data=data, model=space.model,
+                                              train=dataclasses.replace(train, seed=train.seed + j))))
+
+        def finished(name):
+            done[name] = True
+            write_json(done_path, done)
+
+        finetune_all(jobs, p.parallel, finished)
     replicates = [runs.retain_replicate(j) for j in range(p.retain_replicates)]
     model_dirs = {s: Path(given[s]) if given.get(s) else runs.model_dir(root, s) for s in ("target", *replicates)}
     retain_ref = None
@@ -109,6 +114,49 @@ def prepare(space: SearchSpace, console=None) -> Prepared:
                     done[f"{stage_key}_{stage}"] = True
                     write_json(done_path, done)
     return Prepared(root=root, data=data, target=str(model_dirs["target"]), retain_reference=retain_ref)
+
+
+def finetune_all(jobs: list[tuple[str, FinetuneConfig]], parallel: int, finished) -> None:
+    """Finetune every ``(name, config)`` of ``jobs`` (independent of each other), calling
+    ``finished(name)`` as each completes: one after another in this process, or with
+    ``parallel`` > 1 on CPUs that many at once, each in a spawned process with
+    ``torch.get_num_threads() // parallel`` threads and no progress bar (bars of several
+    processes would overwrite each other; the per-epoch accuracy lines stay). A failed job's
+    exception is raised here once the jobs already running have finished."""
+    import torch
+
+    from rayunlearn.train import finetune
+
+    workers = min(parallel, len(jobs))
+    if workers <= 1 or torch.cuda.is_available():
+        for name, cfg in jobs:
+            finetune(cfg)
+            finished(name)
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_use_threads,
+                             initargs=(threads,)) as pool:
+        running = {pool.submit(finetune, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))):
+                   name for name, cfg in jobs}
+        while running:
+            completed, _ = wait(running, return_when=FIRST_EXCEPTION)
+            for fut in completed:
+                name = running.pop(fut)
+                if fut.exception() is not None:
+                    for other in running:
+                        other.cancel()
+                    raise fut.exception()
+                finished(name)
+
+
+def _use_threads(threads: int) -> None:
+    """A preparation worker process's share of the CPU threads (``finetune_all``)."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _attack_reference(space: SearchSpace, data, model_dir: Path, reference: Path, retain_reference: str) -> None:

@@ -211,8 +211,14 @@ class Prepare:
     # (rayunlearn.runs.noise_path; what the Pareto front's noise band uses). Not part of the
     # preparation's key: the replicates are extra stages beside the retain model.
     retain_replicates: int = 1
+    # how many of the finetunings that start from the base model (target, retain, replicates)
+    # run at once on CPUs, each in a process of its own with an equal share of the torch threads;
+    # 1 = one after another in this process. A tiny model uses one core far better than two
+    # threads of one step, so on two cores two at once finish sooner. Not part of the key: the
+    # models are the same but for float rounding of the thread count
+    parallel: int = 1
 
-    DOMAINS: ClassVar[dict[str, Domain]] = {"retain_replicates": COUNT}
+    DOMAINS: ClassVar[dict[str, Domain]] = {"retain_replicates": COUNT, "parallel": COUNT}
 
 
 @dataclass
@@ -370,9 +376,12 @@ class SearchSpace:
         # replicates are extra stages of the same preparation: a study without them and a sweep
         # with them share the base, target and retain models
         blob["prepare"].pop("retain_replicates")
+        blob["prepare"].pop("parallel")
         # attacks change neither the models nor their plain evaluations (prepare adds the
-        # references' attacked evaluations as a stage of its own)
-        for key in ("attacks", "removal_attack", "attack_rouge"):
+        # references' attacked evaluations as a stage of its own), and how often a trial evaluates
+        # along the way is no setting of a reference's (final) evaluation: a study without
+        # trajectory evaluations and a sweep with them share one preparation
+        for key in ("attacks", "removal_attack", "attack_rouge", "every"):
             blob["eval"].pop(key)
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
