@@ -9,7 +9,7 @@
     rayunlearn tofu-summary EVAL_DIR [--retain RETAIN_DIR] [--json]
     rayunlearn sweep SPACE [--resume | --extend N] [key=value ...]
     rayunlearn report RESULTS_DIR [--summary-md PATH [--readme README.md]]
-    rayunlearn demo [--model tiny|smollm2-135m] [--stages study,sweep] [--summary PATH] [key=value ...]
+    rayunlearn demo [--model tiny|smollm2-135m] [--stages study,early,sweep] [--summary PATH] [key=value ...]
     rayunlearn bench {effects,eval,sweep,gpu,attacks,all}
     rayunlearn methods        (objectives, method presets and their hyper-parameters)
 """
@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="results/demo")
     dm.add_argument("--fresh", action="store_true", help="ignore finished stages and start over")
     dm.add_argument("--stages", default=None, metavar="LIST",
-                    help="the stages to run after the preparation, comma-separated: study, sweep "
-                         "(default: both); e.g. --stages study")
+                    help="the stages to run after the preparation, comma-separated: study, early, sweep "
+                         "(default: all three); e.g. --stages study")
     dm.add_argument("--summary", default=None, metavar="PATH",
                     help="also write a Markdown summary of the results to PATH (e.g. docs/results/demo.md)")
     dm.add_argument("overrides", nargs="*", metavar="key=value")

@@ -53,6 +53,29 @@ def test_the_default_regime_has_curves_and_equal_thirds(tmp_path):
     assert sweep.unlearn.train == train and sweep.model == study.model
 
 
+def test_the_early_stage_is_the_study_ga_cut_after_its_warm_up(tmp_path):
+    """The early stage's GA takes the study GA's first steps exactly (same examples, same learning
+    rates: max_steps cuts the schedule without reshaping it) with the study's evaluation and
+    attacks, on the same preparation, and stops while the study's GA is still warming up."""
+    from rayunlearn.data.synth import generate
+    from rayunlearn.demo import SMOLLM2_SKIPS
+    from rayunlearn.train.schedule import Schedule
+
+    spaces = load_demo_spaces(tmp_path, [])
+    study, early = spaces["study"], spaces["early"]
+    assert list(early.families) == ["ga"] and early.total_trials == 1
+    assert early.prepare_key() == study.prepare_key() and early.unlearn.eval == study.unlearn.eval
+    assert early.unlearn.eval.attacks and early.unlearn.effects.every == 0
+    n = len(generate(study.data.synth)[0][study.data.forget_split])
+    full, cut = Schedule(n, study.unlearn.train), Schedule(n, early.unlearn.train)
+    assert cut.total_steps == 9 and full.total_steps >= 40 and cut.total_steps <= full.warmup_steps
+    for step in range(cut.total_steps):
+        assert cut.indices(step) == full.indices(step)
+        assert cut.lr_factor(step) == full.lr_factor(step) == (step + 1) / full.warmup_steps
+    # the SmolLM2 demo (one forget author: nothing to evaluate beside a relearned one) skips it
+    assert "early" in SMOLLM2_SKIPS
+
+
 def test_the_study_evaluates_only_at_the_end_and_still_shares_the_preparation(tmp_path):
     """The study runs no trajectory evaluations (the sweep needs them for early stopping): how
     often a trial evaluates along the way is no part of the preparation's key, while a setting of
@@ -127,9 +150,10 @@ def test_retain_reference_is_its_own_forget_quality_reference():
 def test_stages_option_parses_a_subset_in_stage_order():
     from rayunlearn.demo import STAGES, parse_stages
 
-    assert parse_stages(None) == STAGES == ("study", "sweep")
+    assert parse_stages(None) == STAGES == ("study", "early", "sweep")
     assert parse_stages("study") == ("study",)
     assert parse_stages("sweep, study") == ("study", "sweep")
+    assert parse_stages("sweep,early") == ("early", "sweep")
     for bad in ("report", "study,swep", " , "):
         with pytest.raises(UserError, match="--stages"):
             parse_stages(bad)
@@ -155,3 +179,6 @@ def test_demo_runs_only_the_stages_asked_for(tmp_path, monkeypatch):
     # --fresh starts over only the stages asked for
     assert demo.demo_command(out=str(tmp_path), stages=("sweep",), fresh=True) == 0
     assert ran == ["study", "sweep", "sweep"] and read_json(tmp_path / runs.DEMO_STATE_FILE)["study"] == "done"
+    # every stage (the default), in order: only the early stage is left to run
+    assert demo.demo_command(out=str(tmp_path)) == 0
+    assert ran == ["study", "sweep", "sweep", "early"]
