@@ -295,16 +295,14 @@ def plan_packs(probes: Sequence[Probe], batch_size: int, max_tokens: Optional[in
     answers per forward as unpacked batches of ``batch_size`` rows: the memory of the answer
     logits stays the same) and at most ``max_tokens`` padded tokens. Deterministic, so every
     rank of a distributed evaluation derives the same plan."""
-    groups: dict = {}
+    groups: dict = {}       # key -> (prompt length or None, member probe indices)
     for i, probe in enumerate(probes):
         p = _prompt_length(probe) if share_prompts else None
         key = ("own", i) if p is None else tuple(probe.input_ids[:p])
-        groups.setdefault(key, []).append(i)
-    packs = []
-    for members in groups.values():
-        p = _prompt_length(probes[members[0]]) if share_prompts else None
-        packs.append(Pack(members, p, sum(len(probes[i].input_ids) for i in members) if p is None else
-                          p + sum(len(probes[i].input_ids) - p for i in members)))
+        groups.setdefault(key, (p, []))[1].append(i)
+    packs = [Pack(members, p, sum(len(probes[i].input_ids) for i in members) if p is None else
+                  p + sum(len(probes[i].input_ids) - p for i in members))
+             for p, members in groups.values()]
     batches = []
     # packed rows and rows of their own never share a batch: one forward per batch either way
     # (what a sharded model's ranks count on)
