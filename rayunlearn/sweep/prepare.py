@@ -166,14 +166,8 @@ def _attack_reference(space: SearchSpace, data, model_dir: Path, reference: Path
     from rayunlearn.data import load_benchmark
     from rayunlearn.eval.attacks import reference_attacks
     from rayunlearn.eval.evaluate import Evaluator, load_reference
-    from rayunlearn.models import load_model
 
-    import torch
-
-    model, tokenizer = load_model(space.model, path=str(model_dir))
-    if torch.cuda.is_available():       # as _evaluate: the attacks' relearning steps and evaluations
-        model.cuda()
-    model.eval()
+    model, tokenizer = _reference_model(space, model_dir)
     benchmark = load_benchmark(data)
     evaluator = Evaluator(tokenizer, benchmark, data, space.unlearn.eval, retain_reference=retain_reference)
     plain = load_reference(str(reference))
@@ -204,18 +198,25 @@ def _fail_fast(space: SearchSpace, data) -> None:
                              f"reachable (HF_HUB_OFFLINE unset)") from None
 
 
+def _reference_model(space: SearchSpace, model_dir: Path):
+    """A prepared model in eval mode, on the GPU when there is one (its evaluation and, for the
+    attacks, its relearning steps run there)."""
+    import torch
+
+    from rayunlearn.models import load_model
+
+    model, tokenizer = load_model(space.model, path=str(model_dir))
+    if torch.cuda.is_available():
+        model.cuda()
+    return model.eval(), tokenizer
+
+
 def _evaluate(space: SearchSpace, data, model_dir: Path, out: Path, retain_reference=None) -> None:
     from rayunlearn.data import load_benchmark
     from rayunlearn.eval import evaluate_model
     from rayunlearn.eval.evaluate import load_reference, write_eval
-    from rayunlearn.models import load_model
 
-    model, tokenizer = load_model(space.model, path=str(model_dir))
-    import torch
-
-    if torch.cuda.is_available():
-        model.cuda()
-    model.eval()
+    model, tokenizer = _reference_model(space, model_dir)
     benchmark = load_benchmark(data)
     ref = load_reference(retain_reference) if retain_reference else None
     result = evaluate_model(model, tokenizer, benchmark, data, space.unlearn.eval, retain_reference=ref)
