@@ -112,7 +112,7 @@ class Evaluator:
         self.fast, self.progress, self.min_k = bool(fast), bool(progress), float(min_k)
         self.distributed = distributed
         self.generate = bool(eval_cfg.rouge) and not self.fast
-        self.generate_batch_size = getattr(eval_cfg, "generate_batch_size", None) or eval_cfg.batch_size
+        self.generate_batch_size = eval_cfg.generate_batch_size or eval_cfg.batch_size
         self.encoder = QAEncoder(tokenizer, data_cfg.template, data_cfg.max_length)
         names = split_names(data_cfg.forget_split)
         self.records = evaluation_records(benchmark, data_cfg, eval_cfg)
